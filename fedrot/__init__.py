@@ -1,0 +1,1 @@
+"""FedRot-LoRA core."""

@@ -1,0 +1,3 @@
+"""FedRot command line."""
+def main() -> int:
+    raise SystemExit("not yet")
