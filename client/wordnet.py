@@ -1,0 +1,228 @@
+"""A labelled text dataset from WordNet's glosses (Debian ``wordnet-base``), and its shards.
+
+Every synset line of ``data.noun``, ``data.verb``, ``data.adj`` and ``data.adv`` holds the
+synset's lexicographer file number (0..44, one of the 45 :data:`LEXNAMES`), its words, and a
+gloss after ``" | "``. The classification task is gloss -> lexicographer category (45 classes);
+the generative variant is word -> gloss text for causal-LM fine-tuning.
+
+``python -m fedrot_client.wordnet OUT`` writes ``client-<i>.jsonl`` train shards (a seeded
+label-Dirichlet split), ``eval.jsonl`` (held out) and ``labels.json`` (the label vocabulary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedrot_client.data import LabelVocabulary, write_jsonl
+from fedrot_client.errors import DataError
+from fedrot_client.partition import label_histograms, label_skew, split_federated
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
+PARTS: tuple[str, ...] = ("adj", "adv", "noun", "verb")
+
+# WordNet's lexnames file: the lexicographer file number is the index.
+LEXNAMES: tuple[str, ...] = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal",
+    "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication",
+    "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive",
+    "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
+    "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state",
+    "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+    "verb.communication", "verb.competition", "verb.consumption", "verb.contact",
+    "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession",
+    "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)  # fmt: skip
+LEXNAME_VOCABULARY = LabelVocabulary(LEXNAMES)
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One synset line: ``lex_filenum`` indexes :data:`LEXNAMES`; ``words`` use spaces."""
+
+    offset: int
+    pos: str
+    lex_filenum: int
+    words: tuple[str, ...]
+    gloss: str
+
+    @property
+    def category(self) -> str:
+        return LEXNAMES[self.lex_filenum]
+
+
+def parse_synset_line(line: str, where: str = "<line>") -> Synset:
+    """Parse one ``data.*`` line (not a licence line, which starts with a space)."""
+    head, sep, gloss = line.partition(" | ")
+    fields = head.split()
+    if not sep or len(fields) < 6 or not gloss.strip():
+        raise DataError(f"{where}: not a synset line with a gloss")
+    try:
+        offset, lex_filenum, word_count = int(fields[0]), int(fields[1]), int(fields[3], 16)
+    except ValueError as exc:
+        raise DataError(f"{where}: bad offset, lex_filenum or w_cnt ({exc})") from exc
+    if not 0 <= lex_filenum < len(LEXNAMES):
+        raise DataError(f"{where}: lex_filenum {lex_filenum} outside 0..{len(LEXNAMES) - 1}")
+    raw_words = fields[4 : 4 + 2 * word_count : 2]
+    if len(raw_words) != word_count or word_count == 0:
+        raise DataError(f"{where}: w_cnt {word_count} but {len(raw_words)} words")
+    words = tuple(_clean_word(w) for w in raw_words)
+    return Synset(offset, fields[2], lex_filenum, words, gloss.strip())
+
+
+def _clean_word(raw: str) -> str:
+    """``"beautiful(a)"`` -> ``"beautiful"``, ``"take_a_breath"`` -> ``"take a breath"``."""
+    word = raw.split("(", 1)[0] if raw.endswith(")") else raw
+    return word.replace("_", " ")
+
+
+def read_synsets(
+    directory: str | Path = DEFAULT_WORDNET_DIR,
+    parts: Sequence[str] = PARTS,
+    *,
+    limit_per_part: int | None = None,
+) -> list[Synset]:
+    """Every synset of the ``data.<part>`` files, in file order (deterministic)."""
+    synsets: list[Synset] = []
+    for part in parts:
+        path = Path(directory) / f"data.{part}"
+        if not path.is_file():
+            raise DataError(
+                f"{path}: missing; install Debian's wordnet-base (apt-get install wordnet-base)"
+            )
+        synsets.extend(_read_part(path, limit_per_part))
+    return synsets
+
+
+def _read_part(path: Path, limit: int | None) -> Iterator[Synset]:
+    count = 0
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.startswith(" ") or not line.strip():
+                continue  # the licence header
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield parse_synset_line(line.rstrip("\n"), where=f"{path}:{number}")
+
+
+def classification_record(synset: Synset, *, with_word: bool = False) -> dict[str, object]:
+    """``{"text": gloss or "word: gloss", "label": lexname, ...}`` for one synset."""
+    text = f"{synset.words[0]}: {synset.gloss}" if with_word else synset.gloss
+    return {"text": text, "label": synset.category, "word": synset.words[0],
+            "offset": synset.offset, "pos": synset.pos}  # fmt: skip
+
+
+def generation_record(synset: Synset) -> dict[str, object]:
+    """``{"text": "word: gloss", "prompt": "word:", "completion": " gloss"}`` (word -> gloss)."""
+    word = synset.words[0]
+    return {"text": f"{word}: {synset.gloss}", "prompt": f"{word}:",
+            "completion": f" {synset.gloss}", "label": synset.category}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How ``write_shards`` splits WordNet across clients."""
+
+    num_clients: int = 3
+    alpha: float = 0.5
+    seed: int = 0
+    eval_size: int = 1000
+    max_per_client: int | None = 2000
+    with_word: bool = False
+    generative: bool = False
+
+
+def write_shards(
+    synsets: Sequence[Synset], out_dir: str | Path, options: ShardOptions
+) -> dict[str, object]:
+    """Write ``client-<i>.jsonl``, ``eval.jsonl``, ``labels.json`` and ``manifest.json``.
+
+    Returns the manifest: per-file example counts, per-client label histograms and the skew.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([s.lex_filenum for s in synsets], dtype=np.int64)
+    split = split_federated(
+        labels, options.num_clients, alpha=options.alpha, seed=options.seed,
+        eval_size=options.eval_size, max_per_client=options.max_per_client,
+    )  # fmt: skip
+    files = {f"client-{i}.jsonl": shard for i, shard in enumerate(split.clients)}
+    files["eval.jsonl"] = split.evaluation
+    for name, indices in files.items():
+        write_jsonl(out / name, (_record(synsets[i], options) for i in indices))
+    (out / "labels.json").write_text(json.dumps(list(LEXNAMES), indent=1) + "\n")
+    manifest = _manifest(labels, split.clients, files, options)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _record(synset: Synset, options: ShardOptions) -> dict[str, object]:
+    if options.generative:
+        return generation_record(synset)
+    return classification_record(synset, with_word=options.with_word)
+
+
+def _manifest(
+    labels: np.ndarray,
+    shards: Sequence[np.ndarray],
+    files: dict[str, np.ndarray],
+    options: ShardOptions,
+) -> dict[str, object]:
+    histograms = label_histograms(labels, shards, len(LEXNAMES))
+    return {
+        "source": "wordnet",
+        "task": "generation" if options.generative else "classification",
+        "options": asdict(options),
+        "counts": {name: int(len(indices)) for name, indices in files.items()},
+        "label_skew": label_skew(labels, shards, len(LEXNAMES)),
+        "client_label_counts": histograms.tolist(),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = ShardOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m fedrot_client.wordnet",
+        description="Write WordNet gloss -> lexicographer-category shards for N clients.",
+    )
+    parser.add_argument("out_dir", type=Path, help="folder for the JSONL files")
+    parser.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET_DIR)
+    parser.add_argument("--clients", type=int, default=defaults.num_clients)
+    parser.add_argument("--alpha", type=float, default=defaults.alpha,
+                        help="Dirichlet concentration; smaller is more label-skewed")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--eval-size", type=int, default=defaults.eval_size)
+    parser.add_argument("--max-per-client", type=int, default=defaults.max_per_client,
+                        help="cap on examples per client (0: no cap)")
+    parser.add_argument("--with-word", action="store_true", help='text = "word: gloss"')
+    parser.add_argument("--generative", action="store_true",
+                        help="word -> gloss records for causal-LM training")
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: parse, write the shards, print the manifest's counts."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = ShardOptions(
+        num_clients=args.clients, alpha=args.alpha, seed=args.seed, eval_size=args.eval_size,
+        max_per_client=args.max_per_client or None, with_word=args.with_word,
+        generative=args.generative,
+    )  # fmt: skip
+    synsets = read_synsets(args.wordnet_dir)
+    manifest = write_shards(synsets, args.out_dir, options)
+    print(json.dumps({"counts": manifest["counts"], "label_skew": manifest["label_skew"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
