@@ -56,15 +56,15 @@ def random_factors(
 
 
 @FAST
-@given(
-    k=st.integers(1, 4), rank=st.integers(1, 6), seed=st.integers(0, 2**16), flip=st.booleans()
-)
+@given(k=st.integers(1, 4), rank=st.integers(1, 6), seed=st.integers(0, 2**16), flip=st.booleans())
 def test_procrustes_gives_proper_rotations(k: int, rank: int, seed: int, flip: bool) -> None:
     """R is orthogonal with det +1, also when the best orthogonal fit is a reflection."""
     gen = torch.Generator().manual_seed(seed)
     cross = torch.randn(k, rank, rank, generator=gen)
     if flip:
-        cross = reflection(k, rank, seed) @ torch.diag_embed(torch.rand(k, rank, generator=gen) + 0.1)
+        cross = reflection(k, rank, seed) @ torch.diag_embed(
+            torch.rand(k, rank, generator=gen) + 0.1
+        )
         unconstrained = torch.linalg.svd(cross)
         assert (torch.linalg.det(unconstrained.U @ unconstrained.Vh) < 0).all()
     assert_rotations(procrustes_rotation(cross))
@@ -77,7 +77,9 @@ def test_procrustes_beats_every_sampled_rotation(rank: int, seed: int, flip: boo
     gen = torch.Generator().manual_seed(seed)
     cross = torch.randn(1, rank, rank, generator=gen)
     if flip:
-        cross = reflection(1, rank, seed) @ torch.diag_embed(torch.rand(1, rank, generator=gen) + 0.1)
+        cross = reflection(1, rank, seed) @ torch.diag_embed(
+            torch.rand(1, rank, generator=gen) + 0.1
+        )
     best = (procrustes_rotation(cross) * cross).sum()
     samples = haar(500, rank, seed + 1)
     assert (samples * cross).sum((-2, -1)).max() <= best + 1e-5
@@ -136,7 +138,9 @@ def test_lambda_zero_is_the_identity_exactly(which: Factor, device: torch.device
     torch.testing.assert_close(
         aligned.statistics.residual_after, aligned.statistics.residual_before
     )
-    assert torch.equal(aligned.statistics.rotation_distance, torch.zeros(4, dtype=torch.float64, device=device))
+    assert torch.equal(
+        aligned.statistics.rotation_distance, torch.zeros(4, dtype=torch.float64, device=device)
+    )
 
 
 @FAST
@@ -154,7 +158,9 @@ def test_soft_rotation_interpolates_the_angle_in_the_plane(angle: float, lam: fl
 
 
 @FAST
-@given(k=st.integers(1, 4), rank=st.integers(1, 6), lam=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+@given(
+    k=st.integers(1, 4), rank=st.integers(1, 6), lam=st.floats(0.0, 1.0), seed=st.integers(0, 99)
+)
 def test_soft_rotations_are_proper(k: int, rank: int, lam: float, seed: int) -> None:
     rotation = haar(k, rank, seed)
     soft = soften_rotation(rotation, lam)
@@ -184,7 +190,9 @@ def test_haar_rotations_are_proper_seeded_and_centred() -> None:
 
 @pytest.mark.parametrize("which", list(Factor))
 @pytest.mark.parametrize("lam", [0.3, 1.0])
-def test_statistics_match_their_dense_definitions(which: Factor, lam: float, device: torch.device) -> None:
+def test_statistics_match_their_dense_definitions(
+    which: Factor, lam: float, device: torch.device
+) -> None:
     A, B = random_factors(3, 4, 8, 6, seed=21, device=device)
     A_ref, B_ref = random_factors(3, 4, 8, 6, seed=22, device=device)
     aligned = align_to_reference(A, B, A_ref, B_ref, which, lam)
@@ -223,14 +231,18 @@ def test_scaled_gauge_statistics_match_the_dense_residual() -> None:
         torch.linalg.matrix_norm(diff).square(),
     )
     moved = scale[:, None, None] * (rotation.mT @ A)
-    torch.testing.assert_close(stats.residual_after.float(), torch.linalg.matrix_norm(moved - A_ref))
+    torch.testing.assert_close(
+        stats.residual_after.float(), torch.linalg.matrix_norm(moved - A_ref)
+    )
     eye = torch.eye(4)
     expected = torch.linalg.matrix_norm(scale[:, None, None] * rotation.mT - eye)
     torch.testing.assert_close(stats.rotation_distance.float(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_are_aligned_in_float32(dtype: torch.dtype, device: torch.device) -> None:
+def test_half_precision_inputs_are_aligned_in_float32(
+    dtype: torch.dtype, device: torch.device
+) -> None:
     A, B = random_factors(2, 4, 8, 6, seed=41, device=device)
     A_ref, B_ref = random_factors(2, 4, 8, 6, seed=42, device=device)
     aligned = align_to_reference(

@@ -1,0 +1,257 @@
+"""Streaming round aggregation: one update at a time, aligned on arrival, summed in place.
+
+The round's reference (the adapter broadcast at its start) is fixed, so every update is aligned
+against it as soon as it arrives and added into running sums; nothing per client is kept unless
+``track_error=True`` asks for the exact aggregation error (see docs/design.md, "Memory of a
+round"). Modules of one shape are stacked (:mod:`fedrot.module_groups`): a whole group is aligned
+with one batched matmul and one batched SVD on the aggregator's device. Running sums are float32;
+the weights are normalised at :meth:`RoundAggregator.finalize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fedrot.adapters import Adapter, AdapterSchema, Factor, LoraPair
+from fedrot.diagnostics import (
+    AggregationReport,
+    ClientReport,
+    GroupErrors,
+    RotationStats,
+    global_norm,
+    module_errors,
+    relative,
+)
+from fedrot.errors import AggregationStateError
+from fedrot.module_groups import (
+    ModuleGroup,
+    check_update,
+    empty_stack,
+    group_modules,
+    stack_factor,
+)
+
+if TYPE_CHECKING:
+    from fedrot.strategies import RoundPlan
+
+logger = logging.getLogger(__name__)
+
+WORK_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """The new global adapter (reference dtypes, aggregator's device), FedEx-LoRA's per-module
+    base-weight residuals ``sum p_i B_i A_i - B_bar A_bar`` of shape ``(d_out, d_in)`` in
+    product units (empty for other strategies), and the round's report."""
+
+    adapter: Adapter
+    base_deltas: Mapping[str, Tensor]
+    report: AggregationReport
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What a strategy tells the aggregator it starts: the plan, how to name itself in the
+    report, where to compute, and whether to keep what the exact error needs."""
+
+    plan: RoundPlan
+    strategy: str
+    lam: float | None = None
+    device: torch.device | str | None = None
+    track_error: bool = True
+
+
+class RoundAggregator(ABC):
+    """Aggregates one round: ``add`` each client's update, then ``finalize`` once."""
+
+    @abstractmethod
+    def add(self, client_id: str, update: Adapter, weight: float) -> ClientReport:
+        """Align (when the plan says so) and accumulate one client's full update.
+
+        ``weight > 0`` and finite, else ValueError; an update that does not match the
+        reference's schema raises SchemaError; calling after ``finalize`` or twice for one
+        ``client_id`` raises AggregationStateError.
+        """
+
+    @abstractmethod
+    def finalize(self) -> AggregationResult:
+        """The aggregate; AggregationStateError when nothing was added or already finalised."""
+
+
+def check_weight(weight: float) -> float:
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"client weight must be positive and finite, got {weight!r}")
+    return value
+
+
+def apply_left(left: Tensor, stack: Tensor, which: Factor) -> Tensor:
+    """The row-layout gauge ``X <- L X``: ``L @ A`` for A ``(K, r, d_in)``, ``B @ L^T`` for B
+    ``(K, d_out, r)``; ``L (K, r, r)``."""
+    return torch.bmm(left, stack) if which is Factor.A else torch.bmm(stack, left.mT)
+
+
+def add_left_product(total: Tensor, left: Tensor, stack: Tensor, which: Factor, w: float) -> None:
+    """``total += w * apply_left(left, stack, which)`` in place (one fused batched GEMM)."""
+    if which is Factor.A:
+        total.baddbmm_(left, stack, alpha=w)
+    else:
+        total.baddbmm_(stack, left.mT, alpha=w)
+
+
+class StreamingAggregator(RoundAggregator):
+    """Shared state of every aggregator: schema, weights, extras, client reports.
+
+    Subclasses implement ``_bind_groups`` (allocate running sums once the schema is known),
+    ``_accumulate`` (one update) and ``_finalize_lora``.
+    """
+
+    def __init__(self, reference: Adapter | None, setup: RoundSetup) -> None:
+        self.setup = setup
+        self._device = None if setup.device is None else torch.device(setup.device)
+        self._reference: Adapter | None = None
+        self._has_reference = reference is not None
+        self._schema = AdapterSchema(rank=0, modules={})
+        self._groups: tuple[ModuleGroup, ...] = ()
+        self._extra_sums: dict[str, Tensor] = {}
+        self._clients: list[ClientReport] = []
+        self._client_ids: set[str] = set()
+        self._weights: list[float] = []
+        self._finalized = False
+        if reference is not None:
+            self._bind(reference)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else torch.device("cpu")
+
+    def _bind(self, reference: Adapter) -> None:
+        self._reference = reference
+        self._schema = AdapterSchema.of(reference)
+        if self._device is None:
+            first = next(iter(reference.to_state_dict().values()), None)
+            self._device = first.device if first is not None else torch.device("cpu")
+        self._groups = group_modules(self._schema)
+        self._extra_sums = {
+            key: torch.zeros(t.shape, dtype=WORK_DTYPE, device=self.device)
+            for key, t in reference.extra.items()
+        }
+        self._bind_groups()
+
+    def reference_stack(self, group: ModuleGroup, which: Factor) -> Tensor:
+        """The reference's ``which`` factors of ``group``, stacked float32 on the device."""
+        assert self._reference is not None
+        out = empty_stack(group, which, self.device)
+        return stack_factor(self._reference, group, which, out)
+
+    def add(self, client_id: str, update: Adapter, weight: float) -> ClientReport:
+        if self._finalized:
+            raise AggregationStateError(f"cannot add {client_id!r}: the round is finalised")
+        w = check_weight(weight)
+        if client_id in self._client_ids:
+            raise AggregationStateError(f"client {client_id!r} was already added this round")
+        if self._reference is None:
+            check_update(update, AdapterSchema.of(update))
+            self._bind(update)
+        else:
+            check_update(update, self._schema)
+        rotations = self._accumulate(client_id, update, w)
+        for key, total in self._extra_sums.items():
+            total.add_(update.extra[key].to(self.device), alpha=w)
+        report = ClientReport(client_id=client_id, weight=w, rotations=rotations)
+        self._clients.append(report)
+        self._client_ids.add(client_id)
+        self._weights.append(w)
+        return report
+
+    def finalize(self) -> AggregationResult:
+        if self._finalized:
+            raise AggregationStateError("the round is already finalised")
+        if not self._clients:
+            raise AggregationStateError("cannot finalise a round with no update")
+        self._finalized = True
+        assert self._reference is not None
+        total = math.fsum(self._weights)
+        lora, deltas, errors = self._finalize_lora(total)
+        extra = {
+            key: (s / total).to(dtype=self._reference.extra[key].dtype)
+            for key, s in self._extra_sums.items()
+        }
+        report = self._report(total, errors)
+        logger.debug(
+            "round %s finalised: %s clients", self.setup.plan.round_index, len(self._clients)
+        )
+        return AggregationResult(Adapter(lora=lora, extra=extra), deltas, report)
+
+    def _report(self, total: float, errors: list[GroupErrors] | None) -> AggregationReport:
+        plan = self.setup.plan
+        modules: tuple = ()
+        abs_err = rel_err = avg_err = None
+        if errors is not None:
+            names = [m for g in self._groups for m in g.modules]
+            agg = [v for e in errors for v in e.aggregation.tolist()]
+            avg = [v for e in errors for v in e.factor_average.tolist()]
+            ref = None
+            if self._has_reference:
+                ref = [v for e in errors for v in e.reference.tolist()]  # type: ignore[union-attr]
+            modules = module_errors(names, agg, ref, avg)
+            abs_err, avg_err = global_norm(agg), global_norm(avg)
+            rel_err = relative(abs_err, None if ref is None else global_norm(ref))
+        return AggregationReport(
+            round_index=plan.round_index,
+            strategy=self.setup.strategy,
+            aligned=self._aligned_factor(),
+            lam=self.setup.lam,
+            num_clients=len(self._clients),
+            total_weight=total,
+            modules=modules,
+            aggregation_error=abs_err,
+            relative_aggregation_error=rel_err,
+            factor_average_error=avg_err,
+            clients=tuple(self._clients),
+        )
+
+    def _normalised_weights(self, total: float) -> list[float]:
+        return [w / total for w in self._weights]
+
+    def _unstack(self, group: ModuleGroup, factors: dict[Factor, Tensor]) -> dict[str, LoraPair]:
+        """Per-module pairs (own storage, reference dtypes) from stacked float32 factors;
+        factors the plan froze are the reference's own tensors, copied to the device."""
+        assert self._reference is not None
+        frozen = set(Factor) - self.setup.plan.trained
+        out = {}
+        for k, module in enumerate(group.modules):
+            ref = self._reference.lora[module]
+            tensors = {
+                f: (ref.factor(f) if f in frozen else factors[f][k]).to(
+                    device=self.device, dtype=ref.factor(f).dtype, copy=True
+                )
+                for f in Factor
+            }
+            out[module] = LoraPair(A=tensors[Factor.A], B=tensors[Factor.B])
+        return out
+
+    def _aligned_factor(self) -> Factor | None:
+        return None
+
+    @abstractmethod
+    def _bind_groups(self) -> None: ...
+
+    @abstractmethod
+    def _accumulate(
+        self, client_id: str, update: Adapter, w: float
+    ) -> tuple[RotationStats, ...]: ...
+
+    @abstractmethod
+    def _finalize_lora(
+        self, total: float
+    ) -> tuple[dict[str, LoraPair], dict[str, Tensor], list[GroupErrors] | None]: ...

@@ -1,0 +1,270 @@
+"""Round diagnostics: the aggregation error from r x r Gram blocks, rotation statistics, reports.
+
+Aggregation error of a module (ALGORITHM.md section 4)::
+
+    E     = sum_i p_i B_i A_i - B_g A_g                  (absolute: ||E||_F)
+    E_ref = sum_i p_i B_i A_i - B_ref A_ref              (relative: ||E||_F / ||E_ref||_F)
+
+Both are sums of rank-r products ``sum_t c_t B_t A_t``, whose squared norm is
+``c^T S c`` with ``S_tu = trace((B_t^T B_u)(A_u A_t^T))``: only ``(T r) x (T r)`` Gram matrices,
+never a ``d_out x d_in`` one. To avoid cancelling large terms, the products are written around
+the factor averages ``B_bar = sum p_i B_i``, ``A_bar = sum p_i A_i`` (exact algebra)::
+
+    sum_i p_i B_i A_i - B_x A_x = sum_i p_i (B_i - B_bar)(A_i - A_bar)
+                                  + (B_bar - B_x) A_bar + B_x (A_bar - A_x)
+
+so every term is small when the error is, and a perfect alignment reports an error near zero
+instead of the round-off of ``||B A||``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrot.adapters import Factor
+
+STAT_DTYPE = torch.float64
+
+
+def product_sum_norms(
+    B_terms: Tensor, A_terms: Tensor, coefficients: Tensor, *, precise_tail: int = 0
+) -> Tensor:
+    """``||sum_t c_t B_t A_t||_F`` for every module and every coefficient vector.
+
+    ``B_terms: (K, d_out, T * r)`` holds ``[B_1 .. B_T]`` side by side, ``A_terms:
+    (K, T * r, d_in)`` holds ``[A_1; ..; A_T]`` stacked, both float32 or float64;
+    ``coefficients: (C, T)``. Returns ``(K, C)`` float64. The Gram blocks among the last
+    ``precise_tail`` terms (large terms that may cancel each other) are recomputed in float64;
+    the rest keep the input dtype. Tiny negative squares from round-off are clamped at 0.
+    """
+    k, _, width = B_terms.shape
+    terms = coefficients.shape[-1]
+    rank = width // terms
+    blocks = _gram_blocks(B_terms, A_terms, terms, rank)
+    if precise_tail:
+        tail = precise_tail * rank
+        exact = _gram_blocks(
+            B_terms[..., -tail:].to(STAT_DTYPE),
+            A_terms[..., -tail:, :].to(STAT_DTYPE),
+            precise_tail,
+            rank,
+        )
+        blocks[:, -precise_tail:, -precise_tail:] = exact
+    coeff = coefficients.to(device=blocks.device, dtype=STAT_DTYPE)
+    squares = torch.einsum("ct,ktu,cu->kc", coeff, blocks, coeff)
+    return squares.clamp_min(0.0).sqrt()
+
+
+def _gram_blocks(B_terms: Tensor, A_terms: Tensor, terms: int, rank: int) -> Tensor:
+    """``S_tu = trace((B_t^T B_u)(A_u A_t^T))``: ``(K, T, T)`` float64 from ``(K, T r, T r)``
+    Gram matrices (both symmetric, so the trace is an elementwise product summed per block)."""
+    gram_b = B_terms.mT @ B_terms
+    gram_a = A_terms @ A_terms.mT
+    k = gram_b.shape[0]
+    return (gram_b * gram_a).to(STAT_DTYPE).view(k, terms, rank, terms, rank).sum((2, 4))
+
+
+@dataclass(frozen=True)
+class ErrorTerms:
+    """Everything the error of one group of ``K`` modules needs, float32 on one device.
+
+    ``clients_B: (N, K, d_out, r)`` and ``clients_A: (N, K, r, d_in)`` are the clients' factors
+    as aggregated (after any rotation); ``weights: (N,)`` the normalised ``p_i``; ``mean_B``,
+    ``mean_A`` the factor averages; ``global_B``, ``global_A`` the new global factors;
+    ``ref_B``, ``ref_A`` the round's reference, or None.
+    """
+
+    clients_B: Sequence[Tensor]
+    clients_A: Sequence[Tensor]
+    weights: Sequence[float]
+    mean_B: Tensor
+    mean_A: Tensor
+    global_B: Tensor
+    global_A: Tensor
+    ref_B: Tensor | None
+    ref_A: Tensor | None
+
+
+@dataclass(frozen=True)
+class GroupErrors:
+    """Per-module norms of one group, float64 ``(K,)`` each; ``reference`` is None without a
+    reference. ``factor_average`` is ``||sum p_i B_i A_i - B_bar A_bar||_F``."""
+
+    aggregation: Tensor
+    reference: Tensor | None
+    factor_average: Tensor
+
+
+def group_errors(terms: ErrorTerms) -> GroupErrors:
+    """Absolute, reference and factor-average error norms of one group from Gram blocks.
+
+    Builds ``[B_i - B_bar .., B_bar - B_g, B_g, B_bar - B_ref, B_ref]`` and the matching
+    ``[A_i - A_bar .., A_bar, A_bar - A_g, A_bar, A_bar - A_ref]`` and evaluates three
+    coefficient vectors on them. Memory: ``N + 4`` copies of the group's factors.
+    """
+    has_ref = terms.ref_B is not None and terms.ref_A is not None
+    ref_B = terms.ref_B if has_ref else torch.zeros_like(terms.mean_B)
+    ref_A = terms.ref_A if has_ref else torch.zeros_like(terms.mean_A)
+    B_list = [b - terms.mean_B for b in terms.clients_B] + [
+        terms.mean_B - terms.global_B,
+        terms.global_B,
+        terms.mean_B - ref_B,
+        ref_B,
+    ]
+    A_list = [a - terms.mean_A for a in terms.clients_A] + [
+        terms.mean_A,
+        terms.mean_A - terms.global_A,
+        terms.mean_A,
+        terms.mean_A - ref_A,
+    ]
+    B_terms = torch.cat(B_list, dim=-1)
+    del B_list
+    A_terms = torch.cat(A_list, dim=-2)
+    del A_list
+    p = [float(w) for w in terms.weights]
+    coefficients = torch.tensor(
+        [p + [1.0, 1.0, 0.0, 0.0], p + [0.0, 0.0, 1.0, 1.0], p + [0.0] * 4], dtype=STAT_DTYPE
+    )
+    norms = product_sum_norms(B_terms, A_terms, coefficients, precise_tail=4)
+    return GroupErrors(
+        aggregation=norms[:, 0],
+        reference=norms[:, 1] if has_ref else None,
+        factor_average=norms[:, 2],
+    )
+
+
+def global_norm(values: Sequence[float | None]) -> float | None:
+    """``sqrt(sum v^2)`` over modules, or None when any value is missing."""
+    if any(v is None for v in values):
+        return None
+    return math.sqrt(sum(v * v for v in values))  # type: ignore[operator]
+
+
+def relative(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0.0:
+        return None
+    return numerator / denominator
+
+
+@dataclass(frozen=True)
+class RotationStats:
+    """One module's gauge for one client: ``||G - I||_F`` (``G = s R``, ``||R - I||_F`` for a
+    rotation) and ``||X_i - X_ref||_F`` before and after it, for the aligned factor ``X``."""
+
+    module: str
+    rotation_distance: float
+    residual_before: float
+    residual_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "rotation_distance": self.rotation_distance,
+            "residual_before": self.residual_before,
+            "residual_after": self.residual_after,
+        }
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What one ``add`` did: the client's raw weight and its per-module rotation statistics
+    (empty when the round does not align)."""
+
+    client_id: str
+    weight: float
+    rotations: tuple[RotationStats, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "weight": self.weight,
+            "rotations": [r.to_dict() for r in self.rotations],
+        }
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """One module's errors (None when not tracked; relative also None without a reference
+    or with a zero update). ``factor_average_error`` is ``||sum p_i B_i A_i - B_bar A_bar||``."""
+
+    module: str
+    aggregation_error: float | None
+    relative_aggregation_error: float | None
+    factor_average_error: float | None
+    update_norm: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "aggregation_error": self.aggregation_error,
+            "relative_aggregation_error": self.relative_aggregation_error,
+            "factor_average_error": self.factor_average_error,
+            "update_norm": self.update_norm,
+        }
+
+
+@dataclass(frozen=True)
+class AggregationReport:
+    """The diagnostics of one aggregated round; ``to_dict()`` is plain JSON-able data.
+
+    ``aggregation_error`` is the square root of the sum over modules of the squared module
+    errors; ``relative_aggregation_error`` divides it by the same global norm of the update
+    ``sum p_i B_i A_i - B_ref A_ref``. ``update_norm`` in a module entry is that
+    denominator. All errors are None when the round ran with ``track_error=False``.
+    """
+
+    round_index: int
+    strategy: str
+    aligned: Factor | None
+    lam: float | None
+    num_clients: int
+    total_weight: float
+    modules: tuple[ModuleError, ...]
+    aggregation_error: float | None
+    relative_aggregation_error: float | None
+    factor_average_error: float | None
+    clients: tuple[ClientReport, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round_index": self.round_index,
+            "strategy": str(self.strategy),
+            "aligned": None if self.aligned is None else str(self.aligned),
+            "lambda": self.lam,
+            "num_clients": self.num_clients,
+            "total_weight": self.total_weight,
+            "aggregation_error": self.aggregation_error,
+            "relative_aggregation_error": self.relative_aggregation_error,
+            "factor_average_error": self.factor_average_error,
+            "modules": [m.to_dict() for m in self.modules],
+            "clients": [c.to_dict() for c in self.clients],
+        }
+
+
+def module_errors(
+    modules: Sequence[str],
+    aggregation: Sequence[float],
+    reference: Sequence[float] | None,
+    factor_average: Sequence[float],
+) -> tuple[ModuleError, ...]:
+    """Per-module ``ModuleError`` records from the norms of one or more groups."""
+    out = []
+    for i, module in enumerate(modules):
+        denominator = None if reference is None else reference[i]
+        out.append(
+            ModuleError(
+                module=module,
+                aggregation_error=aggregation[i],
+                relative_aggregation_error=relative(aggregation[i], denominator),
+                factor_average_error=factor_average[i],
+                update_norm=denominator,
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,114 @@
+"""Gauge solvers: how a strategy moves one client's factors toward the round's reference.
+
+A gauge is ``(R, s)`` per module: ``R (r, r)`` a proper rotation and ``s > 0`` a scale. In row
+layout (see :mod:`fedrot.alignment`) the aligned factor becomes ``s R^T X`` and the other factor
+``R^T Y / s``, that is ``A <- s R^T A, B <- B R / s`` when ``A`` is aligned and
+``B <- s B R, A <- R^T A / s`` when ``B`` is; the product ``B A`` is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedrot.alignment import procrustes_rotation, sample_haar_rotation, soften_rotation
+
+
+@dataclass(frozen=True)
+class GaugeProblem:
+    """One client's alignment problem for a group of ``K`` modules of rank ``r``.
+
+    With ``D = X_i - X_ref`` (row layout, float32): ``diff_cross = D X_ref^T``,
+    ``reference_gram = X_ref X_ref^T`` (both ``(K, r, r)``) and ``diff_norm_sq = ||D||_F^2``
+    ``(K,)``. ``group_index`` numbers the module group within the adapter.
+    """
+
+    client_id: str
+    group_index: int
+    diff_cross: Tensor
+    reference_gram: Tensor
+    diff_norm_sq: Tensor
+
+    @property
+    def cross(self) -> Tensor:
+        """The Procrustes matrix ``M = X_i X_ref^T = D X_ref^T + X_ref X_ref^T``, ``(K, r, r)``."""
+        return self.diff_cross + self.reference_gram
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """``rotation (K, r, r)`` float32 and ``scale (K,)`` float32 or None (``s = 1``)."""
+
+    rotation: Tensor
+    scale: Tensor | None = None
+
+
+class GaugeSolver(ABC):
+    """Computes the gauge of one client's update from its :class:`GaugeProblem`."""
+
+    is_identity: bool = False
+    """True when every gauge is ``(I, 1)``: the aggregator then averages plainly."""
+
+    @abstractmethod
+    def solve(self, problem: GaugeProblem) -> Gauge:
+        """The gauge ``(R, s)`` for every module of the problem's group."""
+
+
+class ProcrustesGauge(GaugeSolver):
+    """FedRot-LoRA: ``R = polar((1 - lam) I + lam R*)`` with ``R*`` the det +1 Procrustes
+    rotation of ``M = X_i X_ref^T``; no scaling. ``lam = 0`` is the identity (FedIT)."""
+
+    def __init__(self, lam: float) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must lie in [0, 1], got {lam}")
+        self.lam = lam
+        self.is_identity = lam == 0.0
+
+    def solve(self, problem: GaugeProblem) -> Gauge:
+        return Gauge(soften_rotation(procrustes_rotation(problem.cross), self.lam))
+
+
+def _stable_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts, the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class HaarGauge(GaugeSolver):
+    """Ablation: an independent Haar SO(r) rotation per client and module, ignoring the data.
+
+    The generator is seeded from ``(seed, round_index, client_id, group_index)``, so the
+    rotations are reproducible and do not depend on the order in which clients arrive. Sampled
+    on the CPU in float64, so CPU and CUDA aggregators draw the same rotations.
+    """
+
+    def __init__(self, seed: int, round_index: int) -> None:
+        self.seed = seed
+        self.round_index = round_index
+
+    def solve(self, problem: GaugeProblem) -> Gauge:
+        count, rank = problem.diff_cross.shape[0], problem.diff_cross.shape[-1]
+        seed = _stable_seed(self.seed, self.round_index, problem.client_id, problem.group_index)
+        generator = torch.Generator().manual_seed(seed)
+        rotation = sample_haar_rotation(count, rank, generator)
+        return Gauge(rotation.to(problem.diff_cross.device))
+
+
+class ScalarGauge(GaugeSolver):
+    """Ablation: rescale instead of rotate. ``c = ||X_i||_F / ||X_ref||_F`` for the aligned
+    factor ``X``; ``X_i <- X_i / c`` and the other factor ``<- c * other`` (``c = 1`` when
+    either norm is 0). ``R = I``."""
+
+    def solve(self, problem: GaugeProblem) -> Gauge:
+        ref_sq = torch.diagonal(problem.reference_gram, dim1=-2, dim2=-1).sum(-1)
+        cross_trace = torch.diagonal(problem.diff_cross, dim1=-2, dim2=-1).sum(-1)
+        moving_sq = (ref_sq + 2.0 * cross_trace + problem.diff_norm_sq).clamp_min(0.0)
+        usable = (ref_sq > 0) & (moving_sq > 0)
+        ratio = torch.where(usable, moving_sq / torch.where(usable, ref_sq, 1.0), 1.0)
+        scale = ratio.rsqrt()
+        eye = torch.eye(problem.diff_cross.shape[-1], device=scale.device, dtype=scale.dtype)
+        return Gauge(eye.expand(problem.diff_cross.shape).clone(), scale)
