@@ -157,8 +157,12 @@ def write_shards(
     )  # fmt: skip
     files = {f"client-{i}.jsonl": shard for i, shard in enumerate(split.clients)}
     files["eval.jsonl"] = split.evaluation
+    rng = np.random.default_rng([options.seed, 2])
     for name, indices in files.items():
-        write_jsonl(out / name, (_record(synsets[i], options) for i in indices))
+        # Seeded shuffled order: the synsets are sorted by part of speech, so a file's first
+        # lines would otherwise be all adjectives.
+        order = rng.permutation(indices)
+        write_jsonl(out / name, (_record(synsets[i], options) for i in order))
     (out / "labels.json").write_text(json.dumps(list(LEXNAMES), indent=1) + "\n")
     manifest = _manifest(labels, split.clients, files, options)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -95,6 +95,7 @@ def test_write_shards_and_read_them_back(tmp_path: Path) -> None:
     evaluation = load_dataset(tmp_path / "eval.jsonl", vocabulary=LEXNAME_VOCABULARY)
     all_texts = [t for d in [*shards, evaluation] for t in d.texts]
     assert len(all_texts) == sum(counts.values())
+    assert len(set(evaluation.labels[:20])) > 1  # shuffled, not in part-of-speech order
     again = tmp_path / "again"
     write_shards(synsets, again, options)
     assert (again / "client-1.jsonl").read_bytes() == (tmp_path / "client-1.jsonl").read_bytes()
