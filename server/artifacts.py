@@ -1,0 +1,152 @@
+"""Files a run leaves in the state directory.
+
+Layout, under ``<state_dir>/runs/<run_id>/``::
+
+    initial/adapter/                 the round-0 global adapter (PEFT directory)
+    rounds/<t>/adapter/              the global adapter produced by round t (what round t + 1
+                                     starts from): adapter_config.json + adapter_model.safetensors
+    rounds/<t>/report.json           the round's aggregation report and summary
+    rounds/<t>/base_deltas.safetensors   FedEx-LoRA only: cumulative base-weight deltas
+    rounds/<t>/uploads/<client>.safetensors  every accepted upload, as received
+
+A PEFT directory loads with ``PeftModel.from_pretrained(base_model, path)``: the config is
+PEFT's own ``LoraConfig`` written by PEFT, the weights are the bytes the clients download.
+Base-weight deltas are ``(alpha / r) * sum_t residual_t`` per module, shape ``(d_out, d_in)``
+float32, keyed by the base model's weight key (``<module>.weight`` without PEFT's
+``base_model.model.`` prefix), ready to add to the base model's state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrot.codec import encode_adapter
+from fedrot_server.settings import LoraSettings, ModelSettings
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_DELTAS_FILE = "base_deltas.safetensors"
+PEFT_PREFIX = "base_model.model."
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+def write_atomically(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+    return path
+
+
+def saved_modules(extra_keys: Iterable[str]) -> list[str]:
+    """PEFT ``modules_to_save`` names implied by an adapter's extra keys.
+
+    ``base_model.model.classifier.weight`` -> ``classifier``.
+    """
+    names = set()
+    for key in extra_keys:
+        module = key.removeprefix(PEFT_PREFIX).rpartition(".")[0]
+        if module:
+            names.add(module)
+    return sorted(names)
+
+
+def peft_config(
+    model: ModelSettings, lora: LoraSettings, extra_keys: Iterable[str]
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` content PEFT writes for this run's LoRA (PEFT builds it)."""
+    from peft import LoraConfig  # heavy import: only the server's artifact writer needs it
+
+    modules_to_save = list(lora.modules_to_save) or saved_modules(extra_keys) or None
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=modules_to_save,
+        task_type=PEFT_TASK_TYPES[model.task],
+        inference_mode=True,
+    )
+    config.base_model_name_or_path = model.name
+    data = config.to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+
+
+def base_weight_key(module: str) -> str:
+    """The base model's weight key of a PEFT module name."""
+    return module.removeprefix(PEFT_PREFIX) + ".weight"
+
+
+class RunArtifacts:
+    """Writes one run's files (see the module docstring). Blocking: call off the event loop."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        run_id: str,
+        adapter_config: Mapping[str, Any],
+        *,
+        delta_scale: float = 1.0,
+    ) -> None:
+        """``delta_scale`` (LoRA ``alpha / r``) turns FedEx residuals into base-weight units."""
+        self.root = state_dir / "runs" / run_id
+        self.run_id = run_id
+        self._config_text = json.dumps(dict(adapter_config), indent=2, sort_keys=True)
+        self._delta_scale = delta_scale
+        self._base_deltas: dict[str, Tensor] = {}
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / "rounds" / str(round_index)
+
+    def adapter_dir(self, round_index: int | None) -> Path:
+        """The PEFT directory of round ``round_index``'s output (None: the initial adapter)."""
+        base = self.root / "initial" if round_index is None else self.round_dir(round_index)
+        return base / "adapter"
+
+    def save_adapter(self, round_index: int | None, payload: bytes) -> Path:
+        """Write a PEFT directory holding the encoded adapter ``payload``."""
+        folder = self.adapter_dir(round_index)
+        write_atomically(folder / ADAPTER_WEIGHTS_FILE, payload)
+        write_atomically(folder / ADAPTER_CONFIG_FILE, self._config_text.encode())
+        return folder
+
+    def save_report(self, round_index: int, report: Mapping[str, Any]) -> Path:
+        text = json.dumps(dict(report), indent=2, sort_keys=True, default=str)
+        return write_atomically(self.round_dir(round_index) / "report.json", text.encode())
+
+    def save_round(
+        self,
+        round_index: int,
+        payload: bytes,
+        report: Mapping[str, Any],
+        base_deltas: Mapping[str, Tensor],
+    ) -> Path:
+        """Write round ``round_index``'s adapter, report and (FedEx) cumulative base deltas.
+
+        ``base_deltas``: this round's residuals ``(d_out, d_in)`` per PEFT module name, in
+        product units; they are scaled by ``delta_scale`` and added to the running total.
+        """
+        folder = self.save_adapter(round_index, payload)
+        self.save_report(round_index, report)
+        if base_deltas:
+            for module, delta in base_deltas.items():
+                key = base_weight_key(module)
+                scaled = self._delta_scale * delta.to(torch.float32)
+                total = self._base_deltas.get(key)
+                self._base_deltas[key] = scaled if total is None else total + scaled
+            metadata = {"run_id": self.run_id, "round": str(round_index + 1)}
+            payload = encode_adapter(self._base_deltas, metadata)
+            write_atomically(self.round_dir(round_index) / BASE_DELTAS_FILE, payload)
+        return folder
+
+    def save_upload(self, round_index: int, client: str, payload: bytes) -> Path:
+        path = self.round_dir(round_index) / "uploads" / f"{client}.safetensors"
+        return write_atomically(path, payload)

@@ -1,0 +1,85 @@
+"""The production model seams, built on ``fedrot_client`` (transformers + peft).
+
+Imported lazily by the entry point only: the rest of the server (and its tests) never loads
+transformers. :func:`load_initial_model` is the default :data:`~fedrot_server.spec.Initializer`;
+:class:`HeldOutEvaluator` the default :data:`~fedrot_server.spec.Evaluator` when
+``evaluation.data`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fedrot.adapters import Adapter
+from fedrot_server.settings import EvaluationSettings
+from fedrot_server.spec import InitialModel, RunSpec
+
+logger = logging.getLogger(__name__)
+
+
+def _client_specs(spec: RunSpec) -> tuple[Any, Any]:
+    from fedrot_client.lora import LoraSpec
+    from fedrot_client.models import ModelSpec
+
+    model = ModelSpec(name=spec.model.name, task=spec.model.task,
+                      num_labels=spec.model.num_labels, seed=spec.model.seed)  # fmt: skip
+    lora = LoraSpec(r=spec.lora.rank, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
+                    target_modules=tuple(spec.lora.target_modules),
+                    modules_to_save=tuple(spec.lora.modules_to_save) or None)  # fmt: skip
+    return model, lora
+
+
+def load_initial_model(spec: RunSpec) -> InitialModel:
+    """The base model's PEFT initialisation (A from ``spec.seed``, B zeros, the head) and its
+    fingerprint, exactly as a client computes them."""
+    from fedrot_client.lora import attach_lora, export_adapter
+    from fedrot_client.models import load_base_model
+
+    model_spec, lora_spec = _client_specs(spec)
+    base = load_base_model(model_spec)
+    model = attach_lora(base, lora_spec, spec.seed)
+    return InitialModel(Adapter.from_state_dict(export_adapter(model)), base.fingerprint)
+
+
+class HeldOutEvaluator:
+    """Evaluates a global adapter on the held-out data (the model is built on first use)."""
+
+    def __init__(self, spec: RunSpec, settings: EvaluationSettings) -> None:
+        if settings.data is None:
+            raise ValueError("evaluation.data is not set")
+        self._spec = spec
+        self._settings = settings
+        self._state: tuple[Any, Any, Any] | None = None
+
+    def _build(self) -> tuple[Any, Any, Any]:
+        from fedrot_client.data import FieldNames, LabelVocabulary, load_dataset
+        from fedrot_client.lora import attach_lora
+        from fedrot_client.models import load_base_model
+
+        model_spec, lora_spec = _client_specs(self._spec)
+        s = self._settings
+        classification = self._spec.model.task == "classification"
+        vocabulary = None
+        if classification:
+            vocabulary = (LabelVocabulary(tuple(s.labels)) if s.labels
+                          else LabelVocabulary.of_size(self._spec.model.num_labels))  # fmt: skip
+        fields = FieldNames(text=s.text_field, label=s.label_field if classification else None)
+        assert s.data is not None
+        dataset = load_dataset(s.data, vocabulary=vocabulary, fields=fields, split=s.split)
+        base = load_base_model(model_spec)
+        model = attach_lora(base, lora_spec, self._spec.seed)
+        return model, base.tokenizer, dataset
+
+    def __call__(self, adapter: Adapter) -> Mapping[str, float]:
+        from fedrot_client.evaluation import evaluate
+        from fedrot_client.lora import load_adapter
+
+        if self._state is None:
+            self._state = self._build()
+        model, tokenizer, dataset = self._state
+        load_adapter(model, adapter.to_state_dict())
+        result = evaluate(model, tokenizer, dataset, batch_size=self._settings.batch_size,
+                          max_length=self._spec.training.max_length)  # fmt: skip
+        return {k: float(v) for k, v in result.to_dict().items() if v is not None}

@@ -1,0 +1,78 @@
+"""``fedrot-server``: settings -> store -> engine -> worker -> gRPC server (with health).
+
+Runs one federated run, keeps serving for ``linger_s`` after it ends (or until every client
+was told DONE), then exits 0. SIGTERM or SIGINT stops gracefully (exit 0); a failed run or bad
+settings exit 1 or 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from fedrot_server.errors import SettingsError
+from fedrot_server.service import start_server
+from fedrot_server.settings import ServerSettings, load_settings
+from fedrot_server.spec import Evaluator, Initializer, RunSpec
+
+logger = logging.getLogger("fedrot_server")
+
+
+def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | None]:
+    """The production initializer and (when ``evaluation.data`` is set) evaluator."""
+    from fedrot_server.base_models import HeldOutEvaluator, load_initial_model
+
+    if settings.evaluation.data is None:
+        return load_initial_model, None
+    # The evaluator needs the model, LoRA and seed settings only, not the run id.
+    return load_initial_model, HeldOutEvaluator(RunSpec.from_settings(settings), settings.evaluation)
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Run the server until the run ends (plus lingering) or a stop signal; the exit code."""
+    initializer, evaluator = default_seams(settings)
+    server = await start_server(settings, initializer=initializer, evaluator=evaluator)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    run = asyncio.ensure_future(server.engine.wait_finished())
+    stopped = asyncio.ensure_future(stop.wait())
+    code = 0
+    try:
+        await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if run.done() and run.exception() is not None:
+            code = 1
+        elif run.done():
+            told = asyncio.ensure_future(server.engine.wait_all_told(settings.linger_s))
+            await asyncio.wait({told, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            told.cancel()
+        else:
+            logger.info("stop signal received: shutting down")
+    finally:
+        stopped.cancel()
+        await server.stop()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        print(f"fedrot-server: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

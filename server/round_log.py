@@ -1,0 +1,62 @@
+"""The per-round summary: what the server logs, stores and writes to ``report.json``.
+
+Plain JSON data only (names, counts, bytes, errors, seconds, metrics); never tokens or
+tensor contents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fedrot_server.state import UploadRow
+from fedrot_server.worker import FinishedRound
+
+
+def weighted_metrics(uploads: Sequence[UploadRow]) -> dict[str, float]:
+    """Per metric name, the sample-weighted mean over the uploads that reported it."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for upload in uploads:
+        for name, value in upload.metrics.items():
+            sums[name] = sums.get(name, 0.0) + upload.sample_count * value
+            weights[name] = weights.get(name, 0.0) + upload.sample_count
+    return {name: sums[name] / weights[name] for name in sorted(sums) if weights[name] > 0}
+
+
+def round_summary(
+    participants: Iterable[str],
+    uploads: Sequence[UploadRow],
+    finished: FinishedRound,
+    *,
+    bytes_out: int,
+    seconds: float,
+    extensions: int,
+    evaluation: Mapping[str, float],
+) -> dict[str, Any]:
+    """The closing figures of a round."""
+    report = finished.result.report
+    return {
+        "round": report.round_index,
+        "strategy": str(report.strategy),
+        "aligned": None if report.aligned is None else str(report.aligned),
+        "participants": sorted(participants),
+        "reporters": [u.client for u in uploads],
+        "samples": sum(u.sample_count for u in uploads),
+        "bytes_in": sum(u.size_bytes for u in uploads),
+        "bytes_out": bytes_out,
+        "adapter_bytes": finished.encoded.size,
+        "aggregation_error": _number(report.aggregation_error),
+        "relative_aggregation_error": _number(report.relative_aggregation_error),
+        "factor_average_error": _number(report.factor_average_error),
+        "client_metrics": weighted_metrics(uploads),
+        "evaluation": dict(evaluation),
+        "duration_s": round(seconds, 3),
+        "aggregation_s": round(finished.seconds, 3),
+        "extensions": extensions,
+    }
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)

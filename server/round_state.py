@@ -1,0 +1,111 @@
+"""The open round's state and the checks an upload must pass before its bytes are read."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedrot.strategies import RoundPlan
+from fedrot_server.errors import InvalidRequestError, TooLargeError, WrongStateError
+from fedrot_server.spec import TransferLimits
+from fedrot_server.state import UploadRow
+from fedrot_server.tasks import UploadRequest
+from fedrot_server.transfers import check_sha256
+
+MAX_METRICS = 64
+MAX_KEY_LENGTH = 128
+
+
+@dataclass
+class OpenRound:
+    """One round while it runs (owned by the engine, touched on the event loop only).
+
+    ``target`` is how many clients were asked for, ``quorum`` how many reports let the round
+    close at its deadline; ``deadline`` and ``started`` are event-loop (monotonic) times.
+    """
+
+    plan: RoundPlan
+    target: int
+    quorum: int
+    participants: set[str]
+    deadline: float
+    started: float
+    reported: dict[str, UploadRow] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    extensions: int = 0
+
+    @property
+    def index(self) -> int:
+        return self.plan.round_index
+
+    def expects(self, client: str) -> bool:
+        """Whether an update from ``client`` is still wanted."""
+        return not self.closed and client in self.participants and client not in self.reported
+
+    def check_complete(self) -> None:
+        """Signal ``complete`` once every participant, or ``target`` clients, reported."""
+        if len(self.reported) >= self.target or self.participants <= self.reported.keys():
+            self.complete.set()
+
+    def check_accepts(self, client: str, round_index: int) -> None:
+        """WrongStateError unless this round takes an update from ``client`` now."""
+        if round_index != self.index or self.closed:
+            state = "closing" if self.closed else "open"
+            raise WrongStateError(
+                f"round {round_index} does not accept updates: round {self.index} is {state}"
+            )
+        if client in self.reported:
+            raise WrongStateError(f"client {client!r} already uploaded for round {round_index}")
+        if client not in self.participants:
+            raise WrongStateError(f"client {client!r} is not a participant of round {round_index}")
+
+    def check_request(self, request: UploadRequest, limits: TransferLimits) -> None:
+        """The header's own fields: factors, weight, key, size, digest and metrics."""
+        if request.factors != self.plan.trained:
+            raise InvalidRequestError(
+                f"round {self.index} uploads factors {sorted(self.plan.trained)}, "
+                f"the header says {sorted(request.factors)}"
+            )
+        if request.sample_count < 1:
+            raise InvalidRequestError(f"sample_count must be >= 1, got {request.sample_count}")
+        if not 0 < len(request.idempotency_key) <= MAX_KEY_LENGTH:
+            raise InvalidRequestError(
+                f"idempotency_key must have 1 to {MAX_KEY_LENGTH} characters"
+            )
+        if request.total_size > limits.max_upload_bytes:
+            raise TooLargeError(
+                f"upload of {request.total_size} bytes exceeds the limit of "
+                f"{limits.max_upload_bytes} bytes"
+            )
+        check_sha256(request.sha256)
+        check_metrics(request.metrics)
+
+
+def no_open_round(round_index: int) -> WrongStateError:
+    return WrongStateError(f"round {round_index} does not accept updates: no round is open")
+
+
+def check_metrics(metrics: Mapping[str, float]) -> None:
+    """Client metrics: at most 64, names of 1 to 64 characters, finite values."""
+    if len(metrics) > MAX_METRICS:
+        raise InvalidRequestError(f"{len(metrics)} metrics; at most {MAX_METRICS} are accepted")
+    for name, value in metrics.items():
+        if not 0 < len(name) <= 64:
+            raise InvalidRequestError(f"metric name {name[:80]!r} must have 1 to 64 characters")
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"metric {name!r} is not finite: {value}")
+
+
+def derive_seed(seed: int, round_index: int, client: str) -> int:
+    """A client's training seed for a round: the same in every process and on every machine."""
+    digest = hashlib.sha256(f"fedrot-train:{seed}:{round_index}:{client}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def upload_id(row: UploadRow) -> str:
+    return f"{row.run_id}/{row.round_index}/{row.client}"

@@ -1,0 +1,410 @@
+"""The round engine: transport-free asyncio orchestration of one federated run.
+
+For each round ``t`` the engine waits until ``min_clients`` live clients have enrolled, samples
+``clients_per_round`` of them (seeded by ``(seed, t)``), opens the round with a deadline, and
+lets each participant train from the published global adapter. Each upload is verified and
+handed to the aggregation worker as it arrives. The round closes when every participant (or
+as many clients as were asked for) reported, or at the deadline once ``quorum`` reported.
+
+Deadline without a quorum: the round is *extended*, not restarted. Accepted updates stay
+(the reference is unchanged, so they remain valid); the deadline moves by
+``round_deadline_s``; each participant that has not reported and has gone silent (not heard
+from for ``client_timeout_s``) is replaced by a live client not yet in the round, sampled with
+the same seed and the extension number. Silent participants may still report.
+
+Closing: the worker finalises the aggregate, the new global adapter is saved as a PEFT
+directory (see :mod:`fedrot_server.artifacts`), evaluated when an evaluator is given, recorded,
+logged, and published as the reference of round ``t + 1``. Uploads for any other round are
+refused. After ``rounds`` rounds every client is told DONE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from fedrot.adapters import Adapter
+from fedrot.codec import encode_schema
+from fedrot.strategies import Strategy
+from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.errors import NotFoundError, WrongStateError
+from fedrot_server.participants import Roster, sample_participants
+from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
+from fedrot_server.round_log import round_summary
+from fedrot_server.settings import ServerSettings
+from fedrot_server.spec import Evaluator, InitialModel, RunSpec
+from fedrot_server.state import RunPhase, UploadRow
+from fedrot_server.store import SqliteStore
+from fedrot_server.tasks import (
+    AdapterRef,
+    DoneTask,
+    Enrolment,
+    HeartbeatReply,
+    Task,
+    TrainTask,
+    UploadOutcome,
+    UploadRequest,
+    UploadTicket,
+    WaitTask,
+)
+from fedrot_server.worker import AggregationWorker, EncodedAdapter
+
+logger = logging.getLogger(__name__)
+
+class RoundEngine:
+    """Runs one federated run; the servicer calls the client-facing coroutines."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        spec: RunSpec,
+        *,
+        store: SqliteStore,
+        worker: AggregationWorker,
+        strategy: Strategy,
+        initial: InitialModel,
+        artifacts: RunArtifacts,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.spec = settings, spec
+        self._store, self._worker, self._strategy = store, worker, strategy
+        self._initial, self._artifacts, self._evaluator = initial, artifacts, evaluator
+        self._clock = clock
+        self._roster = Roster()
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._round: OpenRound | None = None
+        self._reference: Adapter = initial.adapter
+        self._published: tuple[int, EncodedAdapter] | None = None
+        self._bytes_out: dict[int, int] = {}
+        self._told_done: set[str] = set()
+        self._phase = RunPhase.WAITING
+        self._task: asyncio.Task[None] | None = None
+
+    # Lifecycle.
+
+    async def start(self) -> None:
+        """Record the run, publish the round-0 adapter and start the rounds."""
+        spec_data = {**self.spec.to_dict(), "schema": encode_schema(self._initial.schema),
+                     "fingerprint": self._initial.fingerprint}  # fmt: skip
+        self._store.create_run(self.spec.run_id, spec_data, self._clock())
+        encoded = await self._worker.encode(self._reference, self._metadata(0))
+        await asyncio.to_thread(self._artifacts.save_adapter, None, encoded.payload)
+        self._published = (0, encoded)
+        self._task = asyncio.create_task(self._run(), name=f"fedrot-run-{self.spec.run_id}")
+        logger.info("run %s started: %s rounds, strategy %s", self.spec.run_id,
+                    self.spec.rounds, self.spec.strategy.name)  # fmt: skip
+
+    async def stop(self) -> None:
+        """Cancel the rounds (a graceful stop keeps what was recorded)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._store.set_run_phase(self.spec.run_id, RunPhase.STOPPED, self._clock())
+            self._phase = RunPhase.STOPPED
+            self._notify()
+
+    async def wait_finished(self) -> None:
+        """Return when the run ended; re-raise the error that ended it early."""
+        assert self._task is not None, "start() first"
+        await asyncio.shield(self._task)
+
+    async def wait_all_told(self, timeout_s: float) -> bool:
+        """After the run: wait (at most ``timeout_s``) until every client was told DONE."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while not self._told_done >= set(self._roster_names()):
+            changed = self._changed
+            if loop.time() >= end:
+                return False
+            try:
+                await asyncio.wait_for(changed.wait(), end - loop.time())
+            except TimeoutError:
+                pass
+        return True
+
+    @property
+    def phase(self) -> RunPhase:
+        return self._phase
+
+    @property
+    def reference(self) -> Adapter:
+        """The current global adapter (float32, CPU)."""
+        return self._reference
+
+    # Client-facing calls (the client is already authenticated).
+
+    def enroll(self, client: str, info: Mapping[str, str]) -> Enrolment:
+        self._store.enroll(self.spec.run_id, client, info, self._clock())
+        self._roster.touch(client, self._now())
+        self._notify()
+        logger.info("client %s enrolled in run %s", client, self.spec.run_id)
+        return Enrolment(client, self.spec, self._initial.schema, self._initial.fingerprint,
+                         self._phase)  # fmt: skip
+
+    async def next_task(self, client: str, run_id: str, max_wait_s: float | None) -> Task:
+        """Long poll: a task as soon as there is one, else WAIT after the wait bound."""
+        self._require_client(client, run_id)
+        loop = asyncio.get_running_loop()
+        bound = self.settings.max_task_wait_s
+        end = loop.time() + (bound if max_wait_s is None else max(0.0, min(max_wait_s, bound)))
+        self._roster.hold(client)
+        try:
+            while True:
+                changed = self._changed
+                task = self._task_for(client)
+                if task is not None or loop.time() >= end:
+                    return task or WaitTask(reason=self._wait_reason(client))
+                try:
+                    await asyncio.wait_for(changed.wait(), end - loop.time())
+                except TimeoutError:
+                    pass
+        finally:
+            self._roster.release(client)
+            self._seen(client)
+
+    def adapter_for(self, client: str, run_id: str, round_index: int) -> EncodedAdapter:
+        """The global adapter round ``round_index`` starts from (the final one after the run)."""
+        self._require_client(client, run_id)
+        assert self._published is not None
+        published, encoded = self._published
+        if round_index < published:
+            raise WrongStateError(
+                f"round {round_index} is over; the current global adapter is round {published}'s"
+            )
+        if round_index > published:
+            raise NotFoundError(f"no adapter published for round {round_index} yet")
+        return encoded
+
+    def count_download(self, round_index: int, size: int) -> None:
+        self._bytes_out[round_index] = self._bytes_out.get(round_index, 0) + size
+
+    def open_upload(self, client: str, request: UploadRequest) -> UploadTicket | UploadOutcome:
+        """Check an upload's header before its bytes are read; a replay is answered at once."""
+        self._require_client(client, request.run_id)
+        previous = self._store.find_upload(request.run_id, client, request.idempotency_key)
+        if previous is not None:
+            return UploadOutcome(True, previous.size_bytes, upload_id(previous))
+        rnd = self._open_round_for(client, request.round_index)
+        if client in rnd.uploading:
+            raise WrongStateError(f"an upload from {client!r} for round {rnd.index} is in progress")
+        rnd.check_request(request, self.spec.limits)
+        rnd.uploading.add(client)
+        return UploadTicket(client, request)
+
+    def release(self, ticket: UploadTicket) -> None:
+        """Give back an upload slot (always call after ``open_upload`` returned a ticket)."""
+        rnd = self._round
+        if rnd is not None and rnd.index == ticket.request.round_index:
+            rnd.uploading.discard(ticket.client)
+
+    async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
+        """Aggregate a verified payload; CodecError/SchemaError leave the round unchanged."""
+        client, request = ticket.client, ticket.request
+        async with self._lock:
+            rnd = self._open_round_for(client, request.round_index)
+            report = await self._worker.add_update(client, payload, float(request.sample_count))
+            if self.settings.keep_uploads:
+                await asyncio.to_thread(self._artifacts.save_upload, rnd.index, client, payload)
+            row = UploadRow(
+                run_id=self.spec.run_id, round_index=rnd.index, client=client,
+                idempotency_key=request.idempotency_key, sample_count=request.sample_count,
+                size_bytes=len(payload), sha256=request.sha256, received_at=self._clock(),
+                sequence=len(rnd.reported), metrics=dict(request.metrics),
+            )  # fmt: skip
+            self._store.record_upload(row)
+            rnd.reported[client] = row
+            rnd.check_complete()
+        self._seen(client)
+        logger.info("round %s: accepted %s bytes from %s (%s of %s), rotation distance %s",
+                    rnd.index, len(payload), client, len(rnd.reported), rnd.target,
+                    _mean_rotation(report.rotations))  # fmt: skip
+        self._notify()
+        return UploadOutcome(False, len(payload), upload_id(row))
+
+    def heartbeat(self, client: str, run_id: str, round_index: int) -> HeartbeatReply:
+        self._require_client(client, run_id)
+        self._seen(client)
+        rnd = self._round
+        is_open = rnd is not None and rnd.index == round_index and rnd.expects(client)
+        current = rnd.index if rnd is not None else self._published_round()
+        return HeartbeatReply(self._phase, current, is_open, self.spec.heartbeat_interval_s)
+
+    # The rounds.
+
+    async def _run(self) -> None:
+        try:
+            for round_index in range(self.spec.rounds):
+                await self._wait_for_clients()
+                await self._play_round(round_index)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("run %s failed", self.spec.run_id)
+            self._phase = RunPhase.STOPPED
+            self._store.set_run_phase(self.spec.run_id, RunPhase.STOPPED, self._clock())
+            self._notify()
+            raise
+        self._phase = RunPhase.FINISHED
+        self._store.set_run_phase(self.spec.run_id, RunPhase.FINISHED, self._clock())
+        logger.info("run %s finished after %s rounds; final adapter in %s", self.spec.run_id,
+                    self.spec.rounds, self._artifacts.adapter_dir(self.spec.rounds - 1))  # fmt: skip
+        self._notify()
+
+    async def _wait_for_clients(self) -> None:
+        while len(self._live()) < self.settings.min_clients:
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), self.settings.client_timeout_s)
+            except TimeoutError:
+                pass
+
+    async def _play_round(self, round_index: int) -> None:
+        plan = self._strategy.plan(round_index)
+        live = self._live()
+        target = self.settings.clients_per_round.of(len(live))
+        chosen = sample_participants(live, target, seed=self.spec.seed, round_index=round_index)
+        await self._worker.begin_round(self._reference, plan)
+        now = self._now()
+        rnd = OpenRound(plan=plan, target=target, quorum=self.settings.quorum.of(target),
+                     participants=set(chosen), deadline=now + self.settings.round_deadline_s,
+                     started=now)  # fmt: skip
+        self._store.open_round(self.spec.run_id, round_index, chosen, self._clock(),
+                               self._clock() + self.settings.round_deadline_s)  # fmt: skip
+        self._round, self._phase = rnd, RunPhase.RUNNING
+        logger.info("round %s opened: participants %s, trained %s, aligned %s", round_index,
+                    chosen, sorted(plan.trained), plan.aligned)  # fmt: skip
+        self._notify()
+        await self._await_reports(rnd)
+        await self._close_round(rnd)
+
+    async def _await_reports(self, rnd: OpenRound) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(rnd.complete.wait(), max(0.0, rnd.deadline - self._now()))
+                return
+            except TimeoutError:
+                pass
+            async with self._lock:
+                if len(rnd.reported) >= rnd.quorum or rnd.complete.is_set():
+                    return
+                self._extend(rnd)
+
+    def _extend(self, rnd: OpenRound) -> None:
+        live = set(self._live())
+        silent = sorted(c for c in rnd.participants - rnd.reported.keys() if c not in live)
+        rnd.extensions += 1
+        added = sample_participants(live - rnd.participants, len(silent), seed=self.spec.seed,
+                                    round_index=rnd.index, attempt=rnd.extensions)  # fmt: skip
+        rnd.participants.update(added)
+        rnd.deadline = self._now() + self.settings.round_deadline_s
+        self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
+                                 self._clock() + self.settings.round_deadline_s)  # fmt: skip
+        logger.warning("round %s: deadline passed with %s of %s required reports; extended "
+                       "(extension %s), silent %s replaced by %s", rnd.index, len(rnd.reported),
+                       rnd.quorum, rnd.extensions, silent, added)  # fmt: skip
+        self._notify()
+
+    async def _close_round(self, rnd: OpenRound) -> None:
+        async with self._lock:
+            rnd.closed = True
+        self._notify()
+        finished = await self._worker.finish_round(self._metadata(rnd.index + 1))
+        evaluation = await self._evaluate(finished.result.adapter)
+        summary = round_summary(rnd.participants, list(rnd.reported.values()), finished,
+                                bytes_out=self._bytes_out.get(rnd.index, 0),
+                                seconds=self._now() - rnd.started, extensions=rnd.extensions,
+                                evaluation=evaluation)  # fmt: skip
+        report = {"summary": summary, "aggregation": finished.result.report.to_dict()}
+        await asyncio.to_thread(self._artifacts.save_round, rnd.index, finished.encoded.payload,
+                                report, finished.result.base_deltas)  # fmt: skip
+        self._store.close_round(self.spec.run_id, rnd.index, at=self._clock(),
+                                reporters=rnd.reported.keys(),
+                                adapter_sha256=finished.encoded.sha256, summary=summary)  # fmt: skip
+        self._store.record_metrics(self.spec.run_id, rnd.index, "server", evaluation)
+        self._reference = finished.result.adapter
+        self._published = (rnd.index + 1, finished.encoded)
+        self._round = None
+        logger.info("round %s closed: %s", rnd.index, summary)
+        self._notify()
+
+    async def _evaluate(self, adapter: Adapter) -> dict[str, float]:
+        if self._evaluator is None:
+            return {}
+        evaluator = self._evaluator
+        metrics = await self._worker.run(lambda: evaluator(adapter))
+        return {str(k): float(v) for k, v in metrics.items()}
+
+    # Checks and small pieces.
+
+    def _task_for(self, client: str) -> Task | None:
+        assert self._published is not None
+        published, encoded = self._published
+        ref = AdapterRef(published, encoded.size, encoded.sha256)
+        if self._phase is RunPhase.FINISHED:
+            self._told_done.add(client)
+            return DoneTask(published, ref, "the run is finished")
+        if self._phase is RunPhase.STOPPED:
+            self._told_done.add(client)
+            return DoneTask(published, ref, "the run was stopped")
+        rnd = self._round
+        if rnd is None or not rnd.expects(client):
+            return None
+        left = max(0.0, rnd.deadline - self._now())
+        seed = derive_seed(self.spec.seed, rnd.index, client)
+        return TrainTask(rnd.index, rnd.plan.trained, self.spec.training, seed,
+                         self._clock() + left, left, ref)  # fmt: skip
+
+    def _wait_reason(self, client: str) -> str:
+        rnd = self._round
+        if rnd is None:
+            return f"waiting for {self.settings.min_clients} clients ({len(self._live())} live)"
+        if client in rnd.reported:
+            return f"round {rnd.index}: update received, waiting for the others"
+        return f"round {rnd.index}: not a participant"
+
+    def _require_client(self, client: str, run_id: str) -> None:
+        if run_id != self.spec.run_id:
+            raise WrongStateError(f"run {run_id!r} is not the current run {self.spec.run_id!r}")
+        if client not in self._roster:
+            raise NotFoundError(f"client {client!r} has not enrolled in run {self.spec.run_id}")
+
+    def _open_round_for(self, client: str, round_index: int) -> OpenRound:
+        rnd = self._round
+        if rnd is None:
+            raise no_open_round(round_index)
+        rnd.check_accepts(client, round_index)
+        return rnd
+
+    def _live(self) -> list[str]:
+        return self._roster.live(self._now(), self.settings.client_timeout_s)
+
+    def _roster_names(self) -> list[str]:
+        return self._roster.live(self._now(), math.inf)
+
+    def _seen(self, client: str) -> None:
+        self._roster.touch(client, self._now())
+        self._store.touch(self.spec.run_id, client, self._clock())
+
+    def _published_round(self) -> int:
+        return self._published[0] if self._published is not None else 0
+
+    def _metadata(self, round_index: int) -> dict[str, str]:
+        return {"run_id": self.spec.run_id, "round": str(round_index), "format": "pt"}
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+
+def _mean_rotation(rotations: tuple) -> str:
+    distances = [r.rotation_distance for r in rotations if r.rotation_distance is not None]
+    return f"{sum(distances) / len(distances):.4g}" if distances else "n/a"

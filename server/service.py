@@ -1,0 +1,112 @@
+"""Assemble a running server: settings -> store -> run spec -> worker -> engine -> gRPC.
+
+:func:`start_server` is what ``fedrot-server`` and the tests call; the model seams
+(``initializer``, ``evaluator``) are parameters, so tests run on tiny synthetic adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from fedrot.strategies import build_strategy
+from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
+from fedrot_server.artifacts import RunArtifacts, peft_config
+from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.errors import SettingsError
+from fedrot_server.rounds import RoundEngine
+from fedrot_server.servicer import FederationServicer
+from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
+from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
+from fedrot_server.store import SqliteStore
+from fedrot_server.worker import ThreadedWorker, resolve_device
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = federation_pb2.DESCRIPTOR.services_by_name["FederationService"].full_name
+# A chunk of up to 4 MiB plus the few bytes of its message around it.
+MESSAGE_LIMIT = MAX_CHUNK_BYTES + 64 * 1024
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+)
+
+
+@dataclass
+class FederationServer:
+    """A started server: ``port`` is the bound port (useful with ``listen = host:0``)."""
+
+    settings: ServerSettings
+    spec: RunSpec
+    store: SqliteStore
+    engine: RoundEngine
+    worker: ThreadedWorker
+    grpc_server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop serving (in-flight calls get ``grace_s``), the rounds, the worker, the store."""
+        await self.health.enter_graceful_shutdown()
+        await self.engine.stop()
+        await self.grpc_server.stop(grace_s)
+        await self.worker.close()
+        self.store.close()
+
+
+def check_initial(initial: InitialModel, spec: RunSpec) -> None:
+    rank = initial.schema.rank
+    if rank != spec.lora.rank:
+        raise SettingsError(f"lora.rank = {spec.lora.rank}, but the initial adapter has rank {rank}")
+    if not initial.adapter.lora:
+        raise SettingsError(f"the initial adapter has no LoRA module (targets {spec.lora.target_modules})")
+
+
+async def start_server(
+    settings: ServerSettings,
+    *,
+    initializer: Initializer,
+    evaluator: Evaluator | None = None,
+    run_id: str | None = None,
+) -> FederationServer:
+    """Build everything, bind ``settings.listen``, start serving and start the run."""
+    device = resolve_device(settings.device)
+    store = SqliteStore(settings.database_path)
+    store.set_client_tokens(settings.client_tokens())
+    spec = RunSpec.from_settings(settings, run_id)
+    initial = await asyncio.to_thread(initializer, spec)
+    check_initial(initial, spec)
+    strategy = build_strategy(spec.strategy.name, spec.strategy_config())
+    worker = ThreadedWorker(strategy, initial.schema, device=device, track_error=settings.track_error)
+    config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra)
+    artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
+                             delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip
+    engine = RoundEngine(settings, spec, store=store, worker=worker, strategy=strategy,
+                         initial=initial, artifacts=artifacts, evaluator=evaluator)  # fmt: skip
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    federation_pb2_grpc.add_FederationServiceServicer_to_server(
+        FederationServicer(engine, TokenAuthenticator(store)), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        raise SettingsError(f"listen = {settings.listen!r}: cannot bind ({exc})") from exc
+    await server.start()
+    await engine.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving %s on port %s (device %s, state %s)", SERVICE_NAME, port, device,
+                settings.state_dir)  # fmt: skip
+    return FederationServer(settings, spec, store, engine, worker, server, health, port)

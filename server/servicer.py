@@ -1,0 +1,163 @@
+"""The gRPC face of the round engine: decode, call the engine, encode.
+
+Errors meet the wire in one place, :func:`status_of`: every exception a handler raises is
+mapped to a status code and a message naming the problem. A payload whose SHA-256 differs
+from its header's is INVALID_ARGUMENT (the client sent inconsistent data; DATA_LOSS is kept
+for corruption the server itself detects in its own state).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import StatusCode
+
+from fedrot.errors import CodecError, SchemaError
+from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
+from fedrot_server import messages
+from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    TooLargeError,
+    UnauthenticatedError,
+    WrongStateError,
+)
+from fedrot_server.rounds import RoundEngine
+from fedrot_server.tasks import UploadOutcome
+from fedrot_server.transfers import Announced, PayloadReceiver, payload_chunks
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: tuple[tuple[type[BaseException], StatusCode], ...] = (
+    (UnauthenticatedError, StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, StatusCode.PERMISSION_DENIED),
+    (NotFoundError, StatusCode.NOT_FOUND),
+    (WrongStateError, StatusCode.FAILED_PRECONDITION),
+    (TooLargeError, StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidRequestError, StatusCode.INVALID_ARGUMENT),
+    (CodecError, StatusCode.INVALID_ARGUMENT),
+    (SchemaError, StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_of(error: BaseException) -> tuple[StatusCode, str]:
+    """The status code and message for ``error``; anything unexpected is INTERNAL."""
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(error, kind):
+            return code, str(error)
+    return StatusCode.INTERNAL, f"internal server error ({type(error).__name__})"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    code, message = status_of(error)
+    if code is StatusCode.INTERNAL:
+        logger.error("%s failed", method, exc_info=error)
+    else:
+        logger.info("%s refused: %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def unary_errors(handler: Handler) -> Handler:
+    """Map exceptions of a unary-response handler to status codes."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:  # noqa: BLE001 - the one place errors meet the wire
+            await _abort(context, error, handler.__name__)
+
+    return wrapper
+
+
+def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Map exceptions of a server-streaming handler to status codes."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except Exception as error:  # noqa: BLE001 - the one place errors meet the wire
+            await _abort(context, error, handler.__name__)
+
+    return wrapper
+
+
+class FederationServicer(pb_grpc.FederationServiceServicer):
+    """``fedrot.v1.FederationService`` over a :class:`RoundEngine`."""
+
+    def __init__(self, engine: RoundEngine, authenticator: TokenAuthenticator) -> None:
+        self._engine = engine
+        self._auth = authenticator
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        return self._auth.client_of(context.invocation_metadata())
+
+    @unary_errors
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        enrolment = self._engine.enroll(self._client(context), dict(request.info))
+        return messages.enroll_response(enrolment)
+
+    @unary_errors
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
+        max_wait = request.max_wait.ToNanoseconds() / 1e9 if request.HasField("max_wait") else None
+        task = await self._engine.next_task(self._client(context), request.run_id, max_wait)
+        return messages.task_response(task)
+
+    @stream_errors
+    async def DownloadAdapter(
+        self, request: pb.DownloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadAdapterResponse]:
+        client = self._client(context)
+        encoded = self._engine.adapter_for(client, request.run_id, request.round)
+        chunk_bytes = self._engine.spec.limits.chunk_bytes
+        chunks = payload_chunks(encoded.payload, offset=request.offset, chunk_bytes=chunk_bytes)
+        yield messages.download_header(encoded, chunk_bytes)
+        sent = 0
+        for offset, data in chunks:
+            yield messages.download_chunk(offset, data)
+            sent += len(data)
+        self._engine.count_download(request.round, sent)
+
+    @unary_errors
+    async def UploadUpdate(
+        self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadUpdateResponse:
+        client = self._client(context)
+        messages_in = aiter(request_iterator)
+        first = await anext(messages_in, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidRequestError("an upload must start with a header message")
+        request = messages.upload_request(first.header)
+        opened = self._engine.open_upload(client, request)
+        if isinstance(opened, UploadOutcome):
+            return messages.upload_response(opened)
+        try:
+            receiver = PayloadReceiver(
+                Announced(request.total_size, request.sha256),
+                max_chunk_bytes=self._engine.spec.limits.max_chunk_bytes,
+            )
+            async for message in messages_in:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidRequestError("only chunks may follow the upload header")
+                receiver.add(message.chunk.offset, message.chunk.data)
+            outcome = await self._engine.commit_upload(opened, receiver.finish())
+        finally:
+            self._engine.release(opened)
+        return messages.upload_response(outcome)
+
+    @unary_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        reply = self._engine.heartbeat(self._client(context), request.run_id, request.round)
+        return messages.heartbeat_response(reply)

@@ -1,0 +1,322 @@
+"""The server's one typed settings object.
+
+Sources, highest priority first: command-line flags (``--lora.rank 8``, ``--rounds 10``),
+environment variables (``FEDROT_SERVER_ROUNDS=10``, nested with ``__``:
+``FEDROT_SERVER_LORA__RANK=8``), an optional TOML or JSON file (``--config server.toml`` or
+``FEDROT_SERVER_CONFIG``), then the defaults below. :func:`load_settings` validates everything
+at start and raises :class:`SettingsError` naming each bad setting and its value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import ValidationError
+from pydantic import field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
+from pydantic_settings import SettingsConfigDict
+
+from fedrot.strategies import StrategyName
+from fedrot_server.errors import SettingsError
+
+ENV_PREFIX = "FEDROT_SERVER_"
+MIB = 1024 * 1024
+MAX_CHUNK_BYTES = 4 * MIB
+CLIENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Portion:
+    """A number of clients: a ``count``, or a ``fraction`` in (0, 1] of a population.
+
+    Written as a whole number (``"3"``: a count), a decimal (``"0.5"``: a fraction) or
+    ``"all"`` (fraction 1).
+    """
+
+    count: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give a count or a fraction")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"a count must be >= 1, got {self.count}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"a fraction must be in (0, 1], got {self.fraction}")
+
+    def of(self, population: int) -> int:
+        """How many of ``population`` this is: at least 1, at most ``population``."""
+        if population <= 0:
+            return 0
+        wanted = self.count if self.count is not None else math.ceil(self.fraction * population)
+        return max(1, min(population, wanted))
+
+    def __str__(self) -> str:
+        if self.count is not None:
+            return str(self.count)
+        return "all" if self.fraction == 1.0 else str(self.fraction)
+
+
+def parse_portion(value: object) -> Portion:
+    """``3`` or ``"3"`` -> count 3; ``0.5`` or ``"0.5"`` -> fraction; ``"all"`` -> fraction 1."""
+    if isinstance(value, Portion):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"not a count or fraction: {value!r}")
+    if isinstance(value, int):
+        return Portion(count=value)
+    if isinstance(value, float):
+        return Portion(fraction=value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return Portion(fraction=1.0)
+        try:
+            return Portion(fraction=float(text)) if "." in text else Portion(count=int(text))
+        except ValueError:
+            pass
+    raise ValueError(f"not a count, a fraction or 'all': {value!r}")
+
+
+PortionField = Annotated[Portion, NoDecode, BeforeValidator(parse_portion), PlainSerializer(str)]
+
+
+class ModelSettings(BaseModel):
+    """The base model every client loads (see ``fedrot_client.models.ModelSpec``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("tiny-bert", min_length=1)
+    task: Literal["classification", "causal-lm"] = "classification"
+    num_labels: int = Field(2, ge=1)
+    seed: int = Field(0, ge=0)
+    # "sha256:<hex>"; empty: taken from the loaded base model (or not checked).
+    fingerprint: str = ""
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # Empty: the model's task head for classification, nothing for causal LM.
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class StrategySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: StrategyName = StrategyName("fedrot")
+    # lambda: soft-alignment strength, 0 = FedIT, 1 = hard alignment.
+    alignment_strength: float = Field(0.4, ge=0, le=1)
+    odd_round_factor: Literal["A", "B"] = "A"
+
+
+class TrainingSettings(BaseModel):
+    """Local training hyperparameters sent to clients with each task."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    local_steps: int = Field(20, ge=0)
+    epochs: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(0.02, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSettings:
+        if (self.local_steps == 0) == (self.epochs == 0):
+            raise ValueError(
+                f"give exactly one of local_steps ({self.local_steps}) and epochs ({self.epochs})"
+            )
+        return self
+
+
+class EvaluationSettings(BaseModel):
+    """Optional server-side evaluation of each round's global adapter on a held-out file
+    (JSONL, CSV/TSV or a saved Hugging Face dataset); off when ``data`` is not set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: Path | None = None
+    split: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    # Label names in id order; empty: the ids 0 .. num_labels - 1.
+    labels: list[str] = Field(default_factory=list)
+    batch_size: int = Field(64, ge=1)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        cli_prog_name="fedrot-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    config: Path | None = None
+    listen: str = "127.0.0.1:50051"
+    state_dir: Path = Path("state")
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    strategy: StrategySettings = StrategySettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    rounds: int = Field(5, ge=1)
+    min_clients: int = Field(2, ge=1)
+    clients_per_round: PortionField = Portion(fraction=1.0)
+    # Reports needed to close a round at its deadline (count, or fraction of the sampled).
+    quorum: PortionField = Portion(count=1)
+    round_deadline_s: float = Field(600.0, gt=0)
+    # A client not heard from for this long is not sampled (and replaced in an extended round).
+    client_timeout_s: float = Field(120.0, gt=0)
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    # Server-side bound of a GetTask long poll.
+    max_task_wait_s: float = Field(30.0, gt=0)
+    seed: int = Field(0, ge=0)
+    tokens: dict[str, str] = Field(default_factory=dict)
+    tokens_file: Path | None = None
+    max_upload_bytes: int = Field(1024 * MIB, ge=1)
+    chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    track_error: bool = True
+    # Keep every accepted upload under the run's directory (rounds/<t>/uploads/).
+    keep_uploads: bool = True
+    # Keep serving this long after the run ends so every client learns it is DONE.
+    linger_s: float = Field(30.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first. CLI flags come before all (pydantic-settings puts them
+        # there); the init arguments carry the config file, below the environment.
+        return (env_settings, init_settings)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, token in value.items():
+            check_token(name, token)
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ServerSettings:
+        if not self.client_tokens():
+            raise ValueError("no client tokens: give --tokens name=token or --tokens-file")
+        per_round, quorum = self.clients_per_round.count, self.quorum.count
+        if per_round is not None and quorum is not None and quorum > per_round:
+            raise ValueError(f"quorum {quorum} exceeds clients_per_round {per_round}")
+        return self
+
+    def client_tokens(self) -> dict[str, str]:
+        """``name -> token`` from ``tokens`` and ``tokens_file`` (lines ``name=token``)."""
+        tokens = dict(read_tokens_file(self.tokens_file)) if self.tokens_file else {}
+        tokens.update(self.tokens)
+        if len(set(tokens.values())) < len(tokens):
+            raise ValueError("two clients share a token")
+        return tokens
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "fedrot.sqlite3"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; port 0 asks the OS for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen must be host:port with port 0..65535, got {value!r}")
+    return host, int(port)
+
+
+def check_token(name: str, token: str) -> None:
+    if not CLIENT_NAME.fullmatch(name):
+        raise ValueError(f"client name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - (not a dot first)")
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"token of client {name!r} must be >= 16 characters without spaces")
+
+
+def read_tokens_file(path: Path) -> dict[str, str]:
+    """Lines ``name=token``; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"tokens_file {path}: {exc.strerror}") from exc
+    tokens: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, token = text.partition("=")
+        if not sep:
+            raise ValueError(f"tokens_file {path}:{number}: expected name=token")
+        check_token(name.strip(), token.strip())
+        tokens[name.strip()] = token.strip()
+    return tokens
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a ``.toml`` or ``.json`` file (keys as the field names)."""
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a table of settings")
+    return data
+
+
+def load_settings(argv: Sequence[str] = ()) -> ServerSettings:
+    """Settings from flags ``argv``, the environment and the config file they name."""
+    environ = os.environ
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=environ.get(ENV_PREFIX + "CONFIG"))
+    known, _ = pre.parse_known_args(list(argv))
+    from_file = read_config_file(known.config) if known.config else {}
+    try:
+        return ServerSettings(_cli_parse_args=list(argv), **from_file)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per bad setting: its dotted name, the value given and what is wrong."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" = {given!r}"
+        lines.append(f"{name}{shown}: {error['msg']}")
+    return "invalid server settings:\n  " + "\n  ".join(lines)

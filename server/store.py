@@ -1,0 +1,353 @@
+"""SQLite state: runs, rounds, clients (tokens stored as SHA-256), uploads and metrics.
+
+One writer (the server process, on its event loop thread) and any number of readers
+(:func:`open_reader`, read-only, e.g. the dashboard). WAL journaling lets readers look while
+the server writes. Every write commits at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedrot_server.errors import ConflictError, StoreError
+from fedrot_server.state import (
+    ClientRow,
+    MetricRow,
+    RoundPhase,
+    RoundRow,
+    RunPhase,
+    RunRow,
+    UploadRow,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    name TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    spec TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    rounds_completed INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    client TEXT NOT NULL REFERENCES clients(name),
+    enrolled_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    info TEXT NOT NULL,
+    PRIMARY KEY (run_id, client)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round_index INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    participants TEXT NOT NULL,
+    closed_at REAL,
+    reporters TEXT NOT NULL DEFAULT '[]',
+    adapter_sha256 TEXT,
+    summary TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (run_id, round_index)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    run_id TEXT NOT NULL,
+    round_index INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    sequence INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (run_id, round_index, client),
+    UNIQUE (run_id, client, idempotency_key),
+    FOREIGN KEY (run_id, round_index) REFERENCES rounds(run_id, round_index)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL,
+    round_index INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (run_id, round_index, source, name)
+);
+"""
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token: lowercase hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _dumps(value: object) -> str:
+    """JSON text; a non-finite float (an undefined relative error) is stored as null."""
+    return json.dumps(_finite(value), sort_keys=True, allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+class SqliteReader:
+    """Read-only :class:`~fedrot_server.state.StateReader` over the server's database."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    def runs(self) -> list[RunRow]:
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at, run_id")
+        return [_run_row(r) for r in rows]
+
+    def run(self, run_id: str) -> RunRow | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _run_row(row) if row else None
+
+    def clients(self, run_id: str) -> list[ClientRow]:
+        rows = self._db.execute(
+            "SELECT e.*, c.revoked FROM enrollments e JOIN clients c ON c.name = e.client "
+            "WHERE e.run_id = ? ORDER BY e.client",
+            (run_id,),
+        )
+        return [
+            ClientRow(
+                name=r["client"],
+                enrolled_at=r["enrolled_at"],
+                last_seen=r["last_seen"],
+                revoked=bool(r["revoked"]),
+                info=json.loads(r["info"]),
+            )
+            for r in rows
+        ]
+
+    def rounds(self, run_id: str) -> list[RoundRow]:
+        rows = self._db.execute(
+            "SELECT * FROM rounds WHERE run_id = ? ORDER BY round_index", (run_id,)
+        )
+        return [_round_row(r) for r in rows]
+
+    def uploads(self, run_id: str, round_index: int) -> list[UploadRow]:
+        rows = self._db.execute(
+            "SELECT * FROM uploads WHERE run_id = ? AND round_index = ? ORDER BY sequence",
+            (run_id, round_index),
+        )
+        return [_upload_row(r) for r in rows]
+
+    def metrics(self, run_id: str) -> list[MetricRow]:
+        rows = self._db.execute(
+            "SELECT * FROM metrics WHERE run_id = ? ORDER BY round_index, source, name",
+            (run_id,),
+        )
+        return [MetricRow(r["run_id"], r["round_index"], r["source"], r["name"], r["value"])
+                for r in rows]  # fmt: skip
+
+
+class SqliteStore(SqliteReader):
+    """The server's read-write state. Use from one thread (the event loop's)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(sqlite3.connect(path, isolation_level=None))
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, tuple(params))
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"state conflict: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"state write failed: {exc}") from exc
+
+    # Clients and tokens.
+
+    def set_client_tokens(self, tokens: Mapping[str, str]) -> None:
+        """Register (or re-key) each ``name -> token``; tokens are stored hashed only."""
+        for name, token in tokens.items():
+            self._write(
+                "INSERT INTO clients (name, token_sha256) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
+                (name, hash_token(token)),
+            )
+
+    def client_for_token(self, token: str) -> tuple[str, bool] | None:
+        """``(name, revoked)`` of the client holding ``token``, or None for an unknown token."""
+        row = self._db.execute(
+            "SELECT name, revoked FROM clients WHERE token_sha256 = ?", (hash_token(token),)
+        ).fetchone()
+        return (row["name"], bool(row["revoked"])) if row else None
+
+    def revoke_client(self, name: str) -> None:
+        if self._write("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
+            raise StoreError(f"no client named {name!r}")
+
+    # Runs and enrolments.
+
+    def create_run(self, run_id: str, spec: Mapping[str, Any], at: float) -> None:
+        self._write(
+            "INSERT INTO runs (run_id, created_at, spec, phase) VALUES (?, ?, ?, ?)",
+            (run_id, at, _dumps(spec), RunPhase.WAITING.value),
+        )
+
+    def set_run_phase(self, run_id: str, phase: RunPhase, at: float | None = None) -> None:
+        finished = at if phase in (RunPhase.FINISHED, RunPhase.STOPPED) else None
+        self._write(
+            "UPDATE runs SET phase = ?, finished_at = ? WHERE run_id = ?",
+            (phase.value, finished, run_id),
+        )
+
+    def enroll(self, run_id: str, client: str, info: Mapping[str, str], at: float) -> None:
+        """Enrol ``client`` (again: refreshes its info); keeps the first enrolment time."""
+        self._write(
+            "INSERT INTO enrollments (run_id, client, enrolled_at, last_seen, info) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(run_id, client) DO UPDATE SET "
+            "last_seen = excluded.last_seen, info = excluded.info",
+            (run_id, client, at, at, _dumps(dict(info))),
+        )
+
+    def touch(self, run_id: str, client: str, at: float) -> None:
+        self._write(
+            "UPDATE enrollments SET last_seen = ? WHERE run_id = ? AND client = ?",
+            (at, run_id, client),
+        )
+
+    # Rounds.
+
+    def open_round(
+        self, run_id: str, round_index: int, participants: Iterable[str], at: float, deadline: float
+    ) -> None:
+        self._write(
+            "INSERT INTO rounds (run_id, round_index, phase, opened_at, deadline, participants) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, round_index, RoundPhase.OPEN.value, at, deadline, _dumps(sorted(participants))),
+        )
+        self._write("UPDATE runs SET phase = ? WHERE run_id = ?", (RunPhase.RUNNING.value, run_id))
+
+    def extend_round(
+        self, run_id: str, round_index: int, participants: Iterable[str], deadline: float
+    ) -> None:
+        self._write(
+            "UPDATE rounds SET participants = ?, deadline = ? WHERE run_id = ? AND round_index = ?",
+            (_dumps(sorted(participants)), deadline, run_id, round_index),
+        )
+
+    def close_round(
+        self,
+        run_id: str,
+        round_index: int,
+        *,
+        at: float,
+        reporters: Iterable[str],
+        adapter_sha256: str,
+        summary: Mapping[str, Any],
+    ) -> None:
+        self._write(
+            "UPDATE rounds SET phase = ?, closed_at = ?, reporters = ?, adapter_sha256 = ?, "
+            "summary = ? WHERE run_id = ? AND round_index = ?",
+            (RoundPhase.CLOSED.value, at, _dumps(sorted(reporters)), adapter_sha256,
+             _dumps(dict(summary)), run_id, round_index),
+        )  # fmt: skip
+        self._write(
+            "UPDATE runs SET rounds_completed = ? WHERE run_id = ?", (round_index + 1, run_id)
+        )
+
+    # Uploads and metrics.
+
+    def record_upload(self, upload: UploadRow) -> None:
+        """Record an accepted upload and its metrics; :class:`ConflictError` on a repeat."""
+        self._write(
+            "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (upload.run_id, upload.round_index, upload.client, upload.idempotency_key,
+             upload.sample_count, upload.size_bytes, upload.sha256, upload.received_at,
+             upload.sequence, _dumps(dict(upload.metrics))),
+        )  # fmt: skip
+        self.record_metrics(upload.run_id, upload.round_index, upload.client, upload.metrics)
+
+    def find_upload(self, run_id: str, client: str, idempotency_key: str) -> UploadRow | None:
+        row = self._db.execute(
+            "SELECT * FROM uploads WHERE run_id = ? AND client = ? AND idempotency_key = ?",
+            (run_id, client, idempotency_key),
+        ).fetchone()
+        return _upload_row(row) if row else None
+
+    def record_metrics(
+        self, run_id: str, round_index: int, source: str, metrics: Mapping[str, float]
+    ) -> None:
+        for name, value in metrics.items():
+            self._write(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
+                (run_id, round_index, source, name, float(value)),
+            )
+
+
+def open_reader(path: Path) -> SqliteReader:
+    """A read-only view of the database at ``path`` (which must exist)."""
+    if not path.is_file():
+        raise StoreError(f"no state database at {path}")
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    return SqliteReader(connection)
+
+
+def _run_row(r: sqlite3.Row) -> RunRow:
+    return RunRow(
+        run_id=r["run_id"],
+        created_at=r["created_at"],
+        spec=json.loads(r["spec"]),
+        phase=RunPhase(r["phase"]),
+        rounds_completed=r["rounds_completed"],
+        finished_at=r["finished_at"],
+    )
+
+
+def _round_row(r: sqlite3.Row) -> RoundRow:
+    return RoundRow(
+        run_id=r["run_id"],
+        round_index=r["round_index"],
+        phase=RoundPhase(r["phase"]),
+        opened_at=r["opened_at"],
+        deadline=r["deadline"],
+        participants=tuple(json.loads(r["participants"])),
+        closed_at=r["closed_at"],
+        reporters=tuple(json.loads(r["reporters"])),
+        adapter_sha256=r["adapter_sha256"],
+        summary=json.loads(r["summary"]),
+    )
+
+
+def _upload_row(r: sqlite3.Row) -> UploadRow:
+    return UploadRow(
+        run_id=r["run_id"],
+        round_index=r["round_index"],
+        client=r["client"],
+        idempotency_key=r["idempotency_key"],
+        sample_count=r["sample_count"],
+        size_bytes=r["size_bytes"],
+        sha256=r["sha256"],
+        received_at=r["received_at"],
+        sequence=r["sequence"],
+        metrics=json.loads(r["metrics"]),
+    )

@@ -1,0 +1,98 @@
+"""What the round engine answers: tasks, enrolments, upload outcomes, heartbeats.
+
+Plain frozen dataclasses; the servicer turns them into protocol messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedrot.adapters import AdapterSchema, Factor
+from fedrot_server.settings import TrainingSettings
+from fedrot_server.spec import RunSpec
+from fedrot_server.state import RunPhase
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A published global adapter: the round it starts, its size in bytes and SHA-256."""
+
+    round_index: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class WaitTask:
+    reason: str
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Train ``trained`` factors from ``adapter`` and upload them before ``deadline`` (Unix s)."""
+
+    round_index: int
+    trained: frozenset[Factor]
+    training: TrainingSettings
+    seed: int
+    deadline: float
+    time_left_s: float
+    adapter: AdapterRef
+
+
+@dataclass(frozen=True)
+class DoneTask:
+    rounds_completed: int
+    final_adapter: AdapterRef
+    reason: str
+
+
+Task = WaitTask | TrainTask | DoneTask
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    client_id: str
+    spec: RunSpec
+    schema: AdapterSchema
+    fingerprint: str
+    phase: RunPhase
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """An upload's header: which update the bytes that follow are."""
+
+    run_id: str
+    round_index: int
+    sample_count: int
+    total_size: int
+    sha256: str
+    idempotency_key: str
+    factors: frozenset[Factor]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadTicket:
+    """Permission to send the bytes of ``request`` (the engine holds a slot until released)."""
+
+    client: str
+    request: UploadRequest
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    duplicate: bool
+    bytes_received: int
+    upload_id: str
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    phase: RunPhase
+    current_round: int
+    round_open: bool
+    interval_s: float
