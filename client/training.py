@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -27,6 +27,10 @@ from fedrot_client.data import TextDataset
 from fedrot_client.lora import export_adapter, set_trainable_factors, task_of
 
 logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, float], None]
+"""Called after every optimiser step with ``(steps_done, total_steps, loss)``; it may raise to
+abandon training (a daemon asked to stop, a round that closed)."""
 
 
 class OptimizerName(StrEnum):
@@ -89,11 +93,14 @@ def train_locally(
     dataset: TextDataset,
     trained: frozenset[Factor],
     config: TrainConfig,
+    *,
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset``; only ``trained`` factors and the head change.
 
     Works on the model's own device. Dropout and batch order are seeded by ``config.seed``;
-    the global RNG state is restored afterwards.
+    the global RNG state is restored afterwards. ``on_step`` sees the progress after each step;
+    an exception it raises ends training and propagates (the model is left part-trained).
     """
     if not trained:
         raise ValueError("trained must name at least one factor")
@@ -107,7 +114,9 @@ def train_locally(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        samples, loss_sum, steps = _run_steps(model, tokenizer, dataset, optimizer, config)
+        samples, loss_sum, steps = _run_steps(
+            model, tokenizer, dataset, optimizer, config, on_step
+        )
     model.eval()
     return TrainResult(
         tensors=export_adapter(model, frozenset(trained)),
@@ -124,6 +133,7 @@ def _run_steps(
     dataset: TextDataset,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
+    on_step: StepCallback | None = None,
 ) -> tuple[int, float, int]:
     task = task_of(model)
     device = next(model.parameters()).device
@@ -149,6 +159,8 @@ def _run_steps(
         loss_sum += loss.item() * len(indices)
         steps += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_step is not None:
+            on_step(steps, total, loss.item())
     return samples, loss_sum, steps
 
 
