@@ -1,0 +1,405 @@
+"""The client daemon: enrol, then download, train, upload, round after round, until DONE.
+
+One :class:`ClientDaemon` serves one run. At start it enrols with its token, loads the run's
+base model (refusing a model whose fingerprint differs from the run's), attaches LoRA with the
+run's configuration and loads its data. Then it loops on ``GetTask`` (a long poll): for a train
+task it downloads the round's global adapter, loads it into the model, trains only the task's
+factors (and the head), encodes them with :mod:`fedrot.codec` and uploads them with an
+idempotency key that is the same for every retry of the round. Heartbeats go out in the
+background while a round is worked on; if the server says the round closed, the round's work is
+dropped. Setting the ``stop`` event (SIGTERM, SIGINT) abandons the current step at the next
+training step or call; :meth:`ClientDaemon.run` then returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedrot.adapters import BOTH_FACTORS, AdapterSchema, Factor
+from fedrot.codec import decode_adapter, encode_adapter, validate_tensors
+from fedrot.errors import SchemaError
+from fedrot_client.data import TextDataset, load_dataset
+from fedrot_client.errors import Interrupted, ModelError, RejectedError
+from fedrot_client.lora import (
+    PEFT_TASK_TYPES,
+    LoraSpec,
+    attach_lora,
+    export_adapter,
+    load_adapter,
+    peft_adapter_config,
+    save_peft_directory,
+)
+from fedrot_client.messages import (
+    factor_messages,
+    factors_of,
+    lora_spec_of,
+    model_spec_of,
+    schema_of,
+    train_config_of,
+)
+from fedrot_client.models import ModelSpec, TaskKind, check_fingerprint, load_base_model
+from fedrot_client.settings import ClientSettings
+from fedrot_client.state import ClientState, PendingUpload
+from fedrot_client.training import train_locally
+from fedrot_client.transport import MAX_CHUNK_BYTES, Transport, sha256_hex
+from fedrot_proto.v1 import federation_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE = "fedrot-client 0.1.0"
+DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+# Statuses of an upload or download that mean "this round is gone for us", not a fault.
+ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+
+
+@dataclass(frozen=True)
+class Session:
+    """Everything a run needs locally: its spec, our id, the LoRA model and our data."""
+
+    run: pb.RunSpec
+    client_id: str
+    model_spec: ModelSpec
+    lora: LoraSpec
+    saved_modules: tuple[str, ...]
+    schema: AdapterSchema
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    dataset: TextDataset
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round this client worked on; ``status`` is ``accepted``, ``duplicate`` or
+    ``dropped`` (the round closed first, or the server refused it as stale)."""
+
+    round_index: int
+    status: str
+    num_samples: int = 0
+    train_loss: float | None = None
+    upload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How :meth:`ClientDaemon.run` ended: ``finished`` when the server said DONE, else it was
+    stopped. ``final_adapter_dir`` is set when the final adapter was saved."""
+
+    run_id: str
+    client_id: str
+    finished: bool
+    rounds: tuple[RoundRecord, ...] = ()
+    final_adapter_dir: Path | None = None
+    reason: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without CUDA is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda requested, but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def idempotency_key(run_id: str, client_id: str, round_index: int) -> str:
+    """The same for every attempt (and every restart) at one round's update."""
+    return hashlib.sha256(f"{run_id}|{client_id}|{round_index}".encode()).hexdigest()[:32]
+
+
+def start_session(settings: ClientSettings, enrolment: pb.EnrollResponse) -> Session:
+    """Load and check the base model, attach LoRA, load the data; refuse a mismatch.
+
+    Raises :class:`ModelError` when the local base model's fingerprint or adapter shapes differ
+    from the run's, and :class:`~fedrot_client.errors.DataError` for unusable data.
+    """
+    run = enrolment.run
+    model_spec = model_spec_of(run.model, settings.model)
+    base = load_base_model(model_spec)
+    if run.model.fingerprint:
+        check_fingerprint(base, run.model.fingerprint)
+    else:
+        logger.warning("the run names no base-model fingerprint; not checking %s", base.spec.name)
+    lora = lora_spec_of(run.lora)
+    saved = lora.modules_to_save or base.head_modules
+    schema = schema_of(run.schema)
+    model = attach_lora(base, lora, seed=run.strategy.seed)
+    try:
+        validate_tensors(export_adapter(model), schema)
+    except SchemaError as exc:
+        raise ModelError(f"base model {model_spec.name!r} does not fit the run's adapter: {exc}")
+    model.to(resolve_device(settings.device))
+    classification = model_spec.task is TaskKind.CLASSIFICATION
+    dataset = load_dataset(
+        settings.data,
+        vocabulary=settings.label_vocabulary(model_spec.num_labels) if classification else None,
+        fields=settings.field_names(classification),
+        split=settings.data_split,
+    )
+    return Session(run, enrolment.client_id, model_spec, lora, tuple(saved), schema, model,
+                   base.tokenizer, dataset)  # fmt: skip
+
+
+class Heartbeats:
+    """Heartbeats in a background thread while one round is worked on (a context manager).
+
+    ``round_closed`` turns true once the server answers that it no longer accepts this round.
+    """
+
+    def __init__(
+        self, transport: Transport, run_id: str, round_index: int, interval_s: float
+    ) -> None:
+        self._transport = transport
+        self._run_id = run_id
+        self._round = round_index
+        self._interval = interval_s
+        self._phase = pb.CLIENT_PHASE_DOWNLOADING
+        self._progress = 0.0
+        self._done = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"heartbeat-round-{round_index}", daemon=True
+        )
+
+    @property
+    def round_closed(self) -> bool:
+        return self._closed.is_set()
+
+    def report(self, phase: int, progress: float) -> None:
+        self._phase, self._progress = phase, progress
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._beat()
+            if self._done.wait(self._interval):
+                return
+
+    def _beat(self) -> None:
+        try:
+            reply = self._transport.heartbeat(self._run_id, self._round, self._phase,
+                                              self._progress)  # fmt: skip
+        except (RejectedError, Interrupted) as exc:
+            logger.debug("heartbeat for round %s failed: %s", self._round, exc)
+            return
+        interval = reply.heartbeat_interval.ToNanoseconds() / 1e9
+        if interval > 0:
+            self._interval = interval
+        if not reply.round_open and not self._closed.is_set():
+            logger.warning("the server closed round %s for this client", self._round)
+            self._closed.set()
+
+
+class ClientDaemon:
+    """Serves one run for one client; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        transport: Transport,
+        *,
+        stop: threading.Event | None = None,
+        info: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._transport = transport
+        self._stop = stop or threading.Event()
+        self._state = ClientState(settings.state_dir)
+        self._info = dict(info) if info is not None else describe_host(settings)
+        self._rounds: list[RoundRecord] = []
+
+    def run(self) -> RunOutcome:
+        """Enrol, check the model, serve rounds until DONE (or until stopped)."""
+        run_id = client_id = ""
+        try:
+            enrolment = self._transport.enroll(self._info)
+            run_id, client_id = enrolment.run.run_id, enrolment.client_id
+            logger.info("enrolled in run %s as %s (%s rounds, strategy %s)", run_id, client_id,
+                        enrolment.run.rounds, enrolment.run.strategy.name)  # fmt: skip
+            self._state.record_enrolment(run_id, client_id)
+            session = start_session(self.settings, enrolment)
+            return self._serve(session)
+        except Interrupted as exc:
+            if not self._stop.is_set():
+                raise
+            logger.info("stopping: %s", exc)
+            return RunOutcome(run_id, client_id, False, tuple(self._rounds), reason="stopped")
+
+    def _serve(self, session: Session) -> RunOutcome:
+        self._send_pending(session)
+        while True:
+            response = self._transport.get_task(session.run_id, self.settings.max_wait_s)
+            kind = response.WhichOneof("task")
+            if kind == "train":
+                self._work_on(session, response.train)
+            elif kind == "done":
+                return self._finish(session, response.done)
+            else:
+                delay = response.wait.retry_after.ToNanoseconds() / 1e9 if kind else 1.0
+                logger.debug("waiting (%s)", response.wait.reason or "no task")
+                if delay > 0 and self._stop.wait(delay):
+                    raise Interrupted("stop requested while waiting for a task")
+
+    def _work_on(self, session: Session, task: pb.TrainTask) -> None:
+        if task.round in self._state.completed_rounds(session.run_id):
+            logger.info("round %s: update already accepted; waiting for the next", task.round)
+            if self._stop.wait(self.settings.backoff_initial_s):
+                raise Interrupted("stop requested")
+            return
+        interval = session.run.heartbeat_interval.ToNanoseconds() / 1e9 or DEFAULT_HEARTBEAT_S
+        with Heartbeats(self._transport, session.run_id, task.round, interval) as beats:
+            try:
+                pending, payload = self._train(session, task, beats)
+            except Interrupted as exc:
+                if self._stop.is_set():
+                    raise
+                self._rounds.append(RoundRecord(task.round, "dropped"))
+                logger.warning("round %s: abandoned (%s)", task.round, exc)
+                return
+            except RejectedError as exc:
+                if exc.code not in ROUND_GONE:
+                    raise
+                self._rounds.append(RoundRecord(task.round, "dropped"))
+                logger.warning("round %s: no longer available (%s)", task.round, exc)
+                return
+            beats.report(pb.CLIENT_PHASE_UPLOADING, 0.0)
+            self._upload(session, pending, payload)
+
+    def _train(
+        self, session: Session, task: pb.TrainTask, beats: Heartbeats
+    ) -> tuple[PendingUpload, bytes]:
+        """Download, load, train, encode; the encoded update is saved as pending."""
+        trained = factors_of(task.trained_factors)
+        data = self._transport.download_adapter(session.run_id, task.round, task.global_adapter)
+        decoded = decode_adapter(data, session.schema, BOTH_FACTORS)
+        load_adapter(session.model, decoded.tensors)
+        beats.report(pb.CLIENT_PHASE_TRAINING, 0.0)
+        config = train_config_of(task.hyperparameters, num_threads=self.settings.num_threads,
+                                 progress=self.settings.show_progress())  # fmt: skip
+
+        def on_step(done: int, total: int, loss: float) -> None:
+            beats.report(pb.CLIENT_PHASE_TRAINING, done / max(total, 1))
+            if self._stop.is_set():
+                raise Interrupted("stop requested during local training")
+            if beats.round_closed:
+                raise Interrupted("the server closed the round during local training")
+
+        started = time.monotonic()
+        result = train_locally(session.model, session.tokenizer, session.dataset, trained, config,
+                               on_step=on_step)  # fmt: skip
+        elapsed = time.monotonic() - started
+        logger.info("round %s: trained %s on %s samples in %s steps (%.1fs), loss %.4f",
+                    task.round, "+".join(sorted(trained)), result.num_samples, result.steps,
+                    elapsed, result.mean_loss)  # fmt: skip
+        metadata = {"run_id": session.run_id, "round": str(task.round),
+                    "client_id": session.client_id, "factors": "".join(sorted(trained))}  # fmt: skip
+        payload = encode_adapter(result.tensors, metadata)
+        pending = PendingUpload(
+            run_id=session.run_id,
+            round_index=task.round,
+            idempotency_key=idempotency_key(session.run_id, session.client_id, task.round),
+            sample_count=result.num_samples,
+            factors=tuple(sorted(trained)),
+            sha256=sha256_hex(payload),
+            metrics={"train_loss": result.mean_loss, "train_steps": float(result.steps),
+                     "train_seconds": elapsed},  # fmt: skip
+        )
+        self._state.save_pending(pending, payload)
+        return pending, payload
+
+    def _send_pending(self, session: Session) -> None:
+        """Re-send an update trained before a restart and not yet accepted."""
+        found = self._state.pending(session.run_id)
+        if found is not None:
+            logger.info("round %s: re-sending the update saved before a restart",
+                        found[0].round_index)  # fmt: skip
+            self._upload(session, *found)
+
+    def _upload(self, session: Session, pending: PendingUpload, payload: bytes) -> None:
+        header = pb.UploadHeader(
+            run_id=pending.run_id,
+            round=pending.round_index,
+            sample_count=pending.sample_count,
+            metrics=dict(pending.metrics),
+            idempotency_key=pending.idempotency_key,
+            factors=factor_messages(Factor(f) for f in pending.factors),
+        )
+        limits = session.run.limits
+        chunk = min(limits.chunk_bytes or DEFAULT_CHUNK_BYTES,
+                    limits.max_chunk_bytes or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)  # fmt: skip
+        try:
+            reply = self._transport.upload_update(header, payload, chunk)
+        except RejectedError as exc:
+            if exc.code not in ROUND_GONE:
+                raise
+            self._state.clear_pending()
+            self._rounds.append(RoundRecord(pending.round_index, "dropped"))
+            logger.warning("round %s: the server refused the update (%s); dropped",
+                           pending.round_index, exc.details)  # fmt: skip
+            return
+        duplicate = reply.status == pb.UPLOAD_STATUS_DUPLICATE
+        self._state.record_completed(pending.run_id, pending.round_index)
+        self._state.clear_pending()
+        record = RoundRecord(pending.round_index, "duplicate" if duplicate else "accepted",
+                             pending.sample_count, pending.metrics.get("train_loss"),
+                             len(payload))  # fmt: skip
+        self._rounds.append(record)
+        logger.info("round %s: update %s (%s bytes, upload %s)", pending.round_index,
+                    record.status, len(payload), reply.upload_id)  # fmt: skip
+
+    def _finish(self, session: Session, done: pb.DoneTask) -> RunOutcome:
+        logger.info("run %s done after %s rounds: %s", session.run_id, done.rounds_completed,
+                    done.reason)  # fmt: skip
+        folder = None
+        if self.settings.final_adapter_dir is not None:
+            folder = self._save_final(session, done)
+        return RunOutcome(session.run_id, session.client_id, True, tuple(self._rounds), folder,
+                          done.reason)  # fmt: skip
+
+    def _save_final(self, session: Session, done: pb.DoneTask) -> Path:
+        data = self._transport.download_adapter(
+            session.run_id, done.rounds_completed, done.final_adapter
+        )
+        tensors = decode_adapter(data, session.schema, BOTH_FACTORS).tensors
+        config = peft_adapter_config(session.lora, session.model_spec.name,
+                                     PEFT_TASK_TYPES[session.model_spec.task],
+                                     modules_to_save=session.saved_modules)  # fmt: skip
+        assert self.settings.final_adapter_dir is not None
+        return save_peft_directory(self.settings.final_adapter_dir, tensors, config)
+
+
+def describe_host(settings: ClientSettings) -> dict[str, str]:
+    """What the client tells the server about itself at enrolment (logged, stored)."""
+    return {
+        "hostname": socket.gethostname(),
+        "software": SOFTWARE,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": settings.device,
+        "data": settings.data.name,
+    }
+

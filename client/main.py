@@ -1,0 +1,106 @@
+"""``fedrot-client``: the client daemon's entry point (settings, logging, signals, exit codes).
+
+Exit status: 0 when the run ended or the daemon was stopped by SIGTERM/SIGINT; 2 for bad
+settings, data, or a base model that differs from the run's; 1 when the server refused us
+(a bad token) or stayed away past ``--reconnect-timeout-s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from fedrot.errors import FedRotError
+from fedrot_client.daemon import ClientDaemon
+from fedrot_client.errors import DataError, ModelError, RejectedError, ServerUnavailableError
+from fedrot_client.settings import ClientSettings, SettingsError, load_settings
+from fedrot_client.transport import RetryPolicy, Transport
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED_TO_START = 2
+
+
+def build_transport(settings: ClientSettings, stop: threading.Event) -> Transport:
+    policy = RetryPolicy(
+        initial_s=settings.backoff_initial_s,
+        max_s=settings.backoff_max_s,
+        multiplier=settings.backoff_multiplier,
+        give_up_after_s=settings.reconnect_timeout_s or None,
+    )
+    certificates = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None
+    return Transport(
+        settings.server,
+        settings.read_token(),
+        policy=policy,
+        stop=stop,
+        root_certificates=certificates,
+        rpc_timeout_s=settings.rpc_timeout_s,
+        transfer_timeout_s=settings.transfer_timeout_s,
+    )
+
+
+def install_stop_handlers(stop: threading.Event, transport: Transport) -> None:
+    """SIGTERM and SIGINT set ``stop``; a watcher thread then cancels the call in flight."""
+
+    def on_signal(number: int, _frame: object) -> None:
+        logger.info("received %s; stopping", signal.Signals(number).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def watch() -> None:
+        stop.wait()
+        transport.cancel()
+
+    threading.Thread(target=watch, name="stop-watcher", daemon=True).start()
+
+
+def run(settings: ClientSettings) -> int:
+    """Run the daemon to its end; returns the exit status."""
+    stop = threading.Event()
+    transport = build_transport(settings, stop)
+    install_stop_handlers(stop, transport)
+    try:
+        outcome = ClientDaemon(settings, transport, stop=stop).run()
+    except (ModelError, DataError, SettingsError) as exc:
+        logger.error("refusing to start: %s", exc)
+        return EXIT_REFUSED_TO_START
+    except (RejectedError, ServerUnavailableError) as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    except FedRotError as exc:
+        logger.error("failed: %s", exc)
+        return EXIT_FAILED
+    finally:
+        stop.set()
+        transport.close()
+    if outcome.finished:
+        where = f"; final adapter in {outcome.final_adapter_dir}" if outcome.final_adapter_dir else ""
+        logger.info("run %s finished (%s rounds trained here)%s", outcome.run_id,
+                    sum(r.status != "dropped" for r in outcome.rounds), where)  # fmt: skip
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fedrot-client`` command."""
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        print(f"fedrot-client: {exc}", file=sys.stderr)
+        return EXIT_REFUSED_TO_START
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

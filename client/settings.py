@@ -1,0 +1,151 @@
+"""The client daemon's one typed settings object.
+
+Sources, highest priority first: command-line flags (``--server 10.0.0.5:50051``,
+``--data shard.jsonl``), environment variables (``FEDROT_CLIENT_SERVER``, ``FEDROT_CLIENT_TOKEN``,
+...), then the defaults below. :func:`load_settings` validates everything at start and raises
+:class:`SettingsError` naming each bad setting and its value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedrot.errors import FedRotError
+from fedrot_client.data import FieldNames, LabelVocabulary
+
+ENV_PREFIX = "FEDROT_CLIENT_"
+
+
+class SettingsError(FedRotError, ValueError):
+    """A setting is invalid; the message names each bad setting and its value."""
+
+
+class ClientSettings(BaseSettings):
+    """Everything one ``fedrot-client`` process needs; the run itself comes from the server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        cli_prog_name="fedrot-client",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    server: str = Field("127.0.0.1:50051", description="host:port of the fedrot-server")
+    token: SecretStr | None = Field(None, description="enrolment token (or --token-file)")
+    token_file: Path | None = Field(None, description="file whose first line is the token")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM root certificates: use TLS (default: plaintext, for loopback/VPN)"
+    )
+    data: Path = Field(description="training data: .jsonl, .csv/.tsv or a saved HF dataset")
+    data_split: str | None = Field(None, description="split of a saved DatasetDict")
+    text_field: str = Field("text", min_length=1)
+    label_field: str = Field("label", min_length=1)
+    labels: Path | None = Field(
+        None, description="JSON list of label names in id order (default: integer labels)"
+    )
+    model: str | None = Field(
+        None, description="local base model (registry name or folder); default: the run's"
+    )
+    state_dir: Path = Field(Path("fedrot-client-state"), description="client id, rounds done")
+    final_adapter_dir: Path | None = Field(
+        None, description="save the run's final adapter here as a PEFT folder when it ends"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    progress: bool = Field(True, description="training progress bar (only ever on a tty)")
+    max_wait_s: float = Field(30.0, gt=0, description="long-poll length of one GetTask")
+    rpc_timeout_s: float = Field(60.0, gt=0, description="deadline of one unary call")
+    transfer_timeout_s: float = Field(600.0, gt=0, description="deadline of one transfer")
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    backoff_multiplier: float = Field(2.0, ge=1)
+    reconnect_timeout_s: float = Field(
+        600.0, ge=0, description="give up when the server is away this long (0: never)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("server")
+    @classmethod
+    def _check_server(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"server must be host:port with port 1..65535, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ClientSettings:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token and token_file")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s {self.backoff_max_s} is below backoff_initial_s "
+                f"{self.backoff_initial_s}"
+            )
+        for name in ("data", "labels", "token_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise ValueError(f"{name} {str(path)!r} does not exist")
+        return self
+
+    def read_token(self) -> str:
+        """The enrolment token, from ``token`` or the first line of ``token_file``."""
+        if self.token is not None:
+            return self.token.get_secret_value().strip()
+        assert self.token_file is not None
+        lines = self.token_file.read_text().splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise SettingsError(f"token_file {self.token_file}: empty")
+        return token
+
+    def field_names(self, classification: bool) -> FieldNames:
+        """Which data fields hold the text and (for classification) the label."""
+        return FieldNames(self.text_field, self.label_field if classification else None)
+
+    def label_vocabulary(self, num_labels: int) -> LabelVocabulary:
+        """The label names of ``labels`` (checked against the run's ``num_labels``), or ids."""
+        if self.labels is None:
+            return LabelVocabulary.of_size(num_labels)
+        try:
+            names = json.loads(self.labels.read_text())
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"labels {self.labels}: not a readable JSON list: {exc}") from exc
+        if not isinstance(names, list) or len(names) != num_labels:
+            size = len(names) if isinstance(names, list) else type(names).__name__
+            raise SettingsError(
+                f"labels {self.labels}: expected a list of {num_labels} names (the run's "
+                f"num_labels), got {size}"
+            )
+        return LabelVocabulary(tuple(str(n) for n in names))
+
+    def show_progress(self) -> bool:
+        """The progress bar: when asked for (the default) and stderr is a terminal."""
+        return self.progress and sys.stderr.isatty()
+
+
+def load_settings(argv: Sequence[str] = ()) -> ClientSettings:
+    """Settings from the flags ``argv`` and the ``FEDROT_CLIENT_*`` environment, validated."""
+    try:
+        return ClientSettings(_cli_parse_args=list(argv))
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per bad setting: its name, the value given and what is wrong."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" = {given!r}"
+        lines.append(f"{name}{shown}: {error['msg']}")
+    return "invalid client settings:\n  " + "\n  ".join(lines)

@@ -1,0 +1,325 @@
+"""The client's side of the wire: one gRPC channel, auth metadata, chunked transfers, retries.
+
+Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVAILABLE or
+DEADLINE_EXCEEDED (the server is away, restarting, or overloaded) are retried with exponential
+backoff and jitter until the server has been away for ``RetryPolicy.give_up_after_s``; any other
+status becomes a :class:`RejectedError` at once. A download that breaks off resumes from the
+bytes already received; an upload is re-sent whole under the same header, idempotency key
+included, so the server counts it once. ``cancel`` (from another thread) aborts the call in
+flight; once the ``stop`` event is set every call raises :class:`Interrupted`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+
+from fedrot_client.errors import Interrupted, RejectedError, ServerUnavailableError, TransferError
+from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+MAX_CHUNK_BYTES = 4 * MIB
+# A chunk message is its data plus a few bytes of framing; leave room above the 4 MiB chunk.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+USER_AGENT = "fedrot-client/0.1"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: attempt ``k`` waits ``min(max_s, initial_s * m^k)``
+    times a uniform factor in [0.5, 1]. ``give_up_after_s=None`` retries forever."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    give_up_after_s: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s or self.multiplier < 1:
+            raise ValueError(
+                f"bad backoff: initial {self.initial_s}, max {self.max_s}, "
+                f"multiplier {self.multiplier}"
+            )
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        ceiling = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
+        return ceiling * (0.5 + 0.5 * rng.random())
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Transport:
+    """A connection to one ``fedrot-server``; safe to share between threads."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        policy: RetryPolicy = RetryPolicy(),
+        stop: threading.Event | None = None,
+        root_certificates: bytes | None = None,
+        rpc_timeout_s: float = 60.0,
+        transfer_timeout_s: float = 600.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._policy = policy
+        self._stop = stop or threading.Event()
+        self._rpc_timeout = rpc_timeout_s
+        self._transfer_timeout = transfer_timeout_s
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight: set[grpc.Future] = set()
+        self._channel = _open_channel(target, root_certificates, policy)
+        self._stub = pb_grpc.FederationServiceStub(self._channel)
+
+    def enroll(self, info: Mapping[str, str]) -> pb.EnrollResponse:
+        request = pb.EnrollRequest(info=dict(info))
+        return self._retrying("Enroll", lambda: self._unary(self._stub.Enroll, request))
+
+    def get_task(self, run_id: str, max_wait_s: float) -> pb.GetTaskResponse:
+        """Long poll: the server answers within ``max_wait_s`` (plus the usual call deadline)."""
+        request = pb.GetTaskRequest(run_id=run_id, max_wait=seconds(max_wait_s))
+        timeout = max_wait_s + self._rpc_timeout
+        return self._retrying(
+            "GetTask", lambda: self._unary(self._stub.GetTask, request, timeout=timeout)
+        )
+
+    def heartbeat(
+        self, run_id: str, round_index: int, phase: int, progress: float
+    ) -> pb.HeartbeatResponse:
+        """One try, no retries (the next heartbeat is the retry)."""
+        request = pb.HeartbeatRequest(
+            run_id=run_id, round=round_index, phase=phase, progress=min(max(progress, 0.0), 1.0)
+        )
+        try:
+            return self._unary(self._stub.Heartbeat, request)
+        except grpc.RpcError as exc:
+            raise RejectedError("Heartbeat", exc.code(), exc.details() or "") from exc
+
+    def download_adapter(
+        self, run_id: str, round_index: int, expected: pb.AdapterRef | None = None
+    ) -> bytes:
+        """The global adapter starting ``round_index``, verified against its announced SHA-256
+        (and ``expected``'s size and digest when given); a broken stream resumes where it
+        stopped."""
+        download = _Download(expected)
+
+        def attempt() -> bytes:
+            request = pb.DownloadAdapterRequest(
+                run_id=run_id, round=round_index, offset=download.received
+            )
+            call = self._stub.DownloadAdapter(
+                request, timeout=self._transfer_timeout, metadata=self._metadata
+            )
+            with self._tracked(call):
+                for message in call:
+                    download.add(message)
+            return download.finish()
+
+        return self._retrying("DownloadAdapter", attempt)
+
+    def upload_update(
+        self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int
+    ) -> pb.UploadUpdateResponse:
+        """Send ``payload`` after ``header`` (whose size and SHA-256 are filled in here) in
+        chunks of ``chunk_bytes``; a retry re-sends the same header and idempotency key."""
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if not header.idempotency_key:
+            raise ValueError("an upload needs an idempotency key")
+        full = pb.UploadHeader()
+        full.CopyFrom(header)
+        full.total_size = len(payload)
+        full.sha256 = sha256_hex(payload)
+
+        def messages() -> Iterator[pb.UploadUpdateRequest]:
+            yield pb.UploadUpdateRequest(header=full)
+            view = memoryview(payload)
+            for offset in range(0, len(payload), chunk_bytes):
+                if self._stop.is_set():
+                    return
+                data = bytes(view[offset : offset + chunk_bytes])
+                yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+
+        def attempt() -> pb.UploadUpdateResponse:
+            future = self._stub.UploadUpdate.future(
+                messages(), timeout=self._transfer_timeout, metadata=self._metadata
+            )
+            with self._tracked(future):
+                return future.result()
+
+        return self._retrying("UploadUpdate", attempt)
+
+    def cancel(self) -> None:
+        """Abort the calls in flight (they raise :class:`Interrupted` once ``stop`` is set)."""
+        with self._lock:
+            calls = list(self._inflight)
+        for call in calls:
+            call.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+        self._channel.close()
+
+    def _unary(self, method, request, timeout: float | None = None):  # noqa: ANN001, ANN202
+        future = method.future(
+            request, timeout=timeout or self._rpc_timeout, metadata=self._metadata
+        )
+        with self._tracked(future):
+            return future.result()
+
+    @contextmanager
+    def _tracked(self, call: grpc.Future) -> Iterator[None]:
+        with self._lock:
+            self._inflight.add(call)
+        try:
+            if self._stop.is_set():
+                call.cancel()
+            yield
+        finally:
+            call.cancel()  # a no-op once the call has finished; ends a stream we stop reading
+            with self._lock:
+                self._inflight.discard(call)
+
+    def _retrying(self, method: str, attempt: Callable[[], T]) -> T:
+        failures = 0
+        away_since: float | None = None
+        while True:
+            if self._stop.is_set():
+                raise Interrupted(f"{method}: stop requested")
+            try:
+                return attempt()
+            except grpc.FutureCancelledError as exc:
+                raise Interrupted(f"{method}: call cancelled") from exc
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if self._stop.is_set():
+                    raise Interrupted(f"{method}: stop requested") from exc
+                if code not in RETRYABLE_CODES:
+                    raise RejectedError(method, code, details) from exc
+            now = self._clock()
+            away_since = now if away_since is None else away_since
+            limit = self._policy.give_up_after_s
+            if limit is not None and now - away_since >= limit:
+                raise ServerUnavailableError(
+                    f"{method}: server {self.target} unreachable for {now - away_since:.0f}s "
+                    f"({code.name}: {details})"
+                )
+            delay = self._policy.delay(failures, self._rng)
+            failures += 1
+            logger.warning("%s: %s (%s); retry %s in %.1fs", method, code.name, details,
+                           failures, delay)  # fmt: skip
+            if self._stop.wait(delay):
+                raise Interrupted(f"{method}: stop requested")
+
+
+class _Download:
+    """The bytes of one download so far; each (re)started stream begins with a header."""
+
+    def __init__(self, expected: pb.AdapterRef | None) -> None:
+        self._expected = expected
+        self._header: pb.TransferHeader | None = None
+        self._buffer = bytearray()
+        self._digest = hashlib.sha256()
+
+    @property
+    def received(self) -> int:
+        return len(self._buffer)
+
+    def add(self, message: pb.DownloadAdapterResponse) -> None:
+        if message.HasField("header"):
+            self._set_header(message.header)
+            return
+        if self._header is None:
+            raise TransferError("download: a chunk arrived before the header")
+        chunk = message.chunk
+        end = self.received + len(chunk.data)
+        if chunk.offset != self.received or end > self._header.total_size:
+            raise TransferError(
+                f"download: chunk at offset {chunk.offset} of {len(chunk.data)} bytes, expected "
+                f"offset {self.received} within {self._header.total_size} bytes"
+            )
+        self._buffer += chunk.data
+        self._digest.update(chunk.data)
+
+    def _set_header(self, header: pb.TransferHeader) -> None:
+        if self._header is not None and (
+            header.total_size, header.sha256) != (self._header.total_size, self._header.sha256
+        ):  # fmt: skip
+            raise TransferError(
+                f"download: the adapter changed between attempts ({self._header.sha256} -> "
+                f"{header.sha256})"
+            )
+        expected = self._expected
+        if expected is not None and expected.sha256 and (
+            header.sha256 != expected.sha256 or header.total_size != expected.size_bytes
+        ):
+            raise TransferError(
+                f"download: server sends {header.total_size} bytes with sha256 {header.sha256}, "
+                f"the task announced {expected.size_bytes} bytes with sha256 {expected.sha256}"
+            )
+        self._header = header
+
+    def finish(self) -> bytes:
+        if self._header is None:
+            raise TransferError("download: the stream ended without a header")
+        if self.received != self._header.total_size:
+            raise TransferError(
+                f"download: stream ended after {self.received} of {self._header.total_size} bytes"
+            )
+        actual = self._digest.hexdigest()
+        if actual != self._header.sha256:
+            raise TransferError(
+                f"download: sha256 mismatch: announced {self._header.sha256}, received {actual}"
+            )
+        return bytes(self._buffer)
+
+
+def _open_channel(
+    target: str, root_certificates: bytes | None, policy: RetryPolicy
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.primary_user_agent", USER_AGENT),
+        # Reconnect about as eagerly as the calls retry, not gRPC's default of up to 120 s.
+        ("grpc.initial_reconnect_backoff_ms", int(policy.initial_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(policy.initial_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(policy.max_s * 1000)),
+    ]
+    if root_certificates is None:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.secure_channel(target, credentials, options=options)

@@ -1,0 +1,197 @@
+"""A small scripted FederationService for the daemon's unit tests (real gRPC, port 0).
+
+One client, a tiny-BERT run; each accepted upload replaces the global factors it carries and
+opens the next round. Faults are switched on by arguments: a download that breaks off after
+its first chunk, an upload refused once with UNAVAILABLE after all its bytes arrived, a round
+the heartbeat reports closed, a long poll that blocks until released.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from fedrot.adapters import Adapter, AdapterSchema, Factor
+from fedrot.codec import decode_adapter, encode_adapter
+from fedrot_client.lora import LoraSpec, attach_lora, export_adapter
+from fedrot_client.models import ModelSpec, load_base_model
+from fedrot_client.transport import sha256_hex
+from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
+
+TOKEN = "token-of-client-a-0123456789"
+RUN_ID = "run-test"
+CLIENT_ID = "client-a"
+MODEL = ModelSpec("tiny-bert", num_labels=2, seed=0)
+LORA = LoraSpec(r=2, alpha=4.0, dropout=0.0)
+WAIT_LIMIT_S = 30.0  # a bound on every wait inside the fake, so a broken test cannot hang
+
+
+@dataclass
+class Script:
+    """What the fake does; ``trained[t]`` are the factors round ``t`` trains."""
+
+    rounds: int = 2
+    trained: tuple[tuple[int, ...], ...] = ((pb.FACTOR_A, pb.FACTOR_B), (pb.FACTOR_B,))
+    fingerprint: str | None = None  # None: the real one
+    chunk_bytes: int = 2048
+    break_first_download: bool = False
+    refuse_first_upload: bool = False
+    close_rounds: frozenset[int] = frozenset()
+    block_polls: bool = False
+    scale_on_accept: float = 1.0  # the next global B factors are the uploaded ones times this
+    log: dict[str, list] = field(default_factory=lambda: {
+        "download_offsets": [], "upload_headers": [], "accepted": [], "heartbeats": []})  # fmt: skip
+
+
+class FakeFederation(pb_grpc.FederationServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.log = script.log
+        base = load_base_model(MODEL)
+        self.fingerprint = base.fingerprint if script.fingerprint is None else script.fingerprint
+        self.global_tensors = export_adapter(attach_lora(base, LORA, seed=7))
+        self.schema = AdapterSchema.of(Adapter.from_state_dict(self.global_tensors))
+        self.round = 0
+        self.lock = threading.Lock()
+        self.keys: set[str] = set()
+        self.poll_started = threading.Event()
+        self.release = threading.Event()
+        self.closed_heartbeat_sent = threading.Event()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata())
+        if metadata.get("authorization") != f"Bearer {TOKEN}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token")
+
+    def payload(self) -> bytes:
+        with self.lock:
+            return encode_adapter(self.global_tensors)
+
+    def run_spec(self) -> pb.RunSpec:
+        schema = pb.AdapterSchema(rank=self.schema.rank)
+        for name, (d_out, d_in) in sorted(self.schema.modules.items()):
+            schema.modules.add(name=name, d_out=d_out, d_in=d_in)
+        for key, shape in sorted(self.schema.extra.items()):
+            schema.extra.add(key=key, shape=list(shape))
+        spec = pb.RunSpec(
+            run_id=RUN_ID,
+            model=pb.ModelSpec(name=MODEL.name, task=pb.MODEL_TASK_CLASSIFICATION,
+                               num_labels=MODEL.num_labels, seed=MODEL.seed,
+                               fingerprint=self.fingerprint),  # fmt: skip
+            lora=pb.LoraConfig(rank=LORA.r, alpha=LORA.alpha, dropout=LORA.dropout,
+                               target_modules=list(LORA.target_modules)),  # fmt: skip
+            strategy=pb.StrategySpec(name="fedrot", alignment_strength=0.4, odd_round_factor="A"),
+            schema=schema,
+            limits=pb.TransferLimits(max_chunk_bytes=4 << 20, chunk_bytes=self.script.chunk_bytes,
+                                     max_upload_bytes=1 << 30),  # fmt: skip
+            rounds=self.script.rounds,
+        )
+        spec.heartbeat_interval.FromSeconds(5)
+        return spec
+
+    # -- the service ---------------------------------------------------------------------------
+    def Enroll(self, request, context):  # noqa: N802
+        self._authenticate(context)
+        return pb.EnrollResponse(client_id=CLIENT_ID, run=self.run_spec(),
+                                 run_status=pb.RUN_STATUS_RUNNING)  # fmt: skip
+
+    def GetTask(self, request, context):  # noqa: N802
+        self._authenticate(context)
+        if self.script.block_polls:
+            self.poll_started.set()
+            self.release.wait(WAIT_LIMIT_S)
+            return pb.GetTaskResponse(wait=pb.WaitTask(reason="released"))
+        if self.round >= self.script.rounds:
+            return pb.GetTaskResponse(done=pb.DoneTask(
+                rounds_completed=self.round, reason="all rounds done",
+                final_adapter=self._ref(self.round)))  # fmt: skip
+        task = pb.TrainTask(
+            round=self.round,
+            trained_factors=list(self.script.trained[self.round]),
+            hyperparameters=pb.TrainingHyperparameters(
+                local_steps=3, batch_size=4, learning_rate=0.05, optimizer="sgd", max_length=24,
+                seed=self.round),  # fmt: skip
+            global_adapter=self._ref(self.round),
+        )
+        return pb.GetTaskResponse(train=task)
+
+    def _ref(self, round_index: int) -> pb.AdapterRef:
+        payload = self.payload()
+        return pb.AdapterRef(round=round_index, size_bytes=len(payload), sha256=sha256_hex(payload))
+
+    def DownloadAdapter(self, request, context):  # noqa: N802
+        self._authenticate(context)
+        if request.round in self.script.close_rounds:
+            self.closed_heartbeat_sent.wait(WAIT_LIMIT_S)
+        first = not self.log["download_offsets"]
+        self.log["download_offsets"].append(request.offset)
+        payload = self.payload()
+        size = self.script.chunk_bytes
+        yield pb.DownloadAdapterResponse(header=pb.TransferHeader(
+            total_size=len(payload), sha256=sha256_hex(payload), chunk_bytes=size))  # fmt: skip
+        for offset in range(request.offset, len(payload), size):
+            data = payload[offset : offset + size]
+            yield pb.DownloadAdapterResponse(chunk=pb.Chunk(offset=offset, data=data))
+            if first and self.script.break_first_download:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost (scripted)")
+
+    def UploadUpdate(self, request_iterator, context):  # noqa: N802
+        self._authenticate(context)
+        header = next(request_iterator).header
+        data = b"".join(message.chunk.data for message in request_iterator)
+        self.log["upload_headers"].append(header)
+        if sha256_hex(data) != header.sha256 or len(data) != header.total_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 or size mismatch")
+        if self.script.refuse_first_upload and len(self.log["upload_headers"]) == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting (scripted)")
+        if header.idempotency_key in self.keys:
+            return pb.UploadUpdateResponse(status=pb.UPLOAD_STATUS_DUPLICATE,
+                                           bytes_received=len(data))  # fmt: skip
+        factors = [Factor.A if f == pb.FACTOR_A else Factor.B for f in header.factors]
+        tensors = decode_adapter(data, self.schema, factors).tensors
+        with self.lock:
+            self.keys.add(header.idempotency_key)
+            self.log["accepted"].append((header, tensors))
+            scale = self.script.scale_on_accept
+            scaled = {k: v * scale if k.endswith(".lora_B.weight") else v
+                      for k, v in tensors.items()}  # fmt: skip
+            self.global_tensors = {**self.global_tensors, **scaled}
+            self.round += 1
+        return pb.UploadUpdateResponse(status=pb.UPLOAD_STATUS_ACCEPTED, bytes_received=len(data),
+                                       upload_id=f"upload-{len(self.keys)}")  # fmt: skip
+
+    def Heartbeat(self, request, context):  # noqa: N802
+        self._authenticate(context)
+        self.log["heartbeats"].append((request.round, request.phase))
+        closed = request.round in self.script.close_rounds
+        if closed and not self.closed_heartbeat_sent.is_set():
+            with self.lock:
+                self.round += 1  # the deadline passed without this client
+            self.closed_heartbeat_sent.set()
+        return pb.HeartbeatResponse(run_status=pb.RUN_STATUS_RUNNING, current_round=self.round,
+                                    round_open=not closed)  # fmt: skip
+
+
+class RunningFake:
+    """A started gRPC server around a :class:`FakeFederation`, on 127.0.0.1 port 0."""
+
+    def __init__(self, script: Script) -> None:
+        self.servicer = FakeFederation(script)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        pb_grpc.add_FederationServiceServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.servicer.release.set()
+        self.servicer.closed_heartbeat_sent.set()
+        self.server.stop(grace=None)
