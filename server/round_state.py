@@ -68,8 +68,8 @@ class OpenRound:
         """The header's own fields: factors, weight, key, size, digest and metrics."""
         if request.factors != self.plan.trained:
             raise InvalidRequestError(
-                f"round {self.index} uploads factors {sorted(self.plan.trained)}, "
-                f"the header says {sorted(request.factors)}"
+                f"round {self.index} uploads factors {_names(self.plan.trained)}, "
+                f"the header says {_names(request.factors)}"
             )
         if request.sample_count < 1:
             raise InvalidRequestError(f"sample_count must be >= 1, got {request.sample_count}")
@@ -84,6 +84,10 @@ class OpenRound:
             )
         check_sha256(request.sha256)
         check_metrics(request.metrics)
+
+
+def _names(factors: frozenset) -> str:
+    return "+".join(str(f) for f in sorted(factors)) or "none"
 
 
 def no_open_round(round_index: int) -> WrongStateError:

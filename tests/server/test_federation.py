@@ -9,16 +9,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from fedrot.adapters import Adapter, AdapterSchema
+from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
-from fedrot.strategies import StrategyConfig, build_strategy
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.state import RoundPhase, RunPhase
 from wire import (
     WireClient,
     adapter_of,
+    assert_same,
+    core_aggregate,
     encode_update,
     local_update,
     make_settings,
@@ -59,25 +59,6 @@ async def participate(
 
 def decode_sha(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
-
-
-def core_aggregate(name: str, round_index: int, reference: Adapter, uploads: list[tuple[str, bytes, int]]) -> Adapter:
-    """What the core computes for the same uploads, in the same order."""
-    strategy = build_strategy(name, StrategyConfig(lam=0.4, align_first="A", seed=0))
-    plan = strategy.plan(round_index)
-    aggregator = strategy.start_round(reference, plan, device="cpu", track_error=True)
-    schema = AdapterSchema.of(reference)
-    for client, payload, weight in uploads:
-        tensors = decode_adapter(payload, schema, plan.trained).tensors
-        aggregator.add(client, reference.with_factors_from(tensors), weight)
-    return aggregator.finalize().adapter
-
-
-def assert_same(got: Adapter, expected: Adapter) -> None:
-    got_sd, expected_sd = got.to_state_dict(), expected.to_state_dict()
-    assert got_sd.keys() == expected_sd.keys()
-    for key in expected_sd:
-        torch.testing.assert_close(got_sd[key], expected_sd[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.parametrize("strategy", ["fedrot", "fedit", "ffa"])

@@ -18,8 +18,9 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedrot.adapters import Adapter, Factor, LoraPair
+from fedrot.adapters import Adapter, AdapterSchema, Factor, LoraPair
 from fedrot.codec import decode_adapter, encode_adapter
+from fedrot.strategies import StrategyConfig, build_strategy
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 from fedrot_server.service import GRPC_OPTIONS, FederationServer, start_server
@@ -196,7 +197,7 @@ def upload_header(
     run_id: str,
     round_index: int,
     payload: bytes,
-    factors: Iterable[Factor],
+    trained: Iterable[Factor],
     *,
     sample_count: int,
     metrics: Mapping[str, float],
@@ -208,7 +209,7 @@ def upload_header(
         "metrics": dict(metrics), "total_size": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
         "idempotency_key": key or uuid.uuid4().hex,
-        "factors": [FACTOR_NUMBERS[f] for f in sorted(factors)],
+        "factors": [FACTOR_NUMBERS[f] for f in sorted(trained)],
     }  # fmt: skip
     fields.update(overrides)
     return pb.UploadUpdateRequest(header=pb.UploadHeader(**fields))
@@ -232,3 +233,24 @@ def adapter_of(payload: bytes) -> Adapter:
 
 def encode_update(tensors: Mapping[str, Tensor]) -> bytes:
     return encode_adapter(tensors, {"producer": "tests"})
+
+
+def core_aggregate(
+    name: str, round_index: int, reference: Adapter, uploads: Sequence[tuple[str, bytes, int]]
+) -> Adapter:
+    """What the core computes for the same uploads, in the same order."""
+    strategy = build_strategy(name, StrategyConfig(lam=0.4, align_first="A", seed=0))
+    plan = strategy.plan(round_index)
+    aggregator = strategy.start_round(reference, plan, device="cpu", track_error=True)
+    schema = AdapterSchema.of(reference)
+    for client, payload, weight in uploads:
+        tensors = decode_adapter(payload, schema, plan.trained).tensors
+        aggregator.add(client, reference.with_factors_from(tensors), weight)
+    return aggregator.finalize().adapter
+
+
+def assert_same(got: Adapter, expected: Adapter) -> None:
+    got_sd, expected_sd = got.to_state_dict(), expected.to_state_dict()
+    assert got_sd.keys() == expected_sd.keys()
+    for key in expected_sd:
+        torch.testing.assert_close(got_sd[key], expected_sd[key], rtol=1e-6, atol=1e-7, msg=key)
