@@ -27,6 +27,10 @@ class WrongStateError(ServerError):
     """A request that does not fit the run's state: wrong run or round, not a participant."""
 
 
+class UploadInProgressError(WrongStateError):
+    """Another upload of the same client is still streaming; retry later."""
+
+
 class NotFoundError(ServerError, LookupError):
     """Something named by the request does not exist (an unenrolled client, an adapter)."""
 

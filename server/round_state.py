@@ -34,7 +34,7 @@ class OpenRound:
     deadline: float
     started: float
     reported: dict[str, UploadRow] = field(default_factory=dict)
-    uploading: set[str] = field(default_factory=set)
+    uploading: dict[str, asyncio.Event] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     extensions: int = 0

@@ -30,7 +30,7 @@ from fedrot.adapters import Adapter
 from fedrot.codec import encode_schema
 from fedrot.strategies import Strategy
 from fedrot_server.artifacts import RunArtifacts
-from fedrot_server.errors import NotFoundError, WrongStateError
+from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
 from fedrot_server.round_log import round_summary
@@ -183,24 +183,41 @@ class RoundEngine:
     def count_download(self, round_index: int, size: int) -> None:
         self._bytes_out[round_index] = self._bytes_out.get(round_index, 0) + size
 
-    def open_upload(self, client: str, request: UploadRequest) -> UploadTicket | UploadOutcome:
-        """Check an upload's header before its bytes are read; a replay is answered at once."""
+    async def open_upload(
+        self, client: str, request: UploadRequest
+    ) -> UploadTicket | UploadOutcome:
+        """Check an upload's header before its bytes are read; a replay is answered at once.
+
+        A second upload from a client whose first is still streaming (a retry after a cut
+        connection, before the server noticed the cut) waits up to ``upload_takeover_s`` for
+        the first to end, then is answered as a replay or proceeds.
+        """
         self._require_client(client, request.run_id)
-        previous = self._store.find_upload(request.run_id, client, request.idempotency_key)
-        if previous is not None:
-            return UploadOutcome(True, previous.size_bytes, upload_id(previous))
-        rnd = self._open_round_for(client, request.round_index)
-        if client in rnd.uploading:
-            raise WrongStateError(f"an upload from {client!r} for round {rnd.index} is in progress")
+        while True:
+            previous = self._store.find_upload(request.run_id, client, request.idempotency_key)
+            if previous is not None:
+                return UploadOutcome(True, previous.size_bytes, upload_id(previous))
+            rnd = self._open_round_for(client, request.round_index)
+            busy = rnd.uploading.get(client)
+            if busy is None:
+                break
+            try:
+                await asyncio.wait_for(busy.wait(), self.settings.upload_takeover_s)
+            except TimeoutError:
+                raise UploadInProgressError(
+                    f"an upload from {client!r} for round {rnd.index} is still in progress"
+                ) from None
         rnd.check_request(request, self.spec.limits)
-        rnd.uploading.add(client)
-        return UploadTicket(client, request)
+        ticket = UploadTicket(client, request, asyncio.Event())
+        rnd.uploading[client] = ticket.slot
+        return ticket
 
     def release(self, ticket: UploadTicket) -> None:
         """Give back an upload slot (always call after ``open_upload`` returned a ticket)."""
         rnd = self._round
-        if rnd is not None and rnd.index == ticket.request.round_index:
-            rnd.uploading.discard(ticket.client)
+        if rnd is not None and rnd.uploading.get(ticket.client) is ticket.slot:
+            del rnd.uploading[ticket.client]
+        ticket.slot.set()
 
     async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
         """Aggregate a verified payload; CodecError/SchemaError leave the round unchanged."""

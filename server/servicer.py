@@ -27,6 +27,7 @@ from fedrot_server.errors import (
     PermissionDeniedError,
     TooLargeError,
     UnauthenticatedError,
+    UploadInProgressError,
     WrongStateError,
 )
 from fedrot_server.rounds import RoundEngine
@@ -39,6 +40,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], StatusCode], ...] = (
     (UnauthenticatedError, StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, StatusCode.PERMISSION_DENIED),
     (NotFoundError, StatusCode.NOT_FOUND),
+    (UploadInProgressError, StatusCode.ABORTED),
     (WrongStateError, StatusCode.FAILED_PRECONDITION),
     (TooLargeError, StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, StatusCode.INVALID_ARGUMENT),
@@ -140,7 +142,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidRequestError("an upload must start with a header message")
         request = messages.upload_request(first.header)
-        opened = self._engine.open_upload(client, request)
+        opened = await self._engine.open_upload(client, request)
         if isinstance(opened, UploadOutcome):
             return messages.upload_response(opened)
         try:

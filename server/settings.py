@@ -191,6 +191,8 @@ class ServerSettings(BaseSettings):
     heartbeat_interval_s: float = Field(10.0, gt=0)
     # Server-side bound of a GetTask long poll.
     max_task_wait_s: float = Field(30.0, gt=0)
+    # How long a client's second upload waits for its first (still streaming) to end.
+    upload_takeover_s: float = Field(10.0, gt=0)
     seed: int = Field(0, ge=0)
     tokens: dict[str, str] = Field(default_factory=dict)
     tokens_file: Path | None = None

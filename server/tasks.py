@@ -5,6 +5,7 @@ Plain frozen dataclasses; the servicer turns them into protocol messages.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -77,10 +78,12 @@ class UploadRequest:
 
 @dataclass(frozen=True)
 class UploadTicket:
-    """Permission to send the bytes of ``request`` (the engine holds a slot until released)."""
+    """Permission to send the bytes of ``request``: the engine holds the client's upload slot
+    until released (``slot`` is set then)."""
 
     client: str
     request: UploadRequest
+    slot: asyncio.Event = field(compare=False)
 
 
 @dataclass(frozen=True)

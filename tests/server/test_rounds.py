@@ -10,7 +10,7 @@ import pytest
 from fedrot.adapters import BOTH_FACTORS
 from fedrot.strategies import StrategyConfig, build_strategy
 from fedrot_server.artifacts import RunArtifacts
-from fedrot_server.errors import NotFoundError, WrongStateError
+from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.spec import InitialModel, RunSpec
@@ -92,17 +92,24 @@ async def drive(engine: RoundEngine) -> None:
     engine.enroll("bob", {})
     assert isinstance(await engine.next_task("bob", "run-test", 0), WaitTask)
     with pytest.raises(WrongStateError, match="not a participant"):
-        engine.open_upload("bob", request(b"x"))
+        await engine.open_upload("bob", request(b"x"))
     payload = encode_update(local_update(engine.reference, BOTH_FACTORS, seed=1))
-    ticket = engine.open_upload("alice", request(payload))
-    with pytest.raises(WrongStateError, match="in progress"):
-        engine.open_upload("alice", request(payload, idempotency_key="key-2"))
+    # A first attempt whose stream broke: a retry waits for it to end, then takes over.
+    broken = await engine.open_upload("alice", request(payload))
+    retry = asyncio.ensure_future(engine.open_upload("alice", request(payload)))
+    await asyncio.sleep(0)  # let the retry reach the busy slot (it waits on an event)
+    assert not retry.done()
+    engine.release(broken)
+    ticket = await retry
+    # A third attempt while the retry streams: answered as a replay once the retry commits.
+    replay = asyncio.ensure_future(engine.open_upload("alice", request(payload)))
     try:
         outcome = await engine.commit_upload(ticket, payload)
     finally:
         engine.release(ticket)
     assert outcome == UploadOutcome(False, len(payload), "run-test/0/alice")
-    assert engine.open_upload("alice", request(payload)).duplicate
+    assert (await replay).duplicate
+    assert (await engine.open_upload("alice", request(payload))).duplicate
     await engine.wait_finished()
     assert engine.phase is RunPhase.FINISHED
     done = await engine.next_task("bob", "run-test", 0)
@@ -113,3 +120,24 @@ async def drive(engine: RoundEngine) -> None:
     assert not await engine.wait_all_told(0.0)  # alice was not told yet
     await engine.next_task("alice", "run-test", 0)
     assert await engine.wait_all_told(0.0)
+
+
+def test_a_stuck_upload_makes_a_second_one_abort(tmp_path: Path) -> None:
+    engine, worker, store = make_engine(tmp_path, ["alice"], min_clients=1, upload_takeover_s=0.01)
+
+    async def scenario() -> None:
+        try:
+            await engine.start()
+            engine.enroll("alice", {})
+            assert isinstance(await engine.next_task("alice", "run-test", 5.0), TrainTask)
+            payload = encode_update(local_update(engine.reference, BOTH_FACTORS, seed=1))
+            stuck = await engine.open_upload("alice", request(payload))
+            with pytest.raises(UploadInProgressError):
+                await engine.open_upload("alice", request(payload))
+            engine.release(stuck)
+        finally:
+            await engine.stop()
+            await worker.close()
+            store.close()
+
+    asyncio.run(scenario())
