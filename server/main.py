@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from fedrot_server.errors import SettingsError
-from fedrot_server.service import start_server
+from fedrot_server.service import FederationServer, start_server
 from fedrot_server.settings import ServerSettings, load_settings
 from fedrot_server.spec import Evaluator, Initializer, RunSpec
 
@@ -31,10 +31,23 @@ def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | No
     return load_initial_model, HeldOutEvaluator(RunSpec.from_settings(settings), settings.evaluation)
 
 
-async def serve(settings: ServerSettings) -> int:
-    """Run the server until the run ends (plus lingering) or a stop signal; the exit code."""
-    initializer, evaluator = default_seams(settings)
+async def serve(
+    settings: ServerSettings,
+    *,
+    initializer: Initializer | None = None,
+    evaluator: Evaluator | None = None,
+    started: asyncio.Future[FederationServer] | None = None,
+) -> int:
+    """Run the server until the run ends (plus lingering) or a stop signal; the exit code.
+
+    Without ``initializer`` the production seams are used (:func:`default_seams`);
+    ``started`` receives the running server (its bound port) once it serves.
+    """
+    if initializer is None:
+        initializer, evaluator = default_seams(settings)
     server = await start_server(settings, initializer=initializer, evaluator=evaluator)
+    if started is not None:
+        started.set_result(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -53,7 +66,10 @@ async def serve(settings: ServerSettings) -> int:
         else:
             logger.info("stop signal received: shutting down")
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         stopped.cancel()
+        run.cancel()
         await server.stop()
     return code
 

@@ -21,6 +21,7 @@ refused. After ``rounds`` rounds every client is told DONE.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -294,7 +295,7 @@ class RoundEngine:
                                self._clock() + self.settings.round_deadline_s)  # fmt: skip
         self._round, self._phase = rnd, RunPhase.RUNNING
         logger.info("round %s opened: participants %s, trained %s, aligned %s", round_index,
-                    chosen, sorted(plan.trained), plan.aligned)  # fmt: skip
+                    chosen, "+".join(sorted(plan.trained)), plan.aligned or "none")  # fmt: skip
         self._notify()
         await self._await_reports(rnd)
         await self._close_round(rnd)
@@ -346,7 +347,7 @@ class RoundEngine:
         self._reference = finished.result.adapter
         self._published = (rnd.index + 1, finished.encoded)
         self._round = None
-        logger.info("round %s closed: %s", rnd.index, summary)
+        logger.info("round %s closed: %s", rnd.index, json.dumps(summary, sort_keys=True))
         self._notify()
 
     async def _evaluate(self, adapter: Adapter) -> dict[str, float]:

@@ -172,38 +172,44 @@ class ServerSettings(BaseSettings):
         cli_implicit_flags=True,
     )
 
-    config: Path | None = None
-    listen: str = "127.0.0.1:50051"
-    state_dir: Path = Path("state")
+    config: Path | None = Field(None, description="TOML or JSON file of settings")
+    listen: str = Field("127.0.0.1:50051", description="host:port to serve on (port 0: any)")
+    state_dir: Path = Field(Path("state"), description="SQLite database and run artifacts")
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
     strategy: StrategySettings = StrategySettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
-    rounds: int = Field(5, ge=1)
-    min_clients: int = Field(2, ge=1)
-    clients_per_round: PortionField = Portion(fraction=1.0)
-    # Reports needed to close a round at its deadline (count, or fraction of the sampled).
-    quorum: PortionField = Portion(count=1)
-    round_deadline_s: float = Field(600.0, gt=0)
-    # A client not heard from for this long is not sampled (and replaced in an extended round).
-    client_timeout_s: float = Field(120.0, gt=0)
-    heartbeat_interval_s: float = Field(10.0, gt=0)
-    # Server-side bound of a GetTask long poll.
-    max_task_wait_s: float = Field(30.0, gt=0)
-    # How long a client's second upload waits for its first (still streaming) to end.
-    upload_takeover_s: float = Field(10.0, gt=0)
-    seed: int = Field(0, ge=0)
-    tokens: dict[str, str] = Field(default_factory=dict)
-    tokens_file: Path | None = None
-    max_upload_bytes: int = Field(1024 * MIB, ge=1)
-    chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    track_error: bool = True
-    # Keep every accepted upload under the run's directory (rounds/<t>/uploads/).
-    keep_uploads: bool = True
-    # Keep serving this long after the run ends so every client learns it is DONE.
-    linger_s: float = Field(30.0, ge=0)
+    rounds: int = Field(5, ge=1, description="rounds the run lasts")
+    min_clients: int = Field(2, ge=1, description="live clients needed to open a round")
+    clients_per_round: PortionField = Field(
+        Portion(fraction=1.0), description="participants per round: a count, a fraction or all"
+    )
+    quorum: PortionField = Field(
+        Portion(count=1),
+        description="reports that close a round at its deadline (count, or fraction of those asked)",
+    )
+    round_deadline_s: float = Field(600.0, gt=0, description="seconds a round waits for reports")
+    client_timeout_s: float = Field(
+        120.0, gt=0,
+        description="a client silent this long is not sampled (and is replaced in an extended round)",
+    )  # fmt: skip
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="heartbeat period asked of clients")
+    max_task_wait_s: float = Field(30.0, gt=0, description="server bound of a GetTask long poll")
+    upload_takeover_s: float = Field(
+        10.0, gt=0, description="how long a client's retried upload waits for its broken first one"
+    )
+    seed: int = Field(0, ge=0, description="seeds sampling, LoRA init and clients' batch order")
+    tokens: dict[str, str] = Field(default_factory=dict, description="client name=token pairs")
+    tokens_file: Path | None = Field(None, description="file of name=token lines")
+    max_upload_bytes: int = Field(1024 * MIB, ge=1, description="largest accepted upload")
+    chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES, description="download chunk size")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="aggregation device")
+    track_error: bool = Field(True, description="compute the exact aggregation error each round")
+    keep_uploads: bool = Field(True, description="keep every accepted upload under the run's folder")
+    linger_s: float = Field(
+        30.0, ge=0, description="keep serving this long after the run so every client hears DONE"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
