@@ -23,6 +23,10 @@ class Roster:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def names(self) -> set[str]:
+        """Every enrolled client."""
+        return set(self._seen)
+
     def touch(self, client: str, now: float) -> None:
         """Record that ``client`` was heard from (enrolling counts)."""
         self._seen[client] = now

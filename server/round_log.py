@@ -60,3 +60,9 @@ def round_summary(
 
 def _number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def mean_rotation_distance(rotations: Iterable[Any]) -> str:
+    """The mean ``rotation_distance`` of a client's per-module rotation statistics, for logs."""
+    distances = [r.rotation_distance for r in rotations if r.rotation_distance is not None]
+    return f"{sum(distances) / len(distances):.4g}" if distances else "n/a"

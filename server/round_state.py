@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fedrot.strategies import RoundPlan
 from fedrot_server.errors import InvalidRequestError, TooLargeError, WrongStateError
+from fedrot_server.participants import sample_participants
 from fedrot_server.spec import TransferLimits
 from fedrot_server.state import UploadRow
 from fedrot_server.tasks import UploadRequest
@@ -51,6 +52,23 @@ class OpenRound:
         """Signal ``complete`` once every participant, or ``target`` clients, reported."""
         if len(self.reported) >= self.target or self.participants <= self.reported.keys():
             self.complete.set()
+
+    def extend(
+        self, live: Iterable[str], *, seed: int, deadline: float
+    ) -> tuple[list[str], list[str]]:
+        """Move the deadline and replace each silent participant (not reported, not live) by
+        a live client not yet in the round, sampled from ``(seed, round, extension)``.
+
+        Returns ``(silent, added)``.
+        """
+        alive = set(live)
+        silent = sorted(c for c in self.participants - self.reported.keys() if c not in alive)
+        self.extensions += 1
+        added = sample_participants(alive - self.participants, len(silent), seed=seed,
+                                    round_index=self.index, attempt=self.extensions)  # fmt: skip
+        self.participants.update(added)
+        self.deadline = deadline
+        return silent, added
 
     def check_accepts(self, client: str, round_index: int) -> None:
         """WrongStateError unless this round takes an update from ``client`` now."""

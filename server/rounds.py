@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -34,7 +33,7 @@ from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
-from fedrot_server.round_log import round_summary
+from fedrot_server.round_log import mean_rotation_distance, round_summary
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
 from fedrot_server.state import RunPhase, UploadRow
@@ -118,14 +117,10 @@ class RoundEngine:
         """After the run: wait (at most ``timeout_s``) until every client was told DONE."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
-        while not self._told_done >= set(self._roster_names()):
-            changed = self._changed
+        while not self._told_done >= self._roster.names():
             if loop.time() >= end:
                 return False
-            try:
-                await asyncio.wait_for(changed.wait(), end - loop.time())
-            except TimeoutError:
-                pass
+            await _changed_or_timeout(self._changed, end - loop.time())
         return True
 
     @property
@@ -160,10 +155,7 @@ class RoundEngine:
                 task = self._task_for(client)
                 if task is not None or loop.time() >= end:
                     return task or WaitTask(reason=self._wait_reason(client))
-                try:
-                    await asyncio.wait_for(changed.wait(), end - loop.time())
-                except TimeoutError:
-                    pass
+                await _changed_or_timeout(changed, end - loop.time())
         finally:
             self._roster.release(client)
             self._seen(client)
@@ -240,7 +232,7 @@ class RoundEngine:
         self._seen(client)
         logger.info("round %s: accepted %s bytes from %s (%s of %s), rotation distance %s",
                     rnd.index, len(payload), client, len(rnd.reported), rnd.target,
-                    _mean_rotation(report.rotations))  # fmt: skip
+                    mean_rotation_distance(report.rotations))  # fmt: skip
         self._notify()
         return UploadOutcome(False, len(payload), upload_id(row))
 
@@ -275,11 +267,7 @@ class RoundEngine:
 
     async def _wait_for_clients(self) -> None:
         while len(self._live()) < self.settings.min_clients:
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), self.settings.client_timeout_s)
-            except TimeoutError:
-                pass
+            await _changed_or_timeout(self._changed, self.settings.client_timeout_s)
 
     async def _play_round(self, round_index: int) -> None:
         plan = self._strategy.plan(round_index)
@@ -313,13 +301,8 @@ class RoundEngine:
                 self._extend(rnd)
 
     def _extend(self, rnd: OpenRound) -> None:
-        live = set(self._live())
-        silent = sorted(c for c in rnd.participants - rnd.reported.keys() if c not in live)
-        rnd.extensions += 1
-        added = sample_participants(live - rnd.participants, len(silent), seed=self.spec.seed,
-                                    round_index=rnd.index, attempt=rnd.extensions)  # fmt: skip
-        rnd.participants.update(added)
-        rnd.deadline = self._now() + self.settings.round_deadline_s
+        silent, added = rnd.extend(self._live(), seed=self.spec.seed,
+                                   deadline=self._now() + self.settings.round_deadline_s)  # fmt: skip
         self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
                                  self._clock() + self.settings.round_deadline_s)  # fmt: skip
         logger.warning("round %s: deadline passed with %s of %s required reports; extended "
@@ -401,9 +384,6 @@ class RoundEngine:
     def _live(self) -> list[str]:
         return self._roster.live(self._now(), self.settings.client_timeout_s)
 
-    def _roster_names(self) -> list[str]:
-        return self._roster.live(self._now(), math.inf)
-
     def _seen(self, client: str) -> None:
         self._roster.touch(client, self._now())
         self._store.touch(self.spec.run_id, client, self._clock())
@@ -423,6 +403,9 @@ class RoundEngine:
         return asyncio.get_running_loop().time()
 
 
-def _mean_rotation(rotations: tuple) -> str:
-    distances = [r.rotation_distance for r in rotations if r.rotation_distance is not None]
-    return f"{sum(distances) / len(distances):.4g}" if distances else "n/a"
+async def _changed_or_timeout(changed: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``changed`` is set or ``timeout_s`` passed, whichever comes first."""
+    try:
+        await asyncio.wait_for(changed.wait(), max(0.0, timeout_s))
+    except TimeoutError:
+        pass

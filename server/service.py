@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from fedrot.strategies import build_strategy
+from fedrot.strategies import StrategyName, build_strategy
 from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
 from fedrot_server.artifacts import RunArtifacts, peft_config
 from fedrot_server.auth import TokenAuthenticator
@@ -87,6 +87,9 @@ async def start_server(
     initial = await asyncio.to_thread(initializer, spec)
     check_initial(initial, spec)
     strategy = build_strategy(spec.strategy.name, spec.strategy_config())
+    if spec.strategy.name is StrategyName.FEDEX:
+        logger.warning("fedex: the base-weight deltas are saved with each round but protocol "
+                       "v1 does not send them to clients, who train on the unchanged base")  # fmt: skip
     worker = ThreadedWorker(strategy, initial.schema, device=device, track_error=settings.track_error)
     config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra)
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,

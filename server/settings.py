@@ -103,6 +103,12 @@ class ModelSettings(BaseModel):
     # "sha256:<hex>"; empty: taken from the loaded base model (or not checked).
     fingerprint: str = ""
 
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> ModelSettings:
+        if self.task == "classification" and self.num_labels < 2:
+            raise ValueError(f"classification needs num_labels >= 2, got {self.num_labels}")
+        return self
+
 
 class LoraSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -81,6 +81,7 @@ def test_tokens_file(tmp_path: Path) -> None:
         (["--round-deadline-s", "-1"], "round_deadline_s = '-1'"),
         (["--chunk-bytes", str(5 * 1024 * 1024)], "chunk_bytes"),
         (["--device", "tpu"], "device = 'tpu'"),
+        (["--model.num-labels", "1"], "num_labels >= 2, got 1"),
         (["--training.local-steps", "0"], "local_steps (0) and epochs (0)"),
         (["--tokens", "alice=short"], "alice"),
         (["--tokens", "a/b=token-alice-0123456789"], "'a/b'"),
