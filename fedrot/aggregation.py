@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fedrot.adapters import Adapter, AdapterSchema, Factor, LoraPair
+from fedrot.alignment import as_rows
 from fedrot.diagnostics import (
     AggregationReport,
     ClientReport,
@@ -92,20 +93,6 @@ def check_weight(weight: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"client weight must be positive and finite, got {weight!r}")
     return value
-
-
-def apply_left(left: Tensor, stack: Tensor, which: Factor) -> Tensor:
-    """The row-layout gauge ``X <- L X``: ``L @ A`` for A ``(K, r, d_in)``, ``B @ L^T`` for B
-    ``(K, d_out, r)``; ``L (K, r, r)``."""
-    return torch.bmm(left, stack) if which is Factor.A else torch.bmm(stack, left.mT)
-
-
-def add_left_product(total: Tensor, left: Tensor, stack: Tensor, which: Factor, w: float) -> None:
-    """``total += w * apply_left(left, stack, which)`` in place (one fused batched GEMM)."""
-    if which is Factor.A:
-        total.baddbmm_(left, stack, alpha=w)
-    else:
-        total.baddbmm_(stack, left.mT, alpha=w)
 
 
 class StreamingAggregator(RoundAggregator):
@@ -223,16 +210,20 @@ class StreamingAggregator(RoundAggregator):
     def _normalised_weights(self, total: float) -> list[float]:
         return [w / total for w in self._weights]
 
-    def _unstack(self, group: ModuleGroup, factors: dict[Factor, Tensor]) -> dict[str, LoraPair]:
-        """Per-module pairs (own storage, reference dtypes) from stacked float32 factors;
-        factors the plan froze are the reference's own tensors, copied to the device."""
+    def _unstack(self, group: ModuleGroup, rows: dict[Factor, Tensor]) -> dict[str, LoraPair]:
+        """Per-module pairs (own contiguous storage, reference dtypes) from row-layout float32
+        stacks ``A (K, r, d_in)``, ``B^T (K, r, d_out)``; factors the plan froze are the
+        reference's own tensors, copied to the device."""
         assert self._reference is not None
         frozen = set(Factor) - self.setup.plan.trained
+        native = {
+            f: as_rows(rows[f], f).contiguous() for f in Factor if f not in frozen
+        }  # one transposing copy for B, none for A
         out = {}
         for k, module in enumerate(group.modules):
             ref = self._reference.lora[module]
             tensors = {
-                f: (ref.factor(f) if f in frozen else factors[f][k]).to(
+                f: (ref.factor(f) if f in frozen else native[f][k]).to(
                     device=self.device, dtype=ref.factor(f).dtype, copy=True
                 )
                 for f in Factor

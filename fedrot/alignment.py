@@ -2,7 +2,7 @@
 
 Every function works on a stack of ``K`` same-shaped modules at once and runs on the device of
 its inputs. The math is done in float32 whatever the input dtype (``torch.linalg.svd`` rejects
-fp16/bf16 on CUDA, and r x r SVDs are cheap), statistics in float64.
+fp16/bf16 on CUDA, and r x r SVDs are cheap).
 
 Layout. A factor is handled in *row layout*, shape ``(K, r, d)``: ``A`` as it is ``(K, r, d_in)``,
 ``B`` transposed ``(K, r, d_out)`` (see :func:`as_rows`). In row layout both factors rotate the
@@ -21,7 +21,6 @@ from torch import Tensor
 from fedrot.adapters import Factor
 
 WORK_DTYPE = torch.float32
-STAT_DTYPE = torch.float64
 
 
 def as_rows(factor_stack: Tensor, which: Factor) -> Tensor:
@@ -32,13 +31,12 @@ def as_rows(factor_stack: Tensor, which: Factor) -> Tensor:
 
 def cross_gram(moving: Tensor, reference: Tensor) -> Tensor:
     """``moving @ reference^T`` for row-layout stacks ``(K, r, d)``: ``(K, r, r)`` float32."""
-    return torch.matmul(moving.to(WORK_DTYPE), reference.to(WORK_DTYPE).mT)
+    return torch.bmm(moving.to(WORK_DTYPE), reference.to(WORK_DTYPE).mT)
 
 
-def _identity_like(matrix: Tensor) -> Tensor:
-    """``(..., r, r)`` identities with the batch shape, dtype and device of ``matrix``."""
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    return eye.expand(matrix.shape).clone()
+def _identity(matrix: Tensor) -> Tensor:
+    """The ``(r, r)`` identity in the dtype and device of a ``(..., r, r)`` stack."""
+    return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
 
 
 def nearest_rotation(matrix: Tensor) -> Tensor:
@@ -46,13 +44,11 @@ def nearest_rotation(matrix: Tensor) -> Tensor:
 
     SVD ``X = U S V^T`` and ``R = U V^T`` (the polar factor); where ``det(R) < 0`` the last row
     of ``V^T`` (the smallest singular direction) is negated and ``R`` recomputed, so every
-    result has determinant +1. Float32 in, float32 out.
+    result has determinant +1. Branch-free (no device synchronisation). Float32 in and out.
     """
     u, _, vh = torch.linalg.svd(matrix.to(WORK_DTYPE))
-    sign = torch.where(torch.linalg.det(u @ vh) < 0, -1.0, 1.0).to(vh.dtype)
-    vh = torch.cat((vh[..., :-1, :], vh[..., -1:, :] * sign[..., None, None]), dim=-2)
-    rotation = u @ vh
-    return rotation
+    vh[..., -1, :] *= torch.linalg.det(torch.matmul(u, vh)).sign()[..., None]  # det is +-1
+    return torch.matmul(u, vh)
 
 
 def procrustes_rotation(cross: Tensor) -> Tensor:
@@ -72,11 +68,10 @@ def soften_rotation(rotation: Tensor, lam: float) -> Tensor:
         raise ValueError(f"lambda must lie in [0, 1], got {lam}")
     rotation = rotation.to(WORK_DTYPE)
     if lam == 0.0:
-        return _identity_like(rotation)
+        return _identity(rotation).expand(rotation.shape).clone()
     if lam == 1.0:
         return rotation
-    blend = torch.lerp(_identity_like(rotation), rotation, lam)
-    return nearest_rotation(blend)
+    return nearest_rotation(torch.lerp(_identity(rotation), rotation, lam))
 
 
 def rotate_rows(rows: Tensor, gauge: Tensor) -> Tensor:
@@ -112,7 +107,7 @@ def sample_haar_rotation(
 
 @dataclass(frozen=True)
 class AlignmentStatistics:
-    """Per-module statistics of one client's gauge, each a float64 tensor of shape ``(K,)``.
+    """Per-module statistics of one client's gauge, each a float32 tensor of shape ``(K,)``.
 
     ``rotation_distance = ||G - I||_F`` for the ``(r, r)`` gauge ``G = s R`` applied to the
     aligned factor (``||R - I||_F`` for a rotation); ``residual_before = ||X_i - X_ref||_F`` and
@@ -137,29 +132,25 @@ def gauge_statistics(
     ``L = s R^T`` and ``E = L - I``::
 
         ||L X_i - X_ref||^2 = tr(E G_ref E^T) + s^2 ||D||^2 + 2 tr(E C^T L^T)
+                            = sum(E * (E G_ref + 2 L C)) + s^2 ||D||^2
 
     Every term is small when ``D`` is, so the residual keeps its precision for nearby factors.
     When the gauge cancels most of ``D`` the float32 blocks limit ``residual_after`` to about
-    ``1e-3 * residual_before``; no ``(K, r, d)`` pass is spent on it.
-    ``scale`` is ``(K,)`` or None (``s = 1``); ``diff_norm_sq`` is ``||D||_F^2``, ``(K,)``.
+    ``1e-3 * residual_before``; no ``(K, r, d)`` pass is spent on it. ``scale`` is ``(K,)`` or
+    None (``s = 1``); ``diff_norm_sq`` is ``||D||_F^2``, ``(K,)``. Float32 results.
     """
-    rot = rotation.to(STAT_DTYPE)
-    s = torch.ones(rot.shape[0], dtype=STAT_DTYPE, device=rot.device)
+    left = rotation.mT.to(WORK_DTYPE)
+    moved_sq = diff_norm_sq
     if scale is not None:
-        s = scale.to(STAT_DTYPE)
-    left = s[:, None, None] * rot.mT
-    excess = left - torch.eye(rot.shape[-1], dtype=STAT_DTYPE, device=rot.device)
-    cross = diff_cross.to(STAT_DTYPE)
-    d2 = diff_norm_sq.to(STAT_DTYPE)
-    after = (
-        ((excess @ reference_gram.to(STAT_DTYPE)) * excess).sum((-2, -1))
-        + s.square() * d2
-        + 2.0 * ((excess @ cross.mT) * left).sum((-2, -1))
-    )
+        left = left * scale[:, None, None]
+        moved_sq = diff_norm_sq * scale.square()
+    excess = left - _identity(left)
+    inner = torch.baddbmm(torch.bmm(excess, reference_gram), left, diff_cross, alpha=2.0)
+    after = (excess * inner).sum((-2, -1)).add_(moved_sq)
     return AlignmentStatistics(
         rotation_distance=torch.linalg.matrix_norm(excess),
-        residual_before=d2.clamp_min(0.0).sqrt(),
-        residual_after=after.clamp_min(0.0).sqrt(),
+        residual_before=diff_norm_sq.clamp_min(0.0).sqrt(),
+        residual_after=after.clamp_min_(0.0).sqrt_(),
     )
 
 

@@ -33,25 +33,24 @@ STAT_DTYPE = torch.float64
 
 
 def product_sum_norms(
-    B_terms: Tensor, A_terms: Tensor, coefficients: Tensor, *, precise_tail: int = 0
+    B_rows: Tensor, A_rows: Tensor, coefficients: Tensor, *, precise_tail: int = 0
 ) -> Tensor:
     """``||sum_t c_t B_t A_t||_F`` for every module and every coefficient vector.
 
-    ``B_terms: (K, d_out, T * r)`` holds ``[B_1 .. B_T]`` side by side, ``A_terms:
-    (K, T * r, d_in)`` holds ``[A_1; ..; A_T]`` stacked, both float32 or float64;
+    Row layout: ``B_rows: (K, T * r, d_out)`` stacks ``[B_1^T; ..; B_T^T]`` and
+    ``A_rows: (K, T * r, d_in)`` stacks ``[A_1; ..; A_T]``, float32 or float64;
     ``coefficients: (C, T)``. Returns ``(K, C)`` float64. The Gram blocks among the last
     ``precise_tail`` terms (large terms that may cancel each other) are recomputed in float64;
     the rest keep the input dtype. Tiny negative squares from round-off are clamped at 0.
     """
-    k, _, width = B_terms.shape
     terms = coefficients.shape[-1]
-    rank = width // terms
-    blocks = _gram_blocks(B_terms, A_terms, terms, rank)
+    rank = B_rows.shape[-2] // terms
+    blocks = _gram_blocks(B_rows, A_rows, terms, rank)
     if precise_tail:
         tail = precise_tail * rank
         exact = _gram_blocks(
-            B_terms[..., -tail:].to(STAT_DTYPE),
-            A_terms[..., -tail:, :].to(STAT_DTYPE),
+            B_rows[..., -tail:, :].to(STAT_DTYPE),
+            A_rows[..., -tail:, :].to(STAT_DTYPE),
             precise_tail,
             rank,
         )
@@ -61,23 +60,23 @@ def product_sum_norms(
     return squares.clamp_min(0.0).sqrt()
 
 
-def _gram_blocks(B_terms: Tensor, A_terms: Tensor, terms: int, rank: int) -> Tensor:
-    """``S_tu = trace((B_t^T B_u)(A_u A_t^T))``: ``(K, T, T)`` float64 from ``(K, T r, T r)``
+def _gram_blocks(B_rows: Tensor, A_rows: Tensor, terms: int, rank: int) -> Tensor:
+    """``S_tu = trace((B_t^T B_u)(A_u A_t^T))``: ``(K, T, T)`` float64 from the ``(K, T r, T r)``
     Gram matrices (both symmetric, so the trace is an elementwise product summed per block)."""
-    gram_b = B_terms.mT @ B_terms
-    gram_a = A_terms @ A_terms.mT
+    gram_b = B_rows @ B_rows.mT
+    gram_a = A_rows @ A_rows.mT
     k = gram_b.shape[0]
     return (gram_b * gram_a).to(STAT_DTYPE).view(k, terms, rank, terms, rank).sum((2, 4))
 
 
 @dataclass(frozen=True)
 class ErrorTerms:
-    """Everything the error of one group of ``K`` modules needs, float32 on one device.
+    """Everything the error of one group of ``K`` modules needs, in row layout on one device:
+    ``A`` stacks ``(K, r, d_in)`` and ``B`` stacks transposed, ``(K, r, d_out)``, float32.
 
-    ``clients_B: (N, K, d_out, r)`` and ``clients_A: (N, K, r, d_in)`` are the clients' factors
-    as aggregated (after any rotation); ``weights: (N,)`` the normalised ``p_i``; ``mean_B``,
-    ``mean_A`` the factor averages; ``global_B``, ``global_A`` the new global factors;
-    ``ref_B``, ``ref_A`` the round's reference, or None.
+    ``clients_B`` / ``clients_A`` are the clients' factors as aggregated (after any gauge);
+    ``weights`` the normalised ``p_i``; ``mean_*`` the factor averages; ``global_*`` the new
+    global factors; ``ref_*`` the round's reference, or None.
     """
 
     clients_B: Sequence[Tensor]
@@ -101,42 +100,52 @@ class GroupErrors:
     factor_average: Tensor
 
 
+ERROR_CHUNK_BYTES = 256 * 2**20
+"""Modules are processed in slices whose stacked error terms stay under this size."""
+
+
 def group_errors(terms: ErrorTerms) -> GroupErrors:
     """Absolute, reference and factor-average error norms of one group from Gram blocks.
 
-    Builds ``[B_i - B_bar .., B_bar - B_g, B_g, B_bar - B_ref, B_ref]`` and the matching
+    Stacks ``[B_i - B_bar .., B_bar - B_g, B_g, B_bar - B_ref, B_ref]`` with the matching
     ``[A_i - A_bar .., A_bar, A_bar - A_g, A_bar, A_bar - A_ref]`` and evaluates three
-    coefficient vectors on them. Memory: ``N + 4`` copies of the group's factors.
+    coefficient vectors on them, a slice of modules at a time (see ``ERROR_CHUNK_BYTES``).
     """
     has_ref = terms.ref_B is not None and terms.ref_A is not None
-    ref_B = terms.ref_B if has_ref else torch.zeros_like(terms.mean_B)
-    ref_A = terms.ref_A if has_ref else torch.zeros_like(terms.mean_A)
-    B_list = [b - terms.mean_B for b in terms.clients_B] + [
-        terms.mean_B - terms.global_B,
-        terms.global_B,
-        terms.mean_B - ref_B,
-        ref_B,
-    ]
-    A_list = [a - terms.mean_A for a in terms.clients_A] + [
-        terms.mean_A,
-        terms.mean_A - terms.global_A,
-        terms.mean_A,
-        terms.mean_A - ref_A,
-    ]
-    B_terms = torch.cat(B_list, dim=-1)
-    del B_list
-    A_terms = torch.cat(A_list, dim=-2)
-    del A_list
     p = [float(w) for w in terms.weights]
     coefficients = torch.tensor(
         [p + [1.0, 1.0, 0.0, 0.0], p + [0.0, 0.0, 1.0, 1.0], p + [0.0] * 4], dtype=STAT_DTYPE
     )
-    norms = product_sum_norms(B_terms, A_terms, coefficients, precise_tail=4)
+    k, rank, width = terms.mean_A.shape
+    per_module = (len(p) + 4) * rank * (width + terms.mean_B.shape[-1]) * 4
+    step = max(1, ERROR_CHUNK_BYTES // per_module)
+    norms = [
+        product_sum_norms(*_stacked_terms(terms, slice(i, i + step)), coefficients, precise_tail=4)
+        for i in range(0, k, step)
+    ]
+    out = torch.cat(norms)
     return GroupErrors(
-        aggregation=norms[:, 0],
-        reference=norms[:, 1] if has_ref else None,
-        factor_average=norms[:, 2],
+        aggregation=out[:, 0], reference=out[:, 1] if has_ref else None, factor_average=out[:, 2]
     )
+
+
+def _stacked_terms(terms: ErrorTerms, part: slice) -> tuple[Tensor, Tensor]:
+    """The ``(k, (N + 4) r, d)`` row stacks of B and A terms for the modules in ``part``."""
+    mean_B, mean_A = terms.mean_B[part], terms.mean_A[part]
+    glob_B, glob_A = terms.global_B[part], terms.global_A[part]
+    ref_B = terms.ref_B[part] if terms.ref_B is not None else torch.zeros_like(mean_B)
+    ref_A = terms.ref_A[part] if terms.ref_A is not None else torch.zeros_like(mean_A)
+    B_rows = torch.cat(
+        [b[part] - mean_B for b in terms.clients_B]
+        + [mean_B - glob_B, glob_B, mean_B - ref_B, ref_B],
+        dim=-2,
+    )
+    A_rows = torch.cat(
+        [a[part] - mean_A for a in terms.clients_A]
+        + [mean_A, mean_A - glob_A, mean_A, mean_A - ref_A],
+        dim=-2,
+    )
+    return B_rows, A_rows
 
 
 def global_norm(values: Sequence[float | None]) -> float | None:

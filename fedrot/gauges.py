@@ -24,11 +24,11 @@ class GaugeProblem:
 
     With ``D = X_i - X_ref`` (row layout, float32): ``diff_cross = D X_ref^T``,
     ``reference_gram = X_ref X_ref^T`` (both ``(K, r, r)``) and ``diff_norm_sq = ||D||_F^2``
-    ``(K,)``. ``group_index`` numbers the module group within the adapter.
+    ``(K,)``. ``modules`` names the ``K`` modules in stack order.
     """
 
     client_id: str
-    group_index: int
+    modules: tuple[str, ...]
     diff_cross: Tensor
     reference_gram: Tensor
     diff_norm_sq: Tensor
@@ -81,9 +81,9 @@ def _stable_seed(*parts: object) -> int:
 class HaarGauge(GaugeSolver):
     """Ablation: an independent Haar SO(r) rotation per client and module, ignoring the data.
 
-    The generator is seeded from ``(seed, round_index, client_id, group_index)``, so the
-    rotations are reproducible and do not depend on the order in which clients arrive. Sampled
-    on the CPU in float64, so CPU and CUDA aggregators draw the same rotations.
+    Each module's generator is seeded from ``(seed, round_index, client_id, module)``, so the
+    rotations are reproducible and depend neither on the order in which clients arrive nor on
+    how modules are grouped. Sampled on the CPU in float64, so every device draws the same.
     """
 
     def __init__(self, seed: int, round_index: int) -> None:
@@ -91,11 +91,15 @@ class HaarGauge(GaugeSolver):
         self.round_index = round_index
 
     def solve(self, problem: GaugeProblem) -> Gauge:
-        count, rank = problem.diff_cross.shape[0], problem.diff_cross.shape[-1]
-        seed = _stable_seed(self.seed, self.round_index, problem.client_id, problem.group_index)
-        generator = torch.Generator().manual_seed(seed)
-        rotation = sample_haar_rotation(count, rank, generator)
-        return Gauge(rotation.to(problem.diff_cross.device))
+        rank = problem.diff_cross.shape[-1]
+        rotations = [
+            sample_haar_rotation(1, rank, torch.Generator().manual_seed(self._seed(problem, m)))
+            for m in problem.modules
+        ]
+        return Gauge(torch.cat(rotations).to(problem.diff_cross.device))
+
+    def _seed(self, problem: GaugeProblem, module: str) -> int:
+        return _stable_seed(self.seed, self.round_index, problem.client_id, module)
 
 
 class ScalarGauge(GaugeSolver):

@@ -19,7 +19,8 @@ from fedrot.errors import SchemaError
 
 @dataclass(frozen=True)
 class ModuleGroup:
-    """``modules`` (in schema order) that share ``d_out``, ``d_in`` and ``rank``."""
+    """``modules`` (in schema order) that share ``d_out``, ``d_in`` and ``rank``; ``index``
+    numbers the group within its adapter."""
 
     index: int
     d_out: int
@@ -34,44 +35,57 @@ class ModuleGroup:
         return len(self.modules), self.d_out, self.rank
 
 
-def group_modules(schema: AdapterSchema) -> tuple[ModuleGroup, ...]:
-    """The schema's modules grouped by shape, groups and members in first-appearance order."""
+MAX_GROUP_BYTES = 8 * 2**20
+"""Cap on one group's float32 factors (both A and B). Larger same-shape sets are split, so a
+group's working stacks stay cache-resident while an update is aligned and accumulated; batches
+stay large where it matters (many small modules)."""
+
+
+def group_modules(
+    schema: AdapterSchema, max_group_bytes: int = MAX_GROUP_BYTES
+) -> tuple[ModuleGroup, ...]:
+    """The schema's modules grouped by shape (first-appearance order), each group capped at
+    ``max_group_bytes`` of float32 factors (at least one module per group)."""
     members: dict[tuple[int, int], list[str]] = {}
     for module, shape in schema.modules.items():
         members.setdefault(shape, []).append(module)
-    return tuple(
-        ModuleGroup(index=i, d_out=d_out, d_in=d_in, rank=schema.rank, modules=tuple(names))
-        for i, ((d_out, d_in), names) in enumerate(members.items())
-    )
+    groups: list[ModuleGroup] = []
+    for (d_out, d_in), names in members.items():
+        per_module = 4 * schema.rank * (d_out + d_in)
+        size = max(1, max_group_bytes // max(per_module, 1))
+        for start in range(0, len(names), size):
+            part = tuple(names[start : start + size])
+            groups.append(ModuleGroup(len(groups), d_out, d_in, schema.rank, part))
+    return tuple(groups)
 
 
 def stack_factor(adapter: Adapter, group: ModuleGroup, which: Factor, out: Tensor) -> Tensor:
-    """Copy the group's ``which`` factors of ``adapter`` into ``out`` (``group.stack_shape``),
-    converting dtype and device on the way; returns ``out``."""
-    for k, module in enumerate(group.modules):
-        out[k].copy_(adapter.lora[module].factor(which))
-    return out
-
-
-def stack_difference(
-    adapter: Adapter, group: ModuleGroup, which: Factor, reference: Tensor, out: Tensor
-) -> Tensor:
-    """``out = stack(adapter's factors) - reference`` in one pass per module; ``reference`` and
-    ``out`` are float32 stacks of ``group.stack_shape(which)`` on one device; returns ``out``."""
-    for k, module in enumerate(group.modules):
-        factor = adapter.lora[module].factor(which).to(out.device)
-        torch.sub(factor, reference[k], out=out[k])
+    """Copy the group's ``which`` factors of ``adapter`` into ``out`` (``group.stack_shape``,
+    any float dtype, any device) and return it: one ``torch.stack`` when the factors already
+    have ``out``'s dtype and device, else a converting copy per module."""
+    factors = [adapter.lora[module].factor(which) for module in group.modules]
+    if all(f.dtype == out.dtype and f.device == out.device for f in factors):
+        return torch.stack(factors, out=out)
+    for k, factor in enumerate(factors):
+        out[k].copy_(factor)
     return out
 
 
 def empty_stack(
     group: ModuleGroup, which: Factor, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> Tensor:
+    """Uninitialised ``group.stack_shape(which)`` storage."""
     return torch.empty(group.stack_shape(which), device=device, dtype=dtype)
 
 
+def rows_shape(group: ModuleGroup, which: Factor) -> tuple[int, int, int]:
+    """Row layout (see :func:`fedrot.alignment.as_rows`): ``(K, r, d_in)`` for A,
+    ``(K, r, d_out)`` for B."""
+    return len(group.modules), group.rank, group.d_in if which is Factor.A else group.d_out
+
+
 def _check_shape(key: str, expected: tuple[int, ...], tensor: Tensor) -> None:
-    if tuple(tensor.shape) != tuple(expected):
+    if tensor.shape != expected:
         raise SchemaError(
             f"{key}: expected shape {tuple(expected)}, got {tuple(tensor.shape)}", key=key
         )
@@ -90,12 +104,17 @@ def _check_keys(kind: str, expected: Mapping[str, object], given: Mapping[str, o
 
 def check_update(update: Adapter, schema: AdapterSchema) -> None:
     """Raise :class:`SchemaError` (naming the key and shapes) unless ``update`` has exactly the
-    modules, factor shapes, rank and extra tensors of ``schema``."""
-    _check_keys("module", schema.modules, update.lora)
+    modules, factor shapes, rank and extra tensors of ``schema``, all floating point."""
+    if update.lora.keys() != schema.modules.keys():
+        _check_keys("module", schema.modules, update.lora)
+    rank = schema.rank
     for module, (d_out, d_in) in schema.modules.items():
-        pair = update.lora[module]
-        _check_shape(Factor.A.key(module), (schema.rank, d_in), pair.A)
-        _check_shape(Factor.B.key(module), (d_out, schema.rank), pair.B)
-    _check_keys("extra tensor", schema.extra, update.extra)
+        A, B = update.lora[module].A, update.lora[module].B
+        fits = A.shape == (rank, d_in) and B.shape == (d_out, rank)
+        if not (fits and A.is_floating_point() and B.is_floating_point()):
+            _check_shape(Factor.A.key(module), (rank, d_in), A)
+            _check_shape(Factor.B.key(module), (d_out, rank), B)
+    if update.extra.keys() != schema.extra.keys():
+        _check_keys("extra tensor", schema.extra, update.extra)
     for key, shape in schema.extra.items():
-        _check_shape(key, shape, update.extra[key])
+        _check_shape(key, tuple(shape), update.extra[key])

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import RoundSetup, StreamingAggregator
+from fedrot.alignment import as_rows
 from fedrot.diagnostics import ErrorTerms, GroupErrors, RotationStats, group_errors
 from fedrot.module_groups import ModuleGroup, empty_stack, stack_factor
 
@@ -80,7 +81,12 @@ class ProductAggregator(StreamingAggregator):
                 total.add_(stacks[which], alpha=w)
             state.products.baddbmm_(stacks[Factor.B], stacks[Factor.A], alpha=w)
             if self.setup.track_error:
-                state.clients.append({f: s.clone() for f, s in stacks.items()})
+                state.clients.append(
+                    {
+                        f: as_rows(s, f).clone(memory_format=torch.contiguous_format)
+                        for f, s in stacks.items()
+                    }
+                )
         return ()
 
     def _finalize_lora(
@@ -95,9 +101,9 @@ class ProductAggregator(StreamingAggregator):
             mean_product = state.products.div_(total)
             if self._rule is ProductRule.TRUNCATED_SVD:
                 A_g, B_g = truncated_factors(mean_product, group.rank)
-                pairs = self._unstack(group, {Factor.A: A_g, Factor.B: B_g})
+                pairs = self._unstack(group, {Factor.A: A_g, Factor.B: B_g.mT})
             else:
-                pairs = self._unstack(group, means)
+                pairs = self._unstack(group, {f: as_rows(m, f) for f, m in means.items()})
                 deltas.update(self._residuals(group, pairs, mean_product))
             lora.update(pairs)
             if self.setup.track_error:
@@ -124,31 +130,30 @@ class ProductAggregator(StreamingAggregator):
         deltas: dict[str, Tensor],
         p: list[float],
     ) -> GroupErrors:
-        clients = state.clients
-        state.clients = []
-        stacked = {
-            f: torch.stack([pairs[m].factor(f) for m in group.modules]).to(torch.float32)
+        clients, state.clients = state.clients, []
+        glob = {
+            f: torch.stack([as_rows(pairs[m].factor(f), f) for m in group.modules]).float()
             for f in Factor
         }
-        references = (
-            {f: self.reference_stack(group, f) for f in Factor} if self._has_reference else {}
-        )
+        ref = {}
+        if self._has_reference:
+            ref = {f: as_rows(self.reference_stack(group, f), f) for f in Factor}
         errors = group_errors(
             ErrorTerms(
                 clients_B=[c[Factor.B] for c in clients],
                 clients_A=[c[Factor.A] for c in clients],
                 weights=p,
-                mean_B=means[Factor.B],
+                mean_B=as_rows(means[Factor.B], Factor.B),
                 mean_A=means[Factor.A],
-                global_B=stacked[Factor.B],
-                global_A=stacked[Factor.A],
-                ref_B=references.get(Factor.B),
-                ref_A=references.get(Factor.A),
+                global_B=glob[Factor.B],
+                global_A=glob[Factor.A],
+                ref_B=ref.get(Factor.B),
+                ref_A=ref.get(Factor.A),
             )
         )
         if self._rule is ProductRule.TRUNCATED_SVD:
             return errors
         residual = torch.stack([deltas[m] for m in group.modules]).to(torch.float32)
-        exact = state.products - stacked[Factor.B] @ stacked[Factor.A] - residual
+        exact = state.products - glob[Factor.B].mT @ glob[Factor.A] - residual
         dense = torch.linalg.matrix_norm(exact).to(torch.float64)
         return GroupErrors(dense, errors.reference, errors.factor_average)

@@ -214,7 +214,7 @@ class FedRot(_AlternatingGaugeStrategy):
 @register
 class RandomRotation(_AlternatingGaugeStrategy):
     """Ablation: FedRot's schedule, but each client and module is rotated by an independent
-    Haar SO(r) rotation seeded from ``(config.seed, round, client_id, module group)``."""
+    Haar SO(r) rotation seeded from ``(config.seed, round, client_id, module)``."""
 
     name = StrategyName.RANDOM_ROTATION
 

@@ -451,14 +451,15 @@ def test_gram_norms_equal_dense_norms() -> None:
     As = torch.randn(t, k, r, d_in, generator=gen)
     coefficients = torch.randn(4, t, generator=gen, dtype=torch.float64)
     coefficients[0] = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0])
-    norms = product_sum_norms(torch.cat(list(Bs), -1), torch.cat(list(As), -2), coefficients)
+    B_rows = torch.cat([b.mT for b in Bs], -2)  # row layout: B^T stacked
+    norms = product_sum_norms(B_rows, torch.cat(list(As), -2), coefficients, precise_tail=2)
     for c in range(4):
         dense = sum(coefficients[c, i] * (Bs[i].double() @ As[i].double()) for i in range(t))
         torch.testing.assert_close(
             norms[:, c], torch.linalg.matrix_norm(dense), rtol=1e-5, atol=1e-6
         )
     same = product_sum_norms(
-        torch.cat([Bs[0], Bs[0]], -1),
+        torch.cat([Bs[0].mT, Bs[0].mT], -2),
         torch.cat([As[0], As[0]], -2),
         torch.tensor([[1.0, -1.0]], dtype=torch.float64),
     )
@@ -529,3 +530,30 @@ def test_state_errors(aggregator_and_reference) -> None:  # type: ignore[no-unty
         aggregator.add("d", reference, 1.0)
     with pytest.raises(AggregationStateError, match="finalised"):
         aggregator.finalize()
+
+
+# --- grouping -----------------------------------------------------------------------------------
+
+
+def test_groups_are_split_by_size_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    import fedrot.aggregation
+    from fedrot.adapters import AdapterSchema
+    from fedrot.module_groups import group_modules
+
+    reference, *updates = adapters(4, seed=20)
+    groups = group_modules(AdapterSchema.of(reference))
+    assert [g.modules for g in groups] == [("m.q", "m.v"), ("m.o",)]
+    one_each = group_modules(AdapterSchema.of(reference), max_group_bytes=1)
+    assert [g.modules for g in one_each] == [("m.q",), ("m.v",), ("m.o",)]
+    assert [g.index for g in one_each] == [0, 1, 2]
+    for name in ("fedrot", "random-rotation", "scalar-rescaling", "fedit", "flexlora"):
+        whole = aggregate(name, reference, updates, [1.0, 2.0, 3.0])
+        with monkeypatch.context() as patch:
+            split = functools.partial(group_modules, max_group_bytes=1)
+            patch.setattr(fedrot.aggregation, "group_modules", split)
+            parts = aggregate(name, reference, updates, [1.0, 2.0, 3.0])
+        for key, tensor in whole.adapter.to_state_dict().items():
+            assert rel_diff(parts.adapter.to_state_dict()[key], tensor) < 1e-6, (name, key)
+        assert parts.report.aggregation_error == pytest.approx(whole.report.aggregation_error)

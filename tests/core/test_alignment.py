@@ -138,9 +138,7 @@ def test_lambda_zero_is_the_identity_exactly(which: Factor, device: torch.device
     torch.testing.assert_close(
         aligned.statistics.residual_after, aligned.statistics.residual_before
     )
-    assert torch.equal(
-        aligned.statistics.rotation_distance, torch.zeros(4, dtype=torch.float64, device=device)
-    )
+    assert torch.equal(aligned.statistics.rotation_distance, torch.zeros(4, device=device))
 
 
 @FAST
@@ -212,7 +210,7 @@ def test_statistics_match_their_dense_definitions(
 def test_identical_factors_have_zero_residual() -> None:
     A, B = random_factors(2, 3, 5, 4, seed=1)
     aligned = align_to_reference(A, B, A, B, Factor.A, lam=1.0)
-    assert torch.equal(aligned.statistics.residual_before, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(aligned.statistics.residual_before, torch.zeros(2))
     assert aligned.statistics.residual_after.max() < 1e-5
 
 
