@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,10 @@ def decode_sha(payload: bytes) -> str:
 
 
 @pytest.mark.parametrize("strategy", ["fedrot", "fedit", "ffa"])
-def test_three_clients_two_rounds(tmp_path: Path, strategy: str) -> None:
+def test_three_clients_two_rounds(
+    tmp_path: Path, strategy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     initial = synthetic_adapter()
     settings = make_settings(tmp_path, CLIENTS, strategy={"name": strategy})
 
@@ -81,6 +85,9 @@ def test_three_clients_two_rounds(tmp_path: Path, strategy: str) -> None:
                 await client.close()
 
     asyncio.run(scenario())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "round 1 closed" in logged
+    assert not any(token_of(name) in logged for name in CLIENTS)
 
 
 def check_rounds(server, strategy: str, initial: Adapter, sent: dict, final: bytes) -> None:  # noqa: ANN001

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
+from fedrot.adapters import Adapter
 from fedrot_server.main import main, serve
 from fedrot_server.service import FederationServer
 from fedrot_server.state import RunPhase
 from fedrot_server.store import open_reader
 from wire import (
     WireClient,
+    adapter_of,
+    assert_same,
     initializer_of,
     make_settings,
     synthetic_adapter,
@@ -51,12 +55,18 @@ def test_sigterm_stops_the_server_gracefully(tmp_path: Path) -> None:
 
 def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, ["alice"], rounds=1, linger_s=30.0)
+    evaluated: list[tuple[str, Adapter]] = []
 
-    async def scenario() -> int:
+    def evaluate(adapter: Adapter) -> dict[str, float]:
+        evaluated.append((threading.current_thread().name, adapter))
+        return {"accuracy": 0.75}
+
+    async def scenario():  # noqa: ANN202
         started: asyncio.Future[FederationServer] = asyncio.get_running_loop().create_future()
-        serving = asyncio.ensure_future(
-            serve(settings, initializer=initializer_of(synthetic_adapter()), started=started)
-        )
+        serving = asyncio.ensure_future(serve(
+            settings, initializer=initializer_of(synthetic_adapter()), evaluator=evaluate,
+            started=started,
+        ))  # fmt: skip
         server = await started
         client = WireClient(server.address, token_of("alice"))
         await client.enroll()
@@ -65,8 +75,21 @@ def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> No
         await client.upload(task.round, payload, trained_of(task))
         assert (await client.get_task()).WhichOneof("task") == "done"
         code = await asyncio.wait_for(serving, 30)
+        final = adapter_of(payload)
         await client.close()
-        return code
+        run_id = server.spec.run_id
+        return code, run_id, final
 
-    assert asyncio.run(scenario()) == 0
+    code, run_id, uploaded = asyncio.run(scenario())
+    assert code == 0
+    ((thread, adapter),) = evaluated
+    assert thread.startswith("fedrot-aggregation")
+    assert_same(adapter, uploaded)  # one client: the aggregate is its update
+    reader = open_reader(settings.database_path)
+    assert [(m.source, m.name, m.value) for m in reader.metrics(run_id) if m.source == "server"] == [
+        ("server", "accuracy", 0.75)
+    ]
+    assert reader.rounds(run_id)[0].summary["evaluation"] == {"accuracy": 0.75}
+    assert reader.run(run_id).phase is RunPhase.FINISHED
+    reader.close()
 
