@@ -39,6 +39,11 @@ test: venv debian
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
+# A real federation on loopback: 1 fedrot-server + 3 fedrot-client processes, all-MiniLM-L6-v2 on
+# WordNet glosses (45 classes), FedRot-LoRA; one table row per round. Work folder: .demo/
+demo: venv debian
+	$(PY) scripts/demo.py
+
 protos: venv
 	$(PY) -m fedrot_proto.generate
 
