@@ -316,7 +316,8 @@ class ClientDaemon:
                     task.round, "+".join(sorted(trained)), result.num_samples, result.steps,
                     elapsed, result.mean_loss)  # fmt: skip
         metadata = {"run_id": session.run_id, "round": str(task.round),
-                    "client_id": session.client_id, "factors": "".join(sorted(trained))}  # fmt: skip
+                    "client_id": session.client_id,
+                    "factors": "".join(sorted(trained))}  # fmt: skip
         payload = encode_adapter(result.tensors, metadata)
         pending = PendingUpload(
             run_id=session.run_id,

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from fedrot.errors import FedRotError
 from fedrot_client.daemon import ClientDaemon
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED_TO_START = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def build_transport(settings: ClientSettings, stop: threading.Event) -> Transport:
@@ -45,28 +47,40 @@ def build_transport(settings: ClientSettings, stop: threading.Event) -> Transpor
     )
 
 
-def install_stop_handlers(stop: threading.Event, transport: Transport) -> None:
-    """SIGTERM and SIGINT set ``stop``; a watcher thread then cancels the call in flight."""
+def install_stop_handlers(stop: threading.Event, transport: Transport) -> dict[int, Any]:
+    """SIGTERM and SIGINT set ``stop``; a watcher thread then cancels the call in flight.
+
+    Returns the handlers replaced, for :func:`restore_handlers`.
+    """
 
     def on_signal(number: int, _frame: object) -> None:
         logger.info("received %s; stopping", signal.Signals(number).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
 
     def watch() -> None:
         stop.wait()
         transport.cancel()
 
     threading.Thread(target=watch, name="stop-watcher", daemon=True).start()
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 def run(settings: ClientSettings) -> int:
     """Run the daemon to its end; returns the exit status."""
     stop = threading.Event()
-    transport = build_transport(settings, stop)
-    install_stop_handlers(stop, transport)
+    try:
+        transport = build_transport(settings, stop)
+    except (SettingsError, OSError) as exc:
+        logger.error("refusing to start: %s", exc)
+        return EXIT_REFUSED_TO_START
+    previous = install_stop_handlers(stop, transport)
     try:
         outcome = ClientDaemon(settings, transport, stop=stop).run()
     except (ModelError, DataError, SettingsError) as exc:
@@ -81,8 +95,10 @@ def run(settings: ClientSettings) -> int:
     finally:
         stop.set()
         transport.close()
+        restore_handlers(previous)
     if outcome.finished:
-        where = f"; final adapter in {outcome.final_adapter_dir}" if outcome.final_adapter_dir else ""
+        folder = outcome.final_adapter_dir
+        where = f"; final adapter in {folder}" if folder else ""
         logger.info("run %s finished (%s rounds trained here)%s", outcome.run_id,
                     sum(r.status != "dropped" for r in outcome.rounds), where)  # fmt: skip
     return EXIT_OK

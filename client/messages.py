@@ -48,7 +48,9 @@ def lora_spec_of(message: pb.LoraConfig) -> LoraSpec:
 def schema_of(message: pb.AdapterSchema) -> AdapterSchema:
     """Module shapes ``(d_out, d_in)`` and extra shapes, as every adapter of the run has."""
     if message.rank < 1 or not message.modules:
-        raise ValueError(f"run spec schema: rank {message.rank} with {len(message.modules)} modules")
+        raise ValueError(
+            f"run spec schema: rank {message.rank} with {len(message.modules)} modules"
+        )
     return AdapterSchema(
         rank=message.rank,
         modules={m.name: (int(m.d_out), int(m.d_in)) for m in message.modules},

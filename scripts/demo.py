@@ -193,8 +193,9 @@ def follow_rounds(out: Path, children: list[Child], rounds: int, started: float,
                 print(table_row(report, time.monotonic() - started), flush=True)
         failed = [c for c in children if c.process.poll() not in (None, 0)]
         if failed:
-            raise RuntimeError(f"{failed[0].name} exited with status "
-                               f"{failed[0].process.returncode}; see {failed[0].log_path}")  # fmt: skip
+            first = failed[0]
+            raise RuntimeError(f"{first.name} exited with status {first.process.returncode}; "
+                               f"see {first.log_path}")  # fmt: skip
         if time.monotonic() > deadline:
             raise TimeoutError(f"the federation did not finish {rounds} rounds in time")
         time.sleep(POLL_S)
@@ -243,7 +244,8 @@ def run_demo(args: argparse.Namespace) -> int:
     tokens = {name: secrets.token_urlsafe(24) for name in CLIENTS}
     (out / "tokens.txt").write_text("".join(f"{n}={t}\n" for n, t in tokens.items()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "fedrot_server.main", "--config", str(server_config(out, args)),
+    config = server_config(out, args)
+    command = [sys.executable, "-m", "fedrot_server.main", "--config", str(config),
                "--listen", "127.0.0.1:0"]  # fmt: skip
     children = [start("server", command, out / "logs" / "server.log", env)]
     try:

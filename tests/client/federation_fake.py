@@ -44,7 +44,8 @@ class Script:
     block_polls: bool = False
     scale_on_accept: float = 1.0  # the next global B factors are the uploaded ones times this
     log: dict[str, list] = field(default_factory=lambda: {
-        "download_offsets": [], "upload_headers": [], "accepted": [], "heartbeats": []})  # fmt: skip
+        "download_offsets": [], "upload_headers": [], "accepted": [],
+        "heartbeats": []})  # fmt: skip
 
 
 class FakeFederation(pb_grpc.FederationServiceServicer):

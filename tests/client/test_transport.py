@@ -23,7 +23,9 @@ def test_backoff_grows_exponentially_up_to_the_cap_with_jitter() -> None:
     assert policy.delay(10_000, rng) <= 4.0
 
 
-@pytest.mark.parametrize("bad", [dict(initial_s=0), dict(initial_s=2, max_s=1), dict(multiplier=0.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(initial_s=0), dict(initial_s=2, max_s=1), dict(multiplier=0.5)]
+)
 def test_bad_backoff_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match="backoff"):
         RetryPolicy(**bad)
