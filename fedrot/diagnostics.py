@@ -162,7 +162,7 @@ def relative(numerator: float | None, denominator: float | None) -> float | None
     return numerator / denominator
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RotationStats:
     """One module's gauge for one client: ``||G - I||_F`` (``G = s R``, ``||R - I||_F`` for a
     rotation) and ``||X_i - X_ref||_F`` before and after it, for the aligned factor ``X``."""
@@ -181,7 +181,7 @@ class RotationStats:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientReport:
     """What one ``add`` did: the client's raw weight and its per-module rotation statistics
     (empty when the round does not align)."""

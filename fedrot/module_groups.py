@@ -61,11 +61,15 @@ def group_modules(
 
 def stack_factor(adapter: Adapter, group: ModuleGroup, which: Factor, out: Tensor) -> Tensor:
     """Copy the group's ``which`` factors of ``adapter`` into ``out`` (``group.stack_shape``,
-    any float dtype, any device) and return it: one ``torch.stack`` when the factors already
-    have ``out``'s dtype and device, else a converting copy per module."""
-    factors = [adapter.lora[module].factor(which) for module in group.modules]
-    if all(f.dtype == out.dtype and f.device == out.device for f in factors):
-        return torch.stack(factors, out=out)
+    any float dtype, any device) and return it: one ``torch.stack`` (which also converts the
+    dtype) when the factors are on ``out``'s device, else a converting copy per module."""
+    lora, name = adapter.lora, str(which)
+    factors = [getattr(lora[module], name) for module in group.modules]
+    if factors[0].device == out.device:
+        try:
+            return torch.stack(factors, out=out)
+        except RuntimeError:  # factors spread over several devices
+            pass
     for k, factor in enumerate(factors):
         out[k].copy_(factor)
     return out
