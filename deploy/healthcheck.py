@@ -41,7 +41,9 @@ def server_address(environ: Mapping[str, str]) -> str:
     return f"127.0.0.1:{port}" if host in LOCAL_LISTEN_HOSTS else listen
 
 
-def target_of(role: str, address: str | None, environ: Mapping[str, str]) -> tuple[str, Path | None]:
+def target_of(
+    role: str, address: str | None, environ: Mapping[str, str]
+) -> tuple[str, Path | None]:
     """``(host:port, CA file or None)`` to ask, for ``role`` and an explicit ``address``."""
     if role == "client":
         ca = environ.get("FEDROT_CLIENT_TLS_CA_FILE") or None
@@ -82,7 +84,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        address, ca_file = target_of(args.role, args.address, os.environ if environ is None else environ)
+        address, ca_file = target_of(
+            args.role, args.address, os.environ if environ is None else environ
+        )
     except ValueError as exc:
         print(f"fedrot-healthcheck: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -47,8 +47,12 @@ class LocalProject:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def environment_of(self, name: str) -> dict[str, str]:
@@ -74,9 +78,15 @@ class LocalProject:
         workdir = self.logs_dir / "work" / name
         workdir.mkdir(parents=True, exist_ok=True)
         with (self.logs_dir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(service.argv, env=self.environment_of(name), cwd=workdir,
-                                       stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                service.argv,
+                env=self.environment_of(name),
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes[name] = process
         return process
 
@@ -85,8 +95,10 @@ class LocalProject:
         if condition == "service_completed_successfully":
             code = self.wait_exit(name, deadline)
             if code != 0:
-                raise ComposeError(f"{waiting} needs {name} to complete successfully; it exited "
-                                   f"{code}\n{self.log_tail(name)}")  # fmt: skip
+                raise ComposeError(
+                    f"{waiting} needs {name} to complete successfully; it exited "
+                    f"{code}\n{self.log_tail(name)}"
+                )
         elif condition == "service_healthy":
             self.await_healthy(name, deadline, waiting)
 
@@ -100,15 +112,24 @@ class LocalProject:
         """Run ``name``'s healthcheck until it passes, while watching its process."""
         check = self.services[name].healthcheck
         if check is None:
-            raise ComposeError(f"{waiting} waits for {name} to be healthy; {name} has no healthcheck")
+            raise ComposeError(
+                f"{waiting} waits for {name} to be healthy; {name} has no healthcheck"
+            )
         process = self.processes[name]
         while True:
             if process.poll() is not None:
-                raise ComposeError(f"{name} exited {process.returncode} before it was healthy\n"
-                                   f"{self.log_tail(name)}")  # fmt: skip
+                raise ComposeError(
+                    f"{name} exited {process.returncode} before it was healthy\n"
+                    f"{self.log_tail(name)}"
+                )
             try:
-                probe = subprocess.run(check.argv, env=self.environment_of(name),
-                                       capture_output=True, timeout=check.timeout_s, check=False)  # fmt: skip
+                probe = subprocess.run(
+                    check.argv,
+                    env=self.environment_of(name),
+                    capture_output=True,
+                    timeout=check.timeout_s,
+                    check=False,
+                )
                 if probe.returncode == 0:
                     return
             except subprocess.TimeoutExpired:
@@ -123,7 +144,12 @@ class LocalProject:
     def wait_all(self, timeout_s: float) -> dict[str, int]:
         """Wait until every started service exits; their exit codes by name."""
         deadline = time.monotonic() + timeout_s
-        return {name: self.wait_exit(name, deadline) for name in list(self.processes)}
+        try:
+            return {name: self.wait_exit(name, deadline) for name in list(self.processes)}
+        except ComposeError:
+            running = [n for n, p in self.processes.items() if p.poll() is None]
+            tails = "\n".join(self.log_tail(name) for name in running)
+            raise ComposeError(f"still running after {timeout_s}s: {running}\n{tails}") from None
 
     def stop(self) -> None:
         """SIGTERM every process group still running, then SIGKILL what outlives the grace."""

@@ -99,22 +99,37 @@ def free_port_values(variables: Iterable[str]) -> dict[str, str]:
     return ports
 
 
-def resolve_compose(project_dir: Path, values: Mapping[str, str], files: Sequence[str] = ()) -> dict:
+def resolve_compose(
+    project_dir: Path, values: Mapping[str, str], files: Sequence[str] = ()
+) -> dict:
     """The compose model as ``docker-compose config`` resolves it with these variable values.
 
     The values go in through a temporary env file; the CLI's own environment loses every
     variable of the same names (and every ``FEDROT_*``) so that none can win over them.
     """
-    environ = {k: v for k, v in os.environ.items() if k not in values and not k.startswith("FEDROT_")}
+    environ = {
+        k: v for k, v in os.environ.items() if k not in values and not k.startswith("FEDROT_")
+    }
     with tempfile.TemporaryDirectory(prefix="local-compose-") as scratch:
         env_file = Path(scratch) / "compose.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-        command = [compose_program(), "--project-directory", str(project_dir),
-                   "--env-file", str(env_file)]  # fmt: skip
+        command = [
+            compose_program(),
+            "--project-directory",
+            str(project_dir),
+            "--env-file",
+            str(env_file),
+        ]
         for name in files:
             command += ["-f", name]
-        done = subprocess.run([*command, "config", "--format", "json"], cwd=project_dir,
-                              env=environ, capture_output=True, text=True, check=False)  # fmt: skip
+        done = subprocess.run(
+            [*command, "config", "--format", "json"],
+            cwd=project_dir,
+            env=environ,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if done.returncode != 0:
         raise ComposeError(f"docker-compose config failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
@@ -172,8 +187,10 @@ def translate_service(
     environment.update({k: v for k, v in (spec.get("environment") or {}).items() if v is not None})
     environment = {k: rewrite_value(str(v), mounts, names) for k, v in environment.items()}
     argv = translate_argv([rewrite_value(str(a), mounts, names) for a in command], programs)
-    depends = {dep: (options or {}).get("condition", "service_started")
-               for dep, options in (spec.get("depends_on") or {}).items()}  # fmt: skip
+    depends = {
+        dep: (options or {}).get("condition", "service_started")
+        for dep, options in (spec.get("depends_on") or {}).items()
+    }
     for dep, condition in depends.items():
         if condition not in CONDITIONS:
             raise ComposeError(f"service {name}: depends_on {dep}: unknown condition {condition!r}")
@@ -274,7 +291,8 @@ def translate_project(
     """Every service of a resolved compose model (see :func:`resolve_compose`)."""
     services = config.get("services") or {}
     return {
-        name: translate_service(name, spec, services=list(services), volumes_root=volumes_root,
-                                programs=programs or {})  # fmt: skip
+        name: translate_service(
+            name, spec, services=list(services), volumes_root=volumes_root, programs=programs or {}
+        )
         for name, spec in services.items()
     }

@@ -43,8 +43,14 @@ def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env={"PATH": "/usr/bin:/bin", **(env or {})},
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_serving_server_is_healthy(health_server: tuple[int, health.HealthServicer]) -> None:
@@ -55,7 +61,9 @@ def test_serving_server_is_healthy(health_server: tuple[int, health.HealthServic
     assert "SERVING" in done.stdout
 
 
-def test_not_serving_or_unknown_service_is_unhealthy(health_server: tuple[int, health.HealthServicer]) -> None:
+def test_not_serving_or_unknown_service_is_unhealthy(
+    health_server: tuple[int, health.HealthServicer],
+) -> None:
     port, servicer = health_server
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     done = run_script(f"127.0.0.1:{port}")
@@ -66,14 +74,20 @@ def test_not_serving_or_unknown_service_is_unhealthy(health_server: tuple[int, h
     assert "NOT_FOUND" in done.stderr
 
 
-def test_server_role_finds_the_port_in_the_listen_setting(health_server: tuple[int, health.HealthServicer]) -> None:
+def test_server_role_finds_the_port_in_the_listen_setting(
+    health_server: tuple[int, health.HealthServicer],
+) -> None:
     port, servicer = health_server
     servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    done = run_script("--role", "server", "--service", SERVICE, env={"FEDROT_SERVER_LISTEN": f"0.0.0.0:{port}"})
+    done = run_script(
+        "--role", "server", "--service", SERVICE, env={"FEDROT_SERVER_LISTEN": f"0.0.0.0:{port}"}
+    )
     assert done.returncode == 0, done.stderr
 
 
-def test_client_role_asks_the_clients_server(health_server: tuple[int, health.HealthServicer]) -> None:
+def test_client_role_asks_the_clients_server(
+    health_server: tuple[int, health.HealthServicer],
+) -> None:
     port, servicer = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     done = run_script("--role", "client", env={"FEDROT_CLIENT_SERVER": f"localhost:{port}"})
@@ -90,9 +104,14 @@ def test_nobody_listening_is_unhealthy() -> None:
 
 @pytest.mark.parametrize(
     ("listen", "address"),
-    [("0.0.0.0:50051", "127.0.0.1:50051"), ("[::]:7", "127.0.0.1:7"), ("localhost:8", "127.0.0.1:8"),
-     ("10.1.2.3:9", "10.1.2.3:9"), ("", "127.0.0.1:50051")],
-)  # fmt: skip
+    [
+        ("0.0.0.0:50051", "127.0.0.1:50051"),
+        ("[::]:7", "127.0.0.1:7"),
+        ("localhost:8", "127.0.0.1:8"),
+        ("10.1.2.3:9", "10.1.2.3:9"),
+        ("", "127.0.0.1:50051"),
+    ],
+)
 def test_server_address_from_the_listen_setting(listen: str, address: str) -> None:
     assert healthcheck.server_address({"FEDROT_SERVER_LISTEN": listen}) == address
 
@@ -104,7 +123,9 @@ def test_a_bad_listen_setting_is_a_usage_error() -> None:
 def test_client_role_uses_tls_when_a_ca_file_is_set(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     address, ca_file = healthcheck.target_of(
-        "client", None, {"FEDROT_CLIENT_SERVER": "fed.example.org:443", "FEDROT_CLIENT_TLS_CA_FILE": str(ca)}
+        "client",
+        None,
+        {"FEDROT_CLIENT_SERVER": "fed.example.org:443", "FEDROT_CLIENT_TLS_CA_FILE": str(ca)},
     )
     assert (address, ca_file) == ("fed.example.org:443", ca)
     assert healthcheck.target_of("client", "x:1", {}) == ("x:1", None)

@@ -62,7 +62,9 @@ def test_free_port_values_gives_distinct_bindable_ports_to_port_variables_only()
 
 def test_dockerfile_env_joins_continued_lines(tmp_path: Path) -> None:
     dockerfile = tmp_path / "Dockerfile"
-    dockerfile.write_text('FROM x\nENV A=1 \\\n    B="two words" \\\n    C=/p\nRUN echo ENV=3\nenv D=4\n')
+    dockerfile.write_text(
+        'FROM x\nENV A=1 \\\n    B="two words" \\\n    C=/p\nRUN echo ENV=3\nenv D=4\n'
+    )
     assert dockerfile_env(dockerfile) == {"A": "1", "B": "two words", "C": "/p", "D": "4"}
     dockerfile.write_text("FROM x\nENV LEGACY value\n")
     with pytest.raises(ComposeError, match="KEY=VALUE"):
@@ -80,7 +82,11 @@ def test_dockerfile_env_of_the_images() -> None:
 
 
 def test_rewrite_value_maps_mount_paths_and_service_hosts(tmp_path: Path) -> None:
-    mounts = {"/data": tmp_path / "d", "/data/deep": tmp_path / "deep", "/etc/x.toml": tmp_path / "x"}
+    mounts = {
+        "/data": tmp_path / "d",
+        "/data/deep": tmp_path / "deep",
+        "/etc/x.toml": tmp_path / "x",
+    }
     services = ["server", "client-0"]
     assert rewrite_value("/data", mounts, services) == str(tmp_path / "d")
     assert rewrite_value("/data/a.jsonl", mounts, services) == str(tmp_path / "d" / "a.jsonl")
@@ -90,7 +96,13 @@ def test_rewrite_value_maps_mount_paths_and_service_hosts(tmp_path: Path) -> Non
     assert rewrite_value("server:50051", mounts, services) == "127.0.0.1:50051"
     assert rewrite_value("0.0.0.0:8080", mounts, services) == "127.0.0.1:8080"
     assert rewrite_value("http://client-0:80/x", mounts, services) == "http://127.0.0.1:80/x"
-    for unchanged in ("myserver:50051", "server.example.org:1", "server:abc", "server", "a server:"):
+    for unchanged in (
+        "myserver:50051",
+        "server.example.org:1",
+        "server:abc",
+        "server",
+        "a server:",
+    ):
         assert rewrite_value(unchanged, mounts, services) == unchanged
 
 
@@ -114,12 +126,24 @@ def test_translate_service_makes_volumes_folders_and_rewrites_everything(tmp_pat
         depends_on={"server": {"condition": "service_healthy"}, "prep": None},
         healthcheck={"test": ["CMD", "fedrot-healthcheck", "--role", "client"], "interval": "2s"},
     )
-    service = translate_service("client-0", spec, services=["server", "client-0"],
-                                volumes_root=tmp_path / "v", programs={"fedrot-healthcheck": HEALTHCHECK})  # fmt: skip
+    service = translate_service(
+        "client-0",
+        spec,
+        services=["server", "client-0"],
+        volumes_root=tmp_path / "v",
+        programs={"fedrot-healthcheck": HEALTHCHECK},
+    )
     assert (tmp_path / "v" / "data").is_dir() and (tmp_path / "v" / "state-0").is_dir()
-    assert service.argv == (str(Path(sys.executable).parent / "fedrot-client"), "--data",
-                            str(tmp_path / "v" / "data" / "c.jsonl"))  # fmt: skip
-    assert service.environment == {"SERVER": "127.0.0.1:1234", "STATE": str(tmp_path / "v" / "state-0" / "s"), "N": "3"}
+    assert service.argv == (
+        str(Path(sys.executable).parent / "fedrot-client"),
+        "--data",
+        str(tmp_path / "v" / "data" / "c.jsonl"),
+    )
+    assert service.environment == {
+        "SERVER": "127.0.0.1:1234",
+        "STATE": str(tmp_path / "v" / "state-0" / "s"),
+        "N": "3",
+    }
     assert service.depends_on == {"server": "service_healthy", "prep": "service_started"}
     assert service.mounts["/etc/fedrot/server.toml"] == bound
     assert service.healthcheck is not None
@@ -133,20 +157,30 @@ def test_translate_service_makes_volumes_folders_and_rewrites_everything(tmp_pat
         ({"entrypoint": ["sh"]}, "entrypoint"),
         ({"command": None}, "no command"),
         ({"command": ["no-such-program-here"]}, "no-such-program-here"),
-        ({"volumes": [{"type": "bind", "source": "/no/such/path", "target": "/x"}]}, "/no/such/path"),
+        (
+            {"volumes": [{"type": "bind", "source": "/no/such/path", "target": "/x"}]},
+            "/no/such/path",
+        ),
         ({"volumes": [{"type": "tmpfs", "target": "/x"}]}, "tmpfs"),
         ({"depends_on": {"a": {"condition": "service_whenever"}}}, "service_whenever"),
         ({"healthcheck": {"test": ["CMD-SHELL", "true"]}}, "CMD list"),
     ],
 )
-def test_translate_service_refuses_what_it_cannot_run(tmp_path: Path, overrides: dict, message: str) -> None:
+def test_translate_service_refuses_what_it_cannot_run(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
     with pytest.raises(ComposeError, match=message):
-        translate_service("s", service_spec(**overrides), services=["s"], volumes_root=tmp_path, programs={})
+        translate_service(
+            "s", service_spec(**overrides), services=["s"], volumes_root=tmp_path, programs={}
+        )
 
 
 def test_a_disabled_healthcheck_is_none(tmp_path: Path) -> None:
     spec = service_spec(healthcheck={"disable": True})
-    assert translate_service("s", spec, services=["s"], volumes_root=tmp_path, programs={}).healthcheck is None
+    assert (
+        translate_service("s", spec, services=["s"], volumes_root=tmp_path, programs={}).healthcheck
+        is None
+    )
 
 
 def local(name: str, *depends: str) -> LocalService:
@@ -174,7 +208,9 @@ def compose_values() -> dict[str, str]:
     return values
 
 
-def test_the_compose_file_translates_to_a_loopback_federation(tmp_path: Path, compose_values: dict) -> None:
+def test_the_compose_file_translates_to_a_loopback_federation(
+    tmp_path: Path, compose_values: dict
+) -> None:
     config = resolve_compose(REPO, compose_values)
     services = translate_project(config, tmp_path, {"fedrot-healthcheck": HEALTHCHECK})
     order = start_order(services)
@@ -185,7 +221,9 @@ def test_the_compose_file_translates_to_a_loopback_federation(tmp_path: Path, co
     server = services["server"]
     assert server.environment["FEDROT_SERVER_LISTEN"] == f"127.0.0.1:{port}"
     assert server.environment["FEDROT_SERVER_CONFIG"] == str(REPO / "deploy" / "server.toml")
-    assert server.environment["FEDROT_SERVER_EVALUATION__DATA"] == str(tmp_path / "data" / "eval.jsonl")
+    assert server.environment["FEDROT_SERVER_EVALUATION__DATA"] == str(
+        tmp_path / "data" / "eval.jsonl"
+    )
     assert server.healthcheck is not None and server.healthcheck.argv[:2] == HEALTHCHECK
     tokens = json.loads(server.environment["FEDROT_SERVER_TOKENS"])
     assert sorted(tokens) == clients
@@ -195,10 +233,17 @@ def test_the_compose_file_translates_to_a_loopback_federation(tmp_path: Path, co
         assert env["FEDROT_CLIENT_SERVER"] == f"127.0.0.1:{port}"
         assert env["FEDROT_CLIENT_TOKEN"] == tokens[name]
         assert env["FEDROT_CLIENT_DATA"] == str(tmp_path / "data" / f"{name}.jsonl")
-        assert services[name].depends_on == {"prepare-data": "service_completed_successfully",
-                                             "server": "service_healthy"}  # fmt: skip
+        assert services[name].depends_on == {
+            "prepare-data": "service_completed_successfully",
+            "server": "service_healthy",
+        }
         state_dirs.add(env["FEDROT_CLIENT_STATE_DIR"])
     assert len(state_dirs) == len(clients), "each client needs its own state volume"
     prepare = services["prepare-data"]
-    assert prepare.argv[:4] == (sys.executable, "-m", "fedrot_client.wordnet", str(tmp_path / "data"))
+    assert prepare.argv[:4] == (
+        sys.executable,
+        "-m",
+        "fedrot_client.wordnet",
+        str(tmp_path / "data"),
+    )
     assert "--clients=3" in prepare.argv
