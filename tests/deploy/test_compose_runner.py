@@ -138,3 +138,17 @@ def test_the_environment_drops_the_callers_fedrot_settings(tmp_path: Path) -> No
     ) as project:
         project.start(timeout_s=60)
         assert project.wait_all(timeout_s=60) == {"svc": 0}
+
+
+def test_wait_all_names_the_services_still_running(tmp_path: Path) -> None:
+    config = model(
+        quick=dict(command=python("pass")),
+        stuck=dict(command=python(READY_THEN_BLOCK, str(tmp_path / "r"))),
+    )
+    with LocalProject(
+        translate_project(config, tmp_path), tmp_path / "logs", grace_s=10
+    ) as project:
+        project.start(timeout_s=60)
+        with pytest.raises(ComposeError, match=r"still running after 1s: \['stuck'\]"):
+            project.wait_all(timeout_s=1)
+        assert project.processes["quick"].returncode == 0

@@ -184,3 +184,18 @@ def test_job_env_defines_the_client_index_before_using_it() -> None:
     for position, env in enumerate(container["env"]):
         if "$(CLIENT_INDEX)" in env.get("value", ""):
             assert names.index("CLIENT_INDEX") < position, env["name"]
+
+
+def test_every_data_step_builds_the_same_split() -> None:
+    """Held-out and training files must come from one split: the server's and the clients' init
+    containers and the compose data step run the same command."""
+    (server,) = load_manifest("server-statefulset.yaml")
+    (job,) = load_manifest("clients-job.yaml")
+    commands = [
+        doc["spec"]["template"]["spec"]["initContainers"][0]["command"] for doc in (server, job)
+    ]
+    done = compose("config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    commands.append(yaml.safe_load(done.stdout)["services"]["prepare-data"]["command"])
+    assert commands[0][:3] == ["python", "-m", "fedrot_client.wordnet"]
+    assert commands[0] == commands[1] == commands[2]
