@@ -7,16 +7,16 @@ task it downloads the round's global adapter, loads it into the model, trains on
 factors (and the head), encodes them with :mod:`fedrot.codec` and uploads them with an
 idempotency key that is the same for every retry of the round. Heartbeats go out in the
 background while a round is worked on; if the server says the round closed, the round's work is
-dropped. Setting the ``stop`` event (SIGTERM, SIGINT) abandons the current step at the next
-training step or call; :meth:`ClientDaemon.run` then returns.
+dropped. A server that restarted with a new run is joined again (a new enrolment). Setting the
+``stop`` event (SIGTERM, SIGINT) abandons the current step at the next training step or call;
+:meth:`ClientDaemon.run` then returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import platform
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -24,33 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
-from fedrot.adapters import BOTH_FACTORS, AdapterSchema, Factor
-from fedrot.codec import decode_adapter, encode_adapter, validate_tensors
-from fedrot.errors import SchemaError
-from fedrot_client.data import TextDataset, load_dataset
-from fedrot_client.errors import Interrupted, ModelError, RejectedError
+from fedrot.adapters import BOTH_FACTORS, Factor
+from fedrot.codec import decode_adapter, encode_adapter
+from fedrot_client.errors import Interrupted, RejectedError
 from fedrot_client.lora import (
     PEFT_TASK_TYPES,
-    LoraSpec,
-    attach_lora,
-    export_adapter,
     load_adapter,
     peft_adapter_config,
     save_peft_directory,
 )
-from fedrot_client.messages import (
-    factor_messages,
-    factors_of,
-    lora_spec_of,
-    model_spec_of,
-    schema_of,
-    train_config_of,
-)
-from fedrot_client.models import ModelSpec, TaskKind, check_fingerprint, load_base_model
+from fedrot_client.messages import factor_messages, factors_of, train_config_of
+from fedrot_client.session import Session, describe_host, start_session
 from fedrot_client.settings import ClientSettings
 from fedrot_client.state import ClientState, PendingUpload
 from fedrot_client.training import train_locally
@@ -59,30 +44,13 @@ from fedrot_proto.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-SOFTWARE = "fedrot-client 0.1.0"
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Statuses of an upload or download that mean "this round is gone for us", not a fault.
 ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
-
-
-@dataclass(frozen=True)
-class Session:
-    """Everything a run needs locally: its spec, our id, the LoRA model and our data."""
-
-    run: pb.RunSpec
-    client_id: str
-    model_spec: ModelSpec
-    lora: LoraSpec
-    saved_modules: tuple[str, ...]
-    schema: AdapterSchema
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    dataset: TextDataset
-
-    @property
-    def run_id(self) -> str:
-        return self.run.run_id
+# Statuses of GetTask that mean the server no longer serves our run (it restarted).
+RUN_GONE = ROUND_GONE
+MAX_REENROLMENTS = 5
 
 
 @dataclass(frozen=True)
@@ -110,51 +78,9 @@ class RunOutcome:
     reason: str = ""
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without CUDA is refused."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device cuda requested, but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def idempotency_key(run_id: str, client_id: str, round_index: int) -> str:
     """The same for every attempt (and every restart) at one round's update."""
     return hashlib.sha256(f"{run_id}|{client_id}|{round_index}".encode()).hexdigest()[:32]
-
-
-def start_session(settings: ClientSettings, enrolment: pb.EnrollResponse) -> Session:
-    """Load and check the base model, attach LoRA, load the data; refuse a mismatch.
-
-    Raises :class:`ModelError` when the local base model's fingerprint or adapter shapes differ
-    from the run's, and :class:`~fedrot_client.errors.DataError` for unusable data.
-    """
-    run = enrolment.run
-    model_spec = model_spec_of(run.model, settings.model)
-    base = load_base_model(model_spec)
-    if run.model.fingerprint:
-        check_fingerprint(base, run.model.fingerprint)
-    else:
-        logger.warning("the run names no base-model fingerprint; not checking %s", base.spec.name)
-    lora = lora_spec_of(run.lora)
-    saved = lora.modules_to_save or base.head_modules
-    schema = schema_of(run.schema)
-    model = attach_lora(base, lora, seed=run.strategy.seed)
-    try:
-        validate_tensors(export_adapter(model), schema)
-    except SchemaError as exc:
-        raise ModelError(f"base model {model_spec.name!r} does not fit the run's adapter: {exc}")
-    model.to(resolve_device(settings.device))
-    classification = model_spec.task is TaskKind.CLASSIFICATION
-    dataset = load_dataset(
-        settings.data,
-        vocabulary=settings.label_vocabulary(model_spec.num_labels) if classification else None,
-        fields=settings.field_names(classification),
-        split=settings.data_split,
-    )
-    return Session(run, enrolment.client_id, model_spec, lora, tuple(saved), schema, model,
-                   base.tokenizer, dataset)  # fmt: skip
 
 
 class Heartbeats:
@@ -233,21 +159,45 @@ class ClientDaemon:
         self._rounds: list[RoundRecord] = []
 
     def run(self) -> RunOutcome:
-        """Enrol, check the model, serve rounds until DONE (or until stopped)."""
-        run_id = client_id = ""
+        """Enrol, check the model, serve rounds until DONE (or until stopped).
+
+        If the server stops knowing our run (it restarted with a new one), the daemon enrols
+        again and serves the new run, keeping its model when the configuration is the same.
+        """
+        session: Session | None = None
+        failures = 0
         try:
-            enrolment = self._transport.enroll(self._info)
-            run_id, client_id = enrolment.run.run_id, enrolment.client_id
-            logger.info("enrolled in run %s as %s (%s rounds, strategy %s)", run_id, client_id,
-                        enrolment.run.rounds, enrolment.run.strategy.name)  # fmt: skip
-            self._state.record_enrolment(run_id, client_id)
-            session = start_session(self.settings, enrolment)
-            return self._serve(session)
+            while True:
+                session = self._enroll(session)
+                served = len(self._rounds)
+                try:
+                    return self._serve(session)
+                except RejectedError as exc:
+                    failures = 0 if len(self._rounds) > served else failures + 1
+                    if exc.method != "GetTask" or exc.code not in RUN_GONE:
+                        raise
+                    if failures > MAX_REENROLMENTS:
+                        raise
+                    logger.warning("the server no longer serves run %s (%s); enrolling again",
+                                   session.run_id, exc.details)  # fmt: skip
+                    if self._stop.wait(self.settings.backoff_initial_s):
+                        raise Interrupted("stop requested") from exc
         except Interrupted as exc:
             if not self._stop.is_set():
                 raise
             logger.info("stopping: %s", exc)
+            run_id, client_id = (session.run_id, session.client_id) if session else ("", "")
             return RunOutcome(run_id, client_id, False, tuple(self._rounds), reason="stopped")
+
+    def _enroll(self, previous: Session | None) -> Session:
+        enrolment = self._transport.enroll(self._info)
+        run = enrolment.run
+        logger.info("enrolled in run %s as %s (%s rounds, strategy %s)", run.run_id,
+                    enrolment.client_id, run.rounds, run.strategy.name)  # fmt: skip
+        self._state.record_enrolment(run.run_id, enrolment.client_id)
+        if previous is not None and previous.fits(run):
+            return dataclasses.replace(previous, run=run, client_id=enrolment.client_id)
+        return start_session(self.settings, enrolment)
 
     def _serve(self, session: Session) -> RunOutcome:
         self._send_pending(session)
@@ -391,16 +341,3 @@ class ClientDaemon:
                                      modules_to_save=session.saved_modules)  # fmt: skip
         assert self.settings.final_adapter_dir is not None
         return save_peft_directory(self.settings.final_adapter_dir, tensors, config)
-
-
-def describe_host(settings: ClientSettings) -> dict[str, str]:
-    """What the client tells the server about itself at enrolment (logged, stored)."""
-    return {
-        "hostname": socket.gethostname(),
-        "software": SOFTWARE,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": settings.device,
-        "data": settings.data.name,
-    }
-

@@ -1,9 +1,9 @@
 """The client's side of the wire: one gRPC channel, auth metadata, chunked transfers, retries.
 
-Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVAILABLE or
-DEADLINE_EXCEEDED (the server is away, restarting, or overloaded) are retried with exponential
-backoff and jitter until the server has been away for ``RetryPolicy.give_up_after_s``; any other
-status becomes a :class:`RejectedError` at once. A download that breaks off resumes from the
+Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVAILABLE,
+DEADLINE_EXCEEDED or a server-side CANCELLED (the server is away, restarting, shutting down or
+overloaded) are retried with exponential backoff and jitter until the server has been away for
+``RetryPolicy.give_up_after_s``; any other status becomes a :class:`RejectedError` at once. A download that breaks off resumes from the
 bytes already received; an upload is re-sent whole under the same header, idempotency key
 included, so the server counts it once. ``cancel`` (from another thread) aborts the call in
 flight; once the ``stop`` event is set every call raises :class:`Interrupted`.
@@ -34,8 +34,10 @@ MIB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * MIB
 # A chunk message is its data plus a few bytes of framing; leave room above the 4 MiB chunk.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+# The server is away, restarting or overloaded. CANCELLED comes here only from the server's
+# side (a call this client cancels raises Interrupted first): a server shutting down.
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 USER_AGENT = "fedrot-client/0.1"
 

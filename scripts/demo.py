@@ -90,7 +90,7 @@ def server_config(out: Path, args: argparse.Namespace) -> Path:
                      "max_length": args.max_length},
         "evaluation": {"data": str(out / "data" / "eval.jsonl"), "labels": list(LEXNAMES)},
         "round_deadline_s": 300.0,
-        "linger_s": 10.0,
+        "linger_s": 5.0,
         "device": "cpu",
     }  # fmt: skip
     path = out / "server.json"

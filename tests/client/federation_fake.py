@@ -42,6 +42,7 @@ class Script:
     refuse_first_upload: bool = False
     close_rounds: frozenset[int] = frozenset()
     block_polls: bool = False
+    restart_after_round: int | None = None  # then a new run starts, as after a restart
     scale_on_accept: float = 1.0  # the next global B factors are the uploaded ones times this
     log: dict[str, list] = field(default_factory=lambda: {
         "download_offsets": [], "upload_headers": [], "accepted": [],
@@ -57,6 +58,7 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         self.global_tensors = export_adapter(attach_lora(base, LORA, seed=7))
         self.schema = AdapterSchema.of(Adapter.from_state_dict(self.global_tensors))
         self.round = 0
+        self.run_id = RUN_ID
         self.lock = threading.Lock()
         self.keys: set[str] = set()
         self.poll_started = threading.Event()
@@ -64,10 +66,12 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         self.closed_heartbeat_sent = threading.Event()
 
     # -- helpers -------------------------------------------------------------------------------
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
+    def _authenticate(self, context: grpc.ServicerContext, run_id: str | None = None) -> None:
         metadata = dict(context.invocation_metadata())
         if metadata.get("authorization") != f"Bearer {TOKEN}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token")
+        if run_id is not None and run_id != self.run_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id} is not current")
 
     def payload(self) -> bytes:
         with self.lock:
@@ -80,7 +84,7 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         for key, shape in sorted(self.schema.extra.items()):
             schema.extra.add(key=key, shape=list(shape))
         spec = pb.RunSpec(
-            run_id=RUN_ID,
+            run_id=self.run_id,
             model=pb.ModelSpec(name=MODEL.name, task=pb.MODEL_TASK_CLASSIFICATION,
                                num_labels=MODEL.num_labels, seed=MODEL.seed,
                                fingerprint=self.fingerprint),  # fmt: skip
@@ -102,7 +106,7 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
                                  run_status=pb.RUN_STATUS_RUNNING)  # fmt: skip
 
     def GetTask(self, request, context):  # noqa: N802
-        self._authenticate(context)
+        self._authenticate(context, request.run_id)
         if self.script.block_polls:
             self.poll_started.set()
             self.release.wait(WAIT_LIMIT_S)
@@ -126,7 +130,7 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         return pb.AdapterRef(round=round_index, size_bytes=len(payload), sha256=sha256_hex(payload))
 
     def DownloadAdapter(self, request, context):  # noqa: N802
-        self._authenticate(context)
+        self._authenticate(context, request.run_id)
         if request.round in self.script.close_rounds:
             self.closed_heartbeat_sent.wait(WAIT_LIMIT_S)
         first = not self.log["download_offsets"]
@@ -144,6 +148,8 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         self._authenticate(context)
         header = next(request_iterator).header
+        if header.run_id != self.run_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {header.run_id} is over")
         data = b"".join(message.chunk.data for message in request_iterator)
         self.log["upload_headers"].append(header)
         if sha256_hex(data) != header.sha256 or len(data) != header.total_size:
@@ -163,11 +169,13 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
                       for k, v in tensors.items()}  # fmt: skip
             self.global_tensors = {**self.global_tensors, **scaled}
             self.round += 1
+            if header.round == self.script.restart_after_round and self.run_id == RUN_ID:
+                self.run_id, self.round = RUN_ID + "-restarted", 0
         return pb.UploadUpdateResponse(status=pb.UPLOAD_STATUS_ACCEPTED, bytes_received=len(data),
                                        upload_id=f"upload-{len(self.keys)}")  # fmt: skip
 
     def Heartbeat(self, request, context):  # noqa: N802
-        self._authenticate(context)
+        self._authenticate(context, request.run_id)
         self.log["heartbeats"].append((request.round, request.phase))
         closed = request.round in self.script.close_rounds
         if closed and not self.closed_heartbeat_sent.is_set():

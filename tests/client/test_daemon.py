@@ -194,3 +194,16 @@ def test_final_adapter_is_saved_as_a_peft_folder(
     saved = load_file(str(folder / "adapter_model.safetensors"))
     assert saved.keys() == fake.servicer.global_tensors.keys()
     assert all(torch.equal(saved[k], fake.servicer.global_tensors[k]) for k in saved)
+
+
+def test_a_server_restarted_with_a_new_run_is_joined_again(
+    start_fake, data_file: Path, tmp_path: Path
+) -> None:
+    fake = start_fake(rounds=2, restart_after_round=0)
+    outcome = run_daemon(fake, make_settings(fake.address, data_file, tmp_path / "state"))
+
+    assert outcome.finished and outcome.run_id == RUN_ID + "-restarted"
+    runs_and_rounds = [(h.run_id, h.round) for h, _ in fake.servicer.log["accepted"]]
+    assert runs_and_rounds == [(RUN_ID, 0), (RUN_ID + "-restarted", 0),
+                               (RUN_ID + "-restarted", 1)]  # fmt: skip
+    assert ClientState(tmp_path / "state").completed_rounds(RUN_ID + "-restarted") == {0, 1}
