@@ -63,6 +63,9 @@ async def serve(
             told = asyncio.ensure_future(server.engine.wait_all_told(settings.linger_s))
             await asyncio.wait({told, stopped}, return_when=asyncio.FIRST_COMPLETED)
             told.cancel()
+            if not stopped.done():
+                # Clients fetch the final adapter right after hearing DONE.
+                await asyncio.wait({stopped}, timeout=settings.final_download_grace_s)
         else:
             logger.info("stop signal received: shutting down")
     finally:

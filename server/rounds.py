@@ -347,10 +347,10 @@ class RoundEngine:
         published, encoded = self._published
         ref = AdapterRef(published, encoded.size, encoded.sha256)
         if self._phase is RunPhase.FINISHED:
-            self._told_done.add(client)
+            self._mark_told_done(client)
             return DoneTask(published, ref, "the run is finished")
         if self._phase is RunPhase.STOPPED:
-            self._told_done.add(client)
+            self._mark_told_done(client)
             return DoneTask(published, ref, "the run was stopped")
         rnd = self._round
         if rnd is None or not rnd.expects(client):
@@ -393,6 +393,11 @@ class RoundEngine:
 
     def _metadata(self, round_index: int) -> dict[str, str]:
         return {"run_id": self.spec.run_id, "round": str(round_index), "format": "pt"}
+
+    def _mark_told_done(self, client: str) -> None:
+        if client not in self._told_done:
+            self._told_done.add(client)
+            self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

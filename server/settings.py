@@ -216,6 +216,11 @@ class ServerSettings(BaseSettings):
     linger_s: float = Field(
         30.0, ge=0, description="keep serving this long after the run so every client hears DONE"
     )
+    final_download_grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="after every client heard DONE, keep serving this long for their final downloads",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
