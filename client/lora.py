@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft import set_peft_model_state_dict
-from safetensors.torch import save_file
 from torch import Tensor
 
+from fedrot.codec import encode_adapter
 from fedrot.adapters import BOTH_FACTORS, LORA_A_SUFFIX, LORA_B_SUFFIX, Factor
 from fedrot.errors import SchemaError
 from fedrot_client.models import BaseModel, ModelSpec, TaskKind, load_base_model
@@ -198,9 +198,9 @@ def save_peft_directory(
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
-    contiguous = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-    save_file(contiguous, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-    logger.info("saved PEFT adapter (%s tensors) to %s", len(contiguous), folder)
+    data = encode_adapter({key: t.detach() for key, t in tensors.items()}, {"format": "pt"})
+    (folder / ADAPTER_WEIGHTS_FILE).write_bytes(data)
+    logger.info("saved PEFT adapter (%s tensors) to %s", len(tensors), folder)
     return folder
 
 
