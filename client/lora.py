@@ -21,15 +21,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft import set_peft_model_state_dict
 from torch import Tensor
 
-from fedrot.codec import encode_adapter
+from fedrot.codec import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, encode_adapter
 from fedrot.adapters import BOTH_FACTORS, LORA_A_SUFFIX, LORA_B_SUFFIX, Factor
 from fedrot.errors import SchemaError
 from fedrot_client.models import BaseModel, ModelSpec, TaskKind, load_base_model
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_TASK_TYPES: Mapping[TaskKind, str] = {
     TaskKind.CLASSIFICATION: "SEQ_CLS",
     TaskKind.CAUSAL_LM: "CAUSAL_LM",

@@ -37,6 +37,11 @@ ALLOWED_DTYPES: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())
 
 _HEADER_LENGTH_BYTES = 8
 
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+"""The file of a PEFT adapter directory that holds the tensors (written by this codec)."""
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""The file of a PEFT adapter directory that holds its ``LoraConfig`` as JSON."""
+
 
 @dataclass(frozen=True)
 class DecodedAdapter:

@@ -27,11 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrot.codec import encode_adapter
+from fedrot.codec import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, encode_adapter
 from fedrot_server.settings import LoraSettings, ModelSettings
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_DELTAS_FILE = "base_deltas.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
