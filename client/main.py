@@ -35,13 +35,12 @@ def build_transport(settings: ClientSettings, stop: threading.Event) -> Transpor
         multiplier=settings.backoff_multiplier,
         give_up_after_s=settings.reconnect_timeout_s or None,
     )
-    certificates = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None
     return Transport(
         settings.server,
         settings.read_token(),
         policy=policy,
         stop=stop,
-        root_certificates=certificates,
+        tls=settings.tls_config(),
         rpc_timeout_s=settings.rpc_timeout_s,
         transfer_timeout_s=settings.transfer_timeout_s,
     )

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedrot.errors import FedRotError
 from fedrot_client.data import FieldNames, LabelVocabulary
+from fedrot_client.transport import TlsConfig
 
 ENV_PREFIX = "FEDROT_CLIENT_"
 
@@ -44,6 +45,11 @@ class ClientSettings(BaseSettings):
     token_file: Path | None = Field(None, description="file whose first line is the token")
     tls_ca_file: Path | None = Field(
         None, description="PEM root certificates: use TLS (default: plaintext, for loopback/VPN)"
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_server_name: str | None = Field(
+        None, min_length=1, description="name the server's certificate must carry (default: host)"
     )
     data: Path = Field(description="training data: .jsonl, .csv/.tsv or a saved HF dataset")
     data_split: str | None = Field(None, description="split of a saved DatasetDict")
@@ -90,7 +96,10 @@ class ClientSettings(BaseSettings):
                 f"backoff_max_s {self.backoff_max_s} is below backoff_initial_s "
                 f"{self.backoff_initial_s}"
             )
-        for name in ("data", "labels", "token_file", "tls_ca_file"):
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        files = ("data", "labels", "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+        for name in files:
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise ValueError(f"{name} {str(path)!r} does not exist")
@@ -106,6 +115,14 @@ class ClientSettings(BaseSettings):
         if not token:
             raise SettingsError(f"token_file {self.token_file}: empty")
         return token
+
+    def tls_config(self) -> TlsConfig | None:
+        """TLS when any ``tls_*`` setting is given (system roots without ``tls_ca_file``)."""
+        files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if all(f is None for f in files) and self.tls_server_name is None:
+            return None
+        ca, cert, key = (None if f is None else f.read_bytes() for f in files)
+        return TlsConfig(ca, cert, key, self.tls_server_name)
 
     def field_names(self, classification: bool) -> FieldNames:
         """Which data fields hold the text and (for classification) the label."""

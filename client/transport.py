@@ -77,6 +77,30 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the server: PEM ``root_certificates`` that sign the server's certificate (None:
+    the system roots); for mutual TLS also this client's PEM ``certificate_chain`` and
+    ``private_key``; ``server_name`` checks the server's certificate against that name instead
+    of the host in the target (e.g. connecting by IP to a certificate issued for a DNS name)."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs its private key and vice versa")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+
 class Transport:
     """A connection to one ``fedrot-server``; safe to share between threads."""
 
@@ -87,7 +111,7 @@ class Transport:
         *,
         policy: RetryPolicy = RetryPolicy(),
         stop: threading.Event | None = None,
-        root_certificates: bytes | None = None,
+        tls: TlsConfig | None = None,
         rpc_timeout_s: float = 60.0,
         transfer_timeout_s: float = 600.0,
         rng: random.Random | None = None,
@@ -103,7 +127,7 @@ class Transport:
         self._clock = clock
         self._lock = threading.Lock()
         self._inflight: set[grpc.Future] = set()
-        self._channel = _open_channel(target, root_certificates, policy)
+        self._channel = _open_channel(target, tls, policy)
         self._stub = pb_grpc.FederationServiceStub(self._channel)
 
     def enroll(self, info: Mapping[str, str]) -> pb.EnrollResponse:
@@ -309,9 +333,7 @@ class _Download:
         return bytes(self._buffer)
 
 
-def _open_channel(
-    target: str, root_certificates: bytes | None, policy: RetryPolicy
-) -> grpc.Channel:
+def _open_channel(target: str, tls: TlsConfig | None, policy: RetryPolicy) -> grpc.Channel:
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -321,7 +343,8 @@ def _open_channel(
         ("grpc.min_reconnect_backoff_ms", int(policy.initial_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(policy.max_s * 1000)),
     ]
-    if root_certificates is None:
+    if tls is None:
         return grpc.insecure_channel(target, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return grpc.secure_channel(target, credentials, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(target, tls.credentials(), options=options)

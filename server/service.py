@@ -24,6 +24,7 @@ from fedrot_server.servicer import FederationServicer
 from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
 from fedrot_server.store import SqliteStore
+from fedrot_server.tls import add_port, security_of, server_credentials
 from fedrot_server.worker import ThreadedWorker, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ async def start_server(
 ) -> FederationServer:
     """Build everything, bind ``settings.listen``, start serving and start the run."""
     device = resolve_device(settings.device)
+    credentials = server_credentials(settings)
     store = SqliteStore(settings.database_path)
     store.set_client_tokens(settings.client_tokens())
     spec = RunSpec.from_settings(settings, run_id)
@@ -102,14 +104,11 @@ async def start_server(
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    try:
-        port = server.add_insecure_port(settings.listen)
-    except RuntimeError as exc:
-        raise SettingsError(f"listen = {settings.listen!r}: cannot bind ({exc})") from exc
+    port = add_port(server, settings.listen, credentials)
     await server.start()
     await engine.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s on port %s (device %s, state %s)", SERVICE_NAME, port, device,
-                settings.state_dir)  # fmt: skip
+    logger.info("serving %s on port %s, %s (device %s, state %s)", SERVICE_NAME, port,
+                security_of(settings), device, settings.state_dir)  # fmt: skip
     return FederationServer(settings, spec, store, engine, worker, server, health, port)

@@ -208,6 +208,11 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, ge=0, description="seeds sampling, LoRA init and clients' batch order")
     tokens: dict[str, str] = Field(default_factory=dict, description="client name=token pairs")
     tokens_file: Path | None = Field(None, description="file of name=token lines")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA of client certificates: require mutual TLS"
+    )
     max_upload_bytes: int = Field(1024 * MIB, ge=1, description="largest accepted upload")
     chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES, description="download chunk size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="aggregation device")
@@ -253,6 +258,10 @@ class ServerSettings(BaseSettings):
     def _check_consistency(self) -> ServerSettings:
         if not self.client_tokens():
             raise ValueError("no client tokens: give --tokens name=token or --tokens-file")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         per_round, quorum = self.clients_per_round.count, self.quorum.count
         if per_round is not None and quorum is not None and quorum > per_round:
             raise ValueError(f"quorum {quorum} exceeds clients_per_round {per_round}")

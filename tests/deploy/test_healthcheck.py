@@ -22,6 +22,7 @@ def load_script():  # noqa: ANN201
     spec = importlib.util.spec_from_file_location("fedrot_healthcheck", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -122,10 +123,10 @@ def test_a_bad_listen_setting_is_a_usage_error() -> None:
 
 def test_client_role_uses_tls_when_a_ca_file_is_set(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    address, ca_file = healthcheck.target_of(
+    address, tls = healthcheck.target_of(
         "client",
         None,
         {"FEDROT_CLIENT_SERVER": "fed.example.org:443", "FEDROT_CLIENT_TLS_CA_FILE": str(ca)},
     )
-    assert (address, ca_file) == ("fed.example.org:443", ca)
+    assert (address, tls) == ("fed.example.org:443", healthcheck.TlsFiles(ca=ca))
     assert healthcheck.target_of("client", "x:1", {}) == ("x:1", None)
