@@ -1,4 +1,5 @@
-"""The ``fedrot`` command: ``fedrot aggregate ...`` (see :mod:`fedrot.cli.aggregate`).
+"""The ``fedrot`` command: ``fedrot aggregate ...`` (see :mod:`fedrot.cli.aggregate`) and
+``fedrot simulate ...`` (:mod:`fedrot.cli.simulate`).
 
 The one corner of the ``fedrot`` package that reads and writes files. Bad input ends the
 command with one line on stderr, ``fedrot: error: <file>: <problem>``, and exit status 2
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fedrot.cli import aggregate
+from fedrot.cli import aggregate, simulate
 from fedrot.cli.files import InputError
 
 PROG = "fedrot"
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     aggregate.add_parser(commands)
+    simulate.add_parser(commands)
     return parser
 
 

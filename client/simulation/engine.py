@@ -1,0 +1,209 @@
+"""The federation loop: broadcast, local training on the sampled clients, aggregation, evaluation.
+
+One base model with LoRA lives in this process. Every round the strategy's plan says which
+factors the clients train; the backend trains each sampled client from the broadcast global
+adapter; the strategy's streaming aggregator (the server's own code, :mod:`fedrot.strategies`)
+aligns and averages the uploads with ``n_i`` = samples processed; the new global adapter is
+evaluated on the held-out set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from fedrot.adapters import Adapter
+from fedrot.diagnostics import AggregationReport
+from fedrot.strategies import RoundPlan, build_strategy
+from fedrot_client.evaluation import evaluate
+from fedrot_client.lora import attach_lora, export_adapter, load_adapter
+from fedrot_client.models import load_base_model
+from fedrot_client.simulation.backends import (
+    ClientJob,
+    InProcessBackend,
+    RayBackend,
+    TrainingBackend,
+)
+from fedrot_client.simulation.config import BackendName, SimulationConfig
+from fedrot_client.simulation.federated_data import FederatedData
+from fedrot_client.training import TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """One round. ``train_loss``: sample-weighted mean local loss of the participants;
+    ``eval_*``: the new global adapter on the held-out set (accuracy for classification,
+    perplexity for causal LM); errors as in :class:`fedrot.diagnostics.AggregationReport`;
+    ``rotation_*``: mean over clients and modules of ``||R - I||_F`` and of the aligned
+    factor's distance to the reference before / after the rotation (None when not aligned)."""
+
+    round_index: int
+    trained: str
+    aligned: str | None
+    participants: int
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float | None
+    eval_perplexity: float | None
+    aggregation_error: float | None
+    relative_aggregation_error: float | None
+    factor_average_error: float | None
+    rotation_distance: float | None
+    residual_before: float | None
+    residual_after: float | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Every round's metrics and the final global adapter (PEFT keys, float32, CPU)."""
+
+    config: SimulationConfig
+    rounds: tuple[RoundMetrics, ...]
+    final_adapter: Mapping[str, Tensor]
+    label_skew: float
+
+    def summary(self) -> dict[str, Any]:
+        """Best and final held-out metric and the mean relative aggregation error."""
+        accuracies = [r.eval_accuracy for r in self.rounds if r.eval_accuracy is not None]
+        perplexities = [r.eval_perplexity for r in self.rounds if r.eval_perplexity is not None]
+        errors = [r.relative_aggregation_error for r in self.rounds
+                  if r.relative_aggregation_error is not None]  # fmt: skip
+        last = self.rounds[-1]
+        return {
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "final_accuracy": last.eval_accuracy,
+            "best_perplexity": min(perplexities) if perplexities else None,
+            "final_perplexity": last.eval_perplexity,
+            "final_eval_loss": last.eval_loss,
+            "mean_relative_aggregation_error": float(np.mean(errors)) if errors else None,
+            "label_skew": self.label_skew,
+        }
+
+
+RoundCallback = Callable[[RoundMetrics], None]
+
+
+def run_simulation(
+    config: SimulationConfig,
+    data: FederatedData,
+    *,
+    on_round: RoundCallback | None = None,
+    ray_init: Mapping[str, Any] | None = None,
+) -> SimulationResult:
+    """Run ``config.rounds`` rounds over ``data.clients`` (``len == config.num_clients``).
+
+    Loads the base model once and attaches LoRA seeded by ``config.seed``; ``on_round`` sees
+    each round's metrics as soon as they exist (to write partial results).
+    """
+    if len(data.clients) != config.num_clients:
+        raise ValueError(f"{len(data.clients)} client datasets for {config.num_clients} clients")
+    base = load_base_model(config.model)
+    model = attach_lora(base, config.lora, config.seed)
+    tokenizer = base.tokenizer
+    backend = _backend(config, model, tokenizer, ray_init)
+    strategy = build_strategy(config.strategy, config.strategy_config())
+    global_tensors = export_adapter(model)
+    rounds: list[RoundMetrics] = []
+    try:
+        for t in range(config.rounds):
+            started = time.perf_counter()
+            plan = strategy.plan(t)
+            jobs = _jobs(config, data, t)
+            results = backend.train_round(global_tensors, plan.trained, jobs)
+            reference = Adapter.from_state_dict(global_tensors)
+            report, global_tensors = _aggregate(strategy, reference, plan, jobs, results)
+            load_adapter(model, global_tensors)
+            metrics = _round_metrics(config, plan, results, report, model, tokenizer, data,
+                                     time.perf_counter() - started)  # fmt: skip
+            logger.info("round %s: loss %.4f eval %s rel.err %s", t, metrics.train_loss,
+                        metrics.eval_accuracy or metrics.eval_perplexity,
+                        metrics.relative_aggregation_error)  # fmt: skip
+            rounds.append(metrics)
+            if on_round is not None:
+                on_round(metrics)
+    finally:
+        backend.close()
+    return SimulationResult(config, tuple(rounds), dict(global_tensors), data.skew)
+
+
+def _backend(
+    config: SimulationConfig, model, tokenizer, ray_init: Mapping[str, Any] | None
+) -> TrainingBackend:
+    if config.backend is BackendName.RAY:
+        return RayBackend(model, tokenizer, init_options=ray_init)
+    return InProcessBackend(model, tokenizer)
+
+
+def sample_clients(config: SimulationConfig, round_index: int) -> list[int]:
+    """The sorted client indices of round ``round_index`` (all of them at fraction 1)."""
+    count = config.clients_per_round()
+    if count >= config.num_clients:
+        return list(range(config.num_clients))
+    rng = np.random.default_rng([config.seed, 3, round_index])
+    return sorted(int(i) for i in rng.choice(config.num_clients, size=count, replace=False))
+
+
+def _jobs(config: SimulationConfig, data: FederatedData, round_index: int) -> list[ClientJob]:
+    return [
+        ClientJob(f"client-{i}", data.clients[i], config.train_config(round_index, i))
+        for i in sample_clients(config, round_index)
+    ]
+
+
+def _aggregate(
+    strategy, reference: Adapter, plan: RoundPlan, jobs: Sequence[ClientJob],
+    results: Sequence[TrainResult],
+) -> tuple[AggregationReport, dict[str, Tensor]]:  # fmt: skip
+    """The server's step: each upload (only the trained factors and the head) completed with
+    the reference's frozen factor, streamed into the strategy's aggregator."""
+    aggregator = strategy.start_round(reference, plan, track_error=True)
+    for job, result in zip(jobs, results, strict=True):
+        update = reference.with_factors_from(dict(result.tensors))
+        aggregator.add(job.client_id, update, float(result.num_samples))
+    outcome = aggregator.finalize()
+    return outcome.report, outcome.adapter.to_state_dict()
+
+
+def _round_metrics(
+    config: SimulationConfig, plan: RoundPlan, results: Sequence[TrainResult],
+    report: AggregationReport, model, tokenizer, data: FederatedData, seconds: float,
+) -> RoundMetrics:  # fmt: skip
+    samples = sum(r.num_samples for r in results)
+    train_loss = sum(r.mean_loss * r.num_samples for r in results) / max(samples, 1)
+    evaluation = evaluate(model, tokenizer, data.evaluation, batch_size=config.eval_batch_size,
+                          max_length=config.max_length)  # fmt: skip
+    stats = [s for c in report.clients for s in c.rotations]
+    return RoundMetrics(
+        round_index=plan.round_index,
+        trained="".join(sorted(str(f) for f in plan.trained)),
+        aligned=None if report.aligned is None else str(report.aligned),
+        participants=len(results),
+        train_loss=train_loss,
+        eval_loss=evaluation.loss,
+        eval_accuracy=evaluation.accuracy,
+        eval_perplexity=evaluation.perplexity,
+        aggregation_error=report.aggregation_error,
+        relative_aggregation_error=report.relative_aggregation_error,
+        factor_average_error=report.factor_average_error,
+        rotation_distance=_mean([s.rotation_distance for s in stats]),
+        residual_before=_mean([s.residual_before for s in stats]),
+        residual_after=_mean([s.residual_after for s in stats]),
+        seconds=seconds,
+    )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
