@@ -1,0 +1,108 @@
+"""Prometheus metrics of the current run, read from the state at each scrape.
+
+A custom collector (no counters kept in memory: a restarted dashboard reports the same
+numbers). Labelled by ``run``; refused uploads also by ``reason`` (the status name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from fedrot_server.dashboard import views
+from fedrot_server.dashboard.errors import ApiError
+from fedrot_server.dashboard.sources import CURRENT, Sources
+from fedrot_server.state import RoundPhase
+
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class RunCollector(Collector):
+    """Collects the metrics of the current run (nothing when there is no run)."""
+
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator:
+        try:
+            state = self._sources.state(CURRENT)
+        except ApiError:
+            return
+        run = state.run.run_id
+        rounds = views.rounds_view(state)
+        closed = [r for r in rounds if r.phase == RoundPhase.CLOSED.value]
+        yield _gauge("fedrot_rounds_completed", "Rounds closed", run, state.run.rounds_completed)
+        current = rounds[-1].round if rounds else -1
+        yield _gauge("fedrot_current_round", "Index of the latest round (-1: none)", run, current)
+        yield self._clients(state, run)
+        yield self._bytes(rounds, run)
+        if closed:
+            last = closed[-1]
+            for name in ("aggregation_error", "relative_aggregation_error"):
+                value = getattr(last, name)
+                if value is not None:
+                    yield _gauge(f"fedrot_{name}", f"{name.replace('_', ' ')} of the latest "
+                                 "closed round (Frobenius norm)", run, value)  # fmt: skip
+        yield self._refusals(run)
+        yield _durations(closed, run)
+
+    def _clients(self, state: views.RunState, run: str) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("fedrot_clients", "Enrolled clients by status",
+                                   labels=["run", "status"])  # fmt: skip
+        now, timeout = self._sources.clock(), self._sources.client_timeout_s
+        open_round = state.open_round
+        reported = {u.client for u in state.uploads.get(open_round.round_index, [])} if open_round else set()
+        counts: dict[str, int] = {}
+        for client in state.clients:
+            status = views.client_status(client, open_round, reported, now, timeout)
+            counts[status] = counts.get(status, 0) + 1
+        for status in ("training", "reported", "live", "silent", "revoked"):
+            family.add_metric([run, status], counts.get(status, 0))
+        return family
+
+    def _bytes(self, rounds: list, run: str) -> CounterMetricFamily:
+        family = CounterMetricFamily("fedrot_transfer_bytes", "Bytes of adapters moved",
+                                     labels=["run", "direction"])  # fmt: skip
+        down = sum(d.size_bytes for d in self._sources.downloads(run))
+        family.add_metric([run, "up"], sum(r.bytes_in for r in rounds))
+        family.add_metric([run, "down"], down)
+        return family
+
+    def _refusals(self, run: str) -> CounterMetricFamily:
+        family = CounterMetricFamily("fedrot_refused_uploads", "Refused uploads by reason",
+                                     labels=["run", "reason"])  # fmt: skip
+        counts: dict[str, int] = {}
+        for refusal in self._sources.refusals(run):
+            counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
+        for reason, count in sorted(counts.items()):
+            family.add_metric([run, reason], count)
+        return family
+
+
+def _gauge(name: str, documentation: str, run: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["run"])
+    family.add_metric([run], value)
+    return family
+
+
+def _durations(closed: list, run: str) -> HistogramMetricFamily:
+    values = [r.duration_s for r in closed if r.duration_s is not None]
+    buckets = [(str(b), sum(v <= b for v in values)) for b in DURATION_BUCKETS]
+    buckets.append(("+Inf", len(values)))
+    family = HistogramMetricFamily("fedrot_round_duration_seconds", "Wall time of closed rounds",
+                                   labels=["run"])  # fmt: skip
+    family.add_metric([run], buckets, sum_value=sum(values))
+    return family
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def build_registry(sources: Sources) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(sources))
+    return registry

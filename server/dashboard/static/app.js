@@ -1,0 +1,220 @@
+// FedRot dashboard: polls the JSON API (/api/v1) and redraws; plain JS, no build step.
+"use strict";
+
+const POLL_MS = 2000;
+const API = "/api/v1";
+const params = new URLSearchParams(location.search);
+const runId = params.get("run") || "current";
+let readToken = params.get("token") || localStorage.getItem("fedrot-read-token") || "";
+let deadline = null;
+let serverOffset = 0;
+
+const $ = (id) => document.getElementById(id);
+const fmt = (v, digits = 4) => (v === null || v === undefined ? "–" : Number(v).toPrecision(digits));
+const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function withToken(url) {
+  return readToken ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(readToken)}` : url;
+}
+
+async function getJson(path) {
+  const headers = readToken ? { Authorization: `Bearer ${readToken}` } : {};
+  const response = await fetch(API + path, { headers });
+  const body = await response.json();
+  if (!response.ok) {
+    const error = new Error(`${body.error}: ${JSON.stringify(body.detail)}`);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function cell(row, text, cls) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+function showOverview(o) {
+  $("run-id").textContent = o.run.run_id;
+  $("activity").textContent = o.activity;
+  $("paused").hidden = !o.paused;
+  $("round-number").textContent = o.current_round === null ? "–" : o.current_round;
+  $("round-total").textContent = o.run.rounds_total ?? "–";
+  $("round-phase").textContent = o.round_phase ? `round ${o.round_phase}, ${o.run.rounds_completed} completed` : "";
+  $("reported").textContent = o.clients_reported;
+  $("sampled").textContent = o.clients_sampled;
+  $("enrolled").textContent = o.clients_enrolled;
+  $("base-model").textContent = `${o.base_model ?? "–"} (${o.task ?? "?"})`;
+  $("rank").textContent = o.lora_rank ?? "–";
+  $("strategy").textContent = o.strategy ?? "–";
+  $("lambda").textContent = o.alignment_strength ?? "–";
+  deadline = o.deadline;
+  serverOffset = o.server_time - Date.now() / 1000;
+  tick();
+}
+
+function tick() {
+  if (deadline === null) { $("countdown").textContent = "–"; return; }
+  const left = Math.max(0, deadline - (Date.now() / 1000 + serverOffset));
+  const m = Math.floor(left / 60), s = Math.floor(left % 60);
+  $("countdown").textContent = `${m}:${String(s).padStart(2, "0")} left`;
+}
+
+function showClients(clients) {
+  const body = $("clients").tBodies[0];
+  body.replaceChildren();
+  const admin = Boolean($("admin-token").value);
+  document.querySelectorAll(".admin-only").forEach((e) => { e.hidden = !admin; });
+  for (const c of clients) {
+    const row = body.insertRow();
+    cell(row, c.name);
+    cell(row, c.status);
+    cell(row, when(c.last_seen));
+    cell(row, `${c.rounds_reported} / ${c.rounds_joined}`, "num");
+    cell(row, c.samples, "num");
+    cell(row, bytes(c.bytes_up), "num");
+    cell(row, bytes(c.bytes_down), "num");
+    cell(row, fmt(c.last_train_loss), "num");
+    cell(row, c.rotation_distance === null ? "–" : `${fmt(c.rotation_distance, 3)} / ${fmt(c.rotation_distance_max, 3)} (r${c.rotation_round})`, "num");
+    if (c.last_upload_refused) cell(row, `refused: ${c.refusal_reason} (${c.refusal_detail})`, "refused");
+    else cell(row, c.rounds_reported ? "accepted" : "–");
+    const action = row.insertCell();
+    action.className = "admin-only";
+    action.hidden = !admin;
+    if (admin && c.status !== "revoked") {
+      const button = document.createElement("button");
+      button.textContent = "Revoke";
+      button.onclick = () => act(`clients/${encodeURIComponent(c.name)}/revoke`);
+      action.appendChild(button);
+    }
+  }
+}
+
+function showRounds(rounds) {
+  const body = $("rounds").tBodies[0];
+  body.replaceChildren();
+  for (const r of rounds) {
+    const row = body.insertRow();
+    cell(row, r.round, "num");
+    cell(row, r.phase);
+    cell(row, `${r.reporters.length} / ${r.participants.length}`, "num");
+    cell(row, r.samples, "num");
+    cell(row, fmt(r.train_loss), "num");
+    cell(row, fmt(r.accuracy), "num");
+    cell(row, fmt(r.aggregation_error), "num");
+    cell(row, fmt(r.relative_aggregation_error), "num");
+    cell(row, bytes(r.bytes_in), "num");
+    cell(row, bytes(r.bytes_out), "num");
+    cell(row, r.duration_s === null ? "–" : `${r.duration_s.toFixed(1)} s`, "num");
+  }
+  drawRoundCharts(rounds);
+}
+
+const LAYOUT = { margin: { l: 55, r: 55, t: 35, b: 40 }, legend: { orientation: "h", y: -0.2 }, font: { size: 11 } };
+const CONFIG = { displaylogo: false, responsive: true };
+
+function draw(id, traces, layout) {
+  Plotly.react(id, traces, { ...LAYOUT, ...layout }, CONFIG);
+}
+
+function drawRoundCharts(rounds) {
+  const x = rounds.map((r) => r.round);
+  const closed = rounds.filter((r) => r.phase === "closed");
+  const cx = closed.map((r) => r.round);
+  draw("chart-loss", [
+    { x, y: rounds.map((r) => r.train_loss), name: "train loss", mode: "lines+markers" },
+    { x: cx, y: closed.map((r) => r.accuracy), name: "held-out accuracy", mode: "lines+markers", yaxis: "y2" },
+  ], { title: { text: "Train loss and accuracy" }, xaxis: { title: { text: "round" }, dtick: 1 },
+       yaxis: { title: { text: "loss" } }, yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1] } });
+  draw("chart-error", [
+    { x: cx, y: closed.map((r) => r.aggregation_error), name: "‖Σ pᵢBᵢAᵢ − B̄Ā‖", mode: "lines+markers" },
+    { x: cx, y: closed.map((r) => r.relative_aggregation_error), name: "relative", mode: "lines+markers" },
+  ], { title: { text: "Aggregation error (log)" }, xaxis: { title: { text: "round" }, dtick: 1 }, yaxis: { type: "log" } });
+  draw("chart-bytes", [
+    { x, y: rounds.map((r) => r.bytes_in), name: "uploaded", type: "bar" },
+    { x, y: rounds.map((r) => r.bytes_out), name: "downloaded", type: "bar" },
+  ], { title: { text: "Bytes per round" }, xaxis: { title: { text: "round" }, dtick: 1 }, barmode: "group" });
+  draw("chart-duration", [
+    { x: cx, y: closed.map((r) => r.duration_s), name: "duration (s)", type: "bar" },
+  ], { title: { text: "Round duration (s)" }, xaxis: { title: { text: "round" }, dtick: 1 } });
+}
+
+function showModules(m) {
+  const names = m.modules.map((e) => e.module.replace(/^base_model\.model\./, ""));
+  draw("chart-modules", [
+    { x: names, y: m.modules.map((e) => e.aggregation_error), name: "aggregation error", type: "bar" },
+    { x: names, y: m.modules.map((e) => e.rotation_distance), name: "mean ‖R − I‖", type: "bar", yaxis: "y2" },
+  ], { title: { text: m.round === null ? "Per module: no closed round yet" : `Per module, round ${m.round} (aligned ${m.aligned ?? "none"})` },
+       barmode: "group", yaxis: { title: { text: "error" } },
+       yaxis2: { title: { text: "‖R − I‖" }, overlaying: "y", side: "right" } });
+}
+
+function showAdapters(adapters) {
+  const body = $("adapters").tBodies[0];
+  body.replaceChildren();
+  for (const a of adapters.slice().reverse()) {
+    const row = body.insertRow();
+    cell(row, a.name);
+    cell(row, bytes(a.size_bytes), "num");
+    cell(row, a.sha256, "sha");
+    for (const [url, label, cls] of [[a.zip_url, "zip", "download-zip"], [a.safetensors_url, "safetensors", "download-safetensors"]]) {
+      const link = document.createElement("a");
+      link.href = withToken(url);
+      link.textContent = label;
+      link.className = cls;
+      link.dataset.sha256 = a.sha256;
+      row.insertCell().appendChild(link);
+    }
+  }
+}
+
+async function act(action) {
+  const token = $("admin-token").value;
+  const response = await fetch(`${API}/runs/${encodeURIComponent(runId)}/${action}`, {
+    method: "POST", headers: { Authorization: `Bearer ${token}` },
+  });
+  const body = await response.json();
+  $("admin-result").textContent = response.ok ? body.detail : `${response.status} ${body.error}: ${body.detail}`;
+  refresh();
+}
+
+async function refresh() {
+  const run = encodeURIComponent(runId);
+  try {
+    const [overview, clients, rounds, modules, adapters] = await Promise.all([
+      getJson(`/runs/${run}`), getJson(`/runs/${run}/clients`), getJson(`/runs/${run}/rounds`),
+      getJson(`/runs/${run}/modules`), getJson(`/runs/${run}/adapters`),
+    ]);
+    showOverview(overview);
+    showClients(clients);
+    showRounds(rounds);
+    showModules(modules);
+    showAdapters(adapters);
+    $("error").hidden = true;
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    $("error").textContent = error.message;
+    $("error").hidden = false;
+    $("login").hidden = !(error.status === 401 || error.status === 403);
+  }
+}
+
+$("read-token-save").onclick = () => {
+  readToken = $("read-token").value;
+  localStorage.setItem("fedrot-read-token", readToken);
+  refresh();
+};
+document.querySelectorAll("#admin button").forEach((b) => { b.onclick = () => act(b.dataset.action); });
+refresh();
+setInterval(refresh, POLL_MS);
+setInterval(tick, 1000);

@@ -1,0 +1,156 @@
+"""A recorded run for the dashboard tests: a real SQLite state written by the server's own
+store and telemetry log, round reports and adapter folders as the server lays them out.
+
+Importable as ``dashboard_state`` (pytest puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedrot_server.control import Activity, LiveStatus
+from fedrot_server.errors import NotFoundError, WrongStateError
+from fedrot_server.state import UploadRow
+from fedrot_server.store import SqliteStore
+from fedrot_server.telemetry import TelemetryLog
+
+RUN = "run-0123456789ab"
+T0 = 1_700_000_000.0
+MODULES = ("base_model.model.encoder.0.query", "base_model.model.encoder.0.value")
+SPEC = {
+    "run_id": RUN, "rounds": 3, "seed": 0,
+    "model": {"name": "tiny-bert", "task": "classification", "num_labels": 2},
+    "lora": {"rank": 2, "alpha": 4.0}, "strategy": {"name": "fedrot", "alignment_strength": 0.4},
+}  # fmt: skip
+
+
+@dataclass
+class RecordedRun:
+    state_dir: Path
+    weights: dict[str | None, bytes] = field(default_factory=dict)
+
+    @property
+    def db(self) -> Path:
+        return self.state_dir / "fedrot.sqlite3"
+
+    @property
+    def runs_root(self) -> Path:
+        return self.state_dir / "runs"
+
+
+def upload(round_index: int, client: str, samples: int, size: int, loss: float, at: float) -> UploadRow:
+    return UploadRow(run_id=RUN, round_index=round_index, client=client,
+                     idempotency_key=f"{client}-{round_index}", sample_count=samples,
+                     size_bytes=size, sha256="0" * 64, received_at=at, sequence=0,
+                     metrics={"train_loss": loss})  # fmt: skip
+
+
+def write_adapter(run: RecordedRun, round_index: int | None, payload: bytes) -> None:
+    base = run.runs_root / RUN / ("initial" if round_index is None else f"rounds/{round_index}")
+    folder = base / "adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(payload)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    run.weights[round_index] = payload
+
+
+def report(round_index: int) -> dict:
+    """A round-0 report: FedRot aligning A; alice rotated more than bob."""
+    rotations = {"alice": (0.3, 0.5), "bob": (0.1, 0.2)}
+    return {
+        "summary": {"round": round_index},
+        "aggregation": {
+            "aligned": "A", "aggregation_error": 0.02, "relative_aggregation_error": 0.01,
+            "modules": [{"module": m, "aggregation_error": 0.01 * (i + 1),
+                         "relative_aggregation_error": 0.005, "update_norm": 2.0}
+                        for i, m in enumerate(MODULES)],
+            "clients": [{"client_id": c, "weight": 1.0,
+                         "rotations": [{"module": m, "rotation_distance": d[i],
+                                        "residual_before": 1.0, "residual_after": 0.5}
+                                       for i, m in enumerate(MODULES)]}
+                        for c, d in rotations.items()],
+        },
+    }  # fmt: skip
+
+
+def record_run(state_dir: Path) -> RecordedRun:
+    """Run RUN: alice, bob, carol (revoked later); round 0 closed, round 1 open with alice
+    reported and bob's upload refused; telemetry of downloads."""
+    run = RecordedRun(state_dir)
+    store = SqliteStore(run.db)
+    store.set_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob", "carol")})
+    store.create_run(RUN, SPEC, T0)
+    for i, name in enumerate(("alice", "bob", "carol")):
+        store.enroll(RUN, name, {"host": f"h{i}"}, T0 + i)
+    store.open_round(RUN, 0, ["alice", "bob"], T0 + 10, T0 + 70)
+    store.record_upload(upload(0, "alice", 10, 1000, 1.5, T0 + 20))
+    store.record_upload(upload(0, "bob", 30, 3000, 0.5, T0 + 25))
+    store.close_round(RUN, 0, at=T0 + 40, reporters=["alice", "bob"], adapter_sha256="ab" * 32,
+                      summary={"samples": 40, "bytes_in": 4000, "bytes_out": 2500,
+                               "aggregation_error": 0.02, "relative_aggregation_error": 0.01,
+                               "client_metrics": {"train_loss": 0.75},
+                               "evaluation": {"accuracy": 0.625}, "duration_s": 30.0,
+                               "extensions": 0})  # fmt: skip
+    store.record_metrics(RUN, 0, "server", {"accuracy": 0.625})
+    store.open_round(RUN, 1, ["alice", "bob", "carol"], T0 + 50, T0 + 110)
+    store.record_upload(upload(1, "alice", 12, 1100, 0.9, T0 + 60))
+    store.touch(RUN, "alice", T0 + 60)
+    store.touch(RUN, "bob", T0 + 61)
+    store.revoke_client("carol")
+    store.close()
+    telemetry = TelemetryLog(run.db)
+    telemetry.record_refusal(RUN, 0, "bob", "INVALID_ARGUMENT", "old refusal, later accepted", T0 + 22)
+    telemetry.record_refusal(RUN, 1, "bob", "INVALID_ARGUMENT", "sha256 mismatch", T0 + 62)
+    telemetry.record_download(RUN, 0, "alice", 1200)
+    telemetry.record_download(RUN, 1, "alice", 1300)
+    telemetry.record_download(RUN, 0, "bob", 1250)
+    telemetry.close()
+    write_adapter(run, None, b"initial-weights-" * 8)
+    write_adapter(run, 0, b"round-0-weights-" * 8)
+    path = run.runs_root / RUN / "rounds" / "0" / "report.json"
+    path.write_text(json.dumps(report(0)))
+    return run
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FakeControl:
+    """A :class:`~fedrot_server.control.RunControl` recording the actions it was asked for."""
+
+    def __init__(self, run_id: str = RUN, activity: Activity = Activity.TRAINING) -> None:
+        self.run_id, self.activity = run_id, activity
+        self.paused = False
+        self.calls: list[str] = []
+
+    def status(self) -> LiveStatus:
+        return LiveStatus(self.run_id, self.activity, self.paused)
+
+    async def pause(self) -> None:
+        self._check()
+        self.calls.append("pause")
+        self.paused = True
+
+    async def resume(self) -> None:
+        self._check()
+        self.calls.append("resume")
+        self.paused = False
+
+    async def close_round(self) -> int:
+        if self.activity is not Activity.TRAINING:
+            raise WrongStateError("no round is open")
+        self.calls.append("close_round")
+        return 1
+
+    async def revoke(self, client: str) -> None:
+        if client not in ("alice", "bob", "carol"):
+            raise NotFoundError(f"no client named {client!r}")
+        self.calls.append(f"revoke {client}")
+
+    def _check(self) -> None:
+        if self.activity is Activity.DONE:
+            raise WrongStateError("the run is over")
