@@ -32,7 +32,7 @@ class SimulationConfig:
 
     Each round a seeded ``client_fraction`` of the clients (at least one) trains ``local_steps``
     batches from the broadcast global adapter; the strategy aggregates the uploads with
-    ``n_i`` = samples processed. ``seed`` fixes the LoRA init, the data split, client sampling
+    ``n_i`` = samples processed; every ``eval_every``-th global adapter is evaluated. ``seed`` fixes the LoRA init, the data split, client sampling
     and every client's batch order and dropout (per round and client).
     """
 
@@ -50,6 +50,7 @@ class SimulationConfig:
     optimizer: OptimizerName = OptimizerName.SGD
     max_length: int = 32
     eval_batch_size: int = 100
+    eval_every: int = 1
     seed: int = 0
     backend: BackendName = BackendName.IN_PROCESS
     num_threads: int | None = None
@@ -65,7 +66,7 @@ class SimulationConfig:
                 "shared base weights); use the server for it"
             )
         for name in ("num_clients", "rounds", "local_steps", "batch_size", "max_length",
-                     "eval_batch_size"):  # fmt: skip
+                     "eval_batch_size", "eval_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
         fraction = float(self.client_fraction)
@@ -79,6 +80,11 @@ class SimulationConfig:
 
     def strategy_config(self) -> StrategyConfig:
         return StrategyConfig(lam=self.lam, align_first=self.align_first, seed=self.seed)
+
+    def evaluates(self, round_index: int) -> bool:
+        """Whether round ``round_index`` evaluates the global adapter (every ``eval_every``-th
+        round, counted from 1, and always the last)."""
+        return (round_index + 1) % self.eval_every == 0 or round_index == self.rounds - 1
 
     def clients_per_round(self) -> int:
         return max(1, round(self.client_fraction * self.num_clients))

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 class RoundMetrics:
     """One round. ``train_loss``: sample-weighted mean local loss of the participants;
     ``eval_*``: the new global adapter on the held-out set (accuracy for classification,
-    perplexity for causal LM); errors as in :class:`fedrot.diagnostics.AggregationReport`;
+    perplexity for causal LM; None in rounds that do not evaluate); errors as in :class:`fedrot.diagnostics.AggregationReport`;
     ``rotation_*``: mean over clients and modules of ``||R - I||_F`` and of the aligned
     factor's distance to the reference before / after the rotation (None when not aligned)."""
 
@@ -51,7 +51,7 @@ class RoundMetrics:
     aligned: str | None
     participants: int
     train_loss: float
-    eval_loss: float
+    eval_loss: float | None
     eval_accuracy: float | None
     eval_perplexity: float | None
     aggregation_error: float | None
@@ -82,12 +82,14 @@ class SimulationResult:
         errors = [r.relative_aggregation_error for r in self.rounds
                   if r.relative_aggregation_error is not None]  # fmt: skip
         last = self.rounds[-1]
+        losses = [r.eval_loss for r in self.rounds if r.eval_loss is not None]
         return {
             "best_accuracy": max(accuracies) if accuracies else None,
             "final_accuracy": last.eval_accuracy,
             "best_perplexity": min(perplexities) if perplexities else None,
             "final_perplexity": last.eval_perplexity,
             "final_eval_loss": last.eval_loss,
+            "best_eval_loss": min(losses) if losses else None,
             "mean_relative_aggregation_error": float(np.mean(errors)) if errors else None,
             "label_skew": self.label_skew,
         }
@@ -183,8 +185,10 @@ def _round_metrics(
 ) -> RoundMetrics:  # fmt: skip
     samples = sum(r.num_samples for r in results)
     train_loss = sum(r.mean_loss * r.num_samples for r in results) / max(samples, 1)
-    evaluation = evaluate(model, tokenizer, data.evaluation, batch_size=config.eval_batch_size,
-                          max_length=config.max_length)  # fmt: skip
+    evaluation = None
+    if config.evaluates(plan.round_index):
+        evaluation = evaluate(model, tokenizer, data.evaluation,
+                              batch_size=config.eval_batch_size, max_length=config.max_length)
     stats = [s for c in report.clients for s in c.rotations]
     return RoundMetrics(
         round_index=plan.round_index,
@@ -192,9 +196,9 @@ def _round_metrics(
         aligned=None if report.aligned is None else str(report.aligned),
         participants=len(results),
         train_loss=train_loss,
-        eval_loss=evaluation.loss,
-        eval_accuracy=evaluation.accuracy,
-        eval_perplexity=evaluation.perplexity,
+        eval_loss=None if evaluation is None else evaluation.loss,
+        eval_accuracy=None if evaluation is None else evaluation.accuracy,
+        eval_perplexity=None if evaluation is None else evaluation.perplexity,
         aggregation_error=report.aggregation_error,
         relative_aggregation_error=report.relative_aggregation_error,
         factor_average_error=report.factor_average_error,

@@ -41,6 +41,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     data.add_argument("--alpha", type=float, default=0.5, help="label-Dirichlet concentration")
     data.add_argument("--per-client", type=int, default=300, help="examples per client (cap)")
     data.add_argument("--eval-size", type=int, default=200)
+    data.add_argument("--eval-every", type=int, default=1,
+                      help="evaluate every k-th round (and the last)")
     data.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
     model = parser.add_argument_group("model and local training")
     model.add_argument("--model", default="minilm", help="registry name or folder")
