@@ -16,6 +16,7 @@ class Roster:
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
         self._held: dict[str, int] = {}
+        self._removed: set[str] = set()
 
     def __contains__(self, client: str) -> bool:
         return client in self._seen
@@ -28,8 +29,15 @@ class Roster:
         return set(self._seen)
 
     def touch(self, client: str, now: float) -> None:
-        """Record that ``client`` was heard from (enrolling counts)."""
-        self._seen[client] = now
+        """Record that ``client`` was heard from (enrolling counts; not once removed)."""
+        if client not in self._removed:
+            self._seen[client] = now
+
+    def remove(self, client: str) -> None:
+        """Forget ``client`` for good (revoked): it is neither live nor waited for any more."""
+        self._removed.add(client)
+        self._seen.pop(client, None)
+        self._held.pop(client, None)
 
     def hold(self, client: str) -> None:
         self._held[client] = self._held.get(client, 0) + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from fedrot_server.errors import (
 )
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.tasks import UploadOutcome
+from fedrot_server.telemetry import TelemetryLog
 from fedrot_server.transfers import Announced, PayloadReceiver, payload_chunks
 
 logger = logging.getLogger(__name__)
@@ -97,11 +99,18 @@ def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
 
 
 class FederationServicer(pb_grpc.FederationServiceServicer):
-    """``fedrot.v1.FederationService`` over a :class:`RoundEngine`."""
+    """``fedrot.v1.FederationService`` over a :class:`RoundEngine`; with ``telemetry``, refused
+    uploads and bytes sent are recorded for the dashboard."""
 
-    def __init__(self, engine: RoundEngine, authenticator: TokenAuthenticator) -> None:
+    def __init__(
+        self,
+        engine: RoundEngine,
+        authenticator: TokenAuthenticator,
+        telemetry: TelemetryLog | None = None,
+    ) -> None:
         self._engine = engine
         self._auth = authenticator
+        self._telemetry = telemetry
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         return self._auth.client_of(context.invocation_metadata())
@@ -131,6 +140,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             yield messages.download_chunk(offset, data)
             sent += len(data)
         self._engine.count_download(request.round, sent)
+        if self._telemetry is not None:
+            self._telemetry.record_download(request.run_id, request.round, client, sent)
 
     @unary_errors
     async def UploadUpdate(
@@ -139,6 +150,30 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         client = self._client(context)
         messages_in = aiter(request_iterator)
         first = await anext(messages_in, None)
+        round_index = first.header.round if first is not None and first.HasField("header") else -1
+        try:
+            return await self._upload(client, first, messages_in)
+        except Exception as error:
+            self._record_refusal(client, round_index, error)
+            raise
+
+    def _record_refusal(self, client: str, round_index: int, error: Exception) -> None:
+        """Record a refused upload (reason: its status name) for the dashboard."""
+        if self._telemetry is None:
+            return
+        code, message = status_of(error)
+        try:
+            self._telemetry.record_refusal(self._engine.spec.run_id, round_index, client,
+                                           code.name, message, time.time())  # fmt: skip
+        except Exception:  # noqa: BLE001 - telemetry must not change the answer
+            logger.warning("could not record a refused upload of %s", client, exc_info=True)
+
+    async def _upload(
+        self,
+        client: str,
+        first: pb.UploadUpdateRequest | None,
+        messages_in: AsyncIterator[pb.UploadUpdateRequest],
+    ) -> pb.UploadUpdateResponse:
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidRequestError("an upload must start with a header message")
         request = messages.upload_request(first.header)

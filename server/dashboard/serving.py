@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -26,14 +28,20 @@ class QuietServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass
 class DashboardServer:
-    """A running dashboard: ``port`` is the bound port."""
+    """A running dashboard: ``port`` is the bound port; ``resources`` (its state readers) are
+    closed when it stops."""
 
     server: uvicorn.Server
     task: asyncio.Task[None]
     sock: socket.socket
     port: int
+    resources: Sequence[Closable] = field(default_factory=tuple)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Ask uvicorn to exit; cancel it when it has not within ``timeout_s``."""
@@ -44,6 +52,8 @@ class DashboardServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self.sock.close()
+        for resource in self.resources:
+            resource.close()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -60,7 +70,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_dashboard(app: FastAPI, host: str, port: int) -> DashboardServer:
+async def start_dashboard(
+    app: FastAPI, host: str, port: int, resources: Sequence[Closable] = ()
+) -> DashboardServer:
     """Bind ``host:port`` and serve ``app`` there on the running loop until stopped."""
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -75,4 +87,4 @@ async def start_dashboard(app: FastAPI, host: str, port: int) -> DashboardServer
         raise RuntimeError("the dashboard stopped while starting")
     bound = sock.getsockname()[1]
     logger.info("dashboard on port %s (http://%s:%s/)", bound, host, bound)
-    return DashboardServer(server, task, sock, bound)
+    return DashboardServer(server, task, sock, bound, tuple(resources))
