@@ -1,7 +1,7 @@
 """A snapshot of everything a refused request must leave alone, and a server on its own thread.
 
 :func:`snapshot` reads the SQLite database (every table, every row; only ``last_seen``, a
-liveness time, is left out), the files under the state folder, the open round and the
+liveness time, and the operator's telemetry tables are left out), the files under the state folder, the open round and the
 aggregation worker's running sums. Two snapshots compare equal with ``==`` on their
 ``fingerprint``. Importable as ``server_state`` from the tests in this folder.
 """
@@ -25,6 +25,8 @@ from wire import initializer_of
 
 T = TypeVar("T")
 LIVENESS_COLUMNS = frozenset({"last_seen"})
+# The operator's telemetry (fedrot_server.telemetry): a refusal is recorded there on purpose.
+TELEMETRY_TABLES = frozenset({"refusals", "downloads"})
 MAX_DEPTH = 8
 
 
@@ -50,9 +52,17 @@ class Snapshot:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal values; tensors bit for bit (an uninitialised buffer may hold NaN patterns)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return bool(torch.equal(_bits(a), _bits(b)))
     return type(a) is type(b) and a == b
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat if t.dtype is torch.bool else flat.view(torch.uint8)
 
 
 def database_rows(server: FederationServer) -> dict[str, list[tuple[Any, ...]]]:
@@ -61,7 +71,7 @@ def database_rows(server: FederationServer) -> dict[str, list[tuple[Any, ...]]]:
     try:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         out = {}
-        for table in sorted(tables):
+        for table in sorted(set(tables) - TELEMETRY_TABLES):
             cursor = db.execute(f"SELECT * FROM {table}")  # noqa: S608 - names from sqlite_master
             keep = [i for i, d in enumerate(cursor.description) if d[0] not in LIVENESS_COLUMNS]
             out[table] = sorted((tuple(row[i] for i in keep) for row in cursor), key=repr)
