@@ -1,9 +1,10 @@
 """A snapshot of everything a refused request must leave alone, and a server on its own thread.
 
 :func:`snapshot` reads the SQLite database (every table, every row; only ``last_seen``, a
-liveness time, and the operator's telemetry tables are left out), the files under the state folder, the open round and the
-aggregation worker's running sums. Two snapshots compare equal with ``==`` on their
-``fingerprint``. Importable as ``server_state`` from the tests in this folder.
+liveness time, and the operator's telemetry tables are left out), the files under the state
+folder, the open round and the aggregation worker's running state (tensors compared bit for
+bit). ``before.differences(after)`` lists what changed. Importable as ``server_state`` from
+the tests in this folder.
 """
 
 from __future__ import annotations
