@@ -115,16 +115,19 @@ function showRounds(rounds) {
     cell(row, fmt(r.relative_aggregation_error), "num");
     cell(row, bytes(r.bytes_in), "num");
     cell(row, bytes(r.bytes_out), "num");
-    cell(row, r.duration_s === null ? "–" : `${r.duration_s.toFixed(1)} s`, "num");
+    cell(row, r.duration_s === null ? "–" : `${r.duration_s < 10 ? r.duration_s.toFixed(2) : r.duration_s.toFixed(1)} s`, "num");
   }
   drawRoundCharts(rounds);
 }
 
-const LAYOUT = { margin: { l: 55, r: 55, t: 35, b: 40 }, legend: { orientation: "h", y: -0.2 }, font: { size: 11 } };
+const LAYOUT = { margin: { l: 55, r: 55, t: 40, b: 30 }, legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", xanchor: "left" },
+                 title: { x: 0.98, xanchor: "right" }, font: { size: 11 } };
+const ROUND_AXIS = { dtick: 1, tickprefix: "round " };
 const CONFIG = { displaylogo: false, responsive: true };
 
 function draw(id, traces, layout) {
-  Plotly.react(id, traces, { ...LAYOUT, ...layout }, CONFIG);
+  const title = { ...LAYOUT.title, ...(layout.title || {}) };
+  Plotly.react(id, traces, { ...LAYOUT, ...layout, title }, CONFIG);
 }
 
 function drawRoundCharts(rounds) {
@@ -134,29 +137,29 @@ function drawRoundCharts(rounds) {
   draw("chart-loss", [
     { x, y: rounds.map((r) => r.train_loss), name: "train loss", mode: "lines+markers" },
     { x: cx, y: closed.map((r) => r.accuracy), name: "held-out accuracy", mode: "lines+markers", yaxis: "y2" },
-  ], { title: { text: "Train loss and accuracy" }, xaxis: { title: { text: "round" }, dtick: 1 },
-       yaxis: { title: { text: "loss" } }, yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1] } });
+  ], { title: { text: "Train loss and accuracy" }, xaxis: ROUND_AXIS,
+       yaxis: { title: { text: "loss" } }, yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1], tickmode: "auto", showgrid: false } });
   draw("chart-error", [
     { x: cx, y: closed.map((r) => r.aggregation_error), name: "‖Σ pᵢBᵢAᵢ − B̄Ā‖", mode: "lines+markers" },
     { x: cx, y: closed.map((r) => r.relative_aggregation_error), name: "relative", mode: "lines+markers" },
-  ], { title: { text: "Aggregation error (log)" }, xaxis: { title: { text: "round" }, dtick: 1 }, yaxis: { type: "log" } });
+  ], { title: { text: "Aggregation error (log)" }, xaxis: ROUND_AXIS, yaxis: { type: "log" } });
   draw("chart-bytes", [
     { x, y: rounds.map((r) => r.bytes_in), name: "uploaded", type: "bar" },
     { x, y: rounds.map((r) => r.bytes_out), name: "downloaded", type: "bar" },
-  ], { title: { text: "Bytes per round" }, xaxis: { title: { text: "round" }, dtick: 1 }, barmode: "group" });
+  ], { title: { text: "Bytes per round" }, xaxis: ROUND_AXIS, barmode: "group" });
   draw("chart-duration", [
     { x: cx, y: closed.map((r) => r.duration_s), name: "duration (s)", type: "bar" },
-  ], { title: { text: "Round duration (s)" }, xaxis: { title: { text: "round" }, dtick: 1 } });
+  ], { title: { text: "Round duration (s)" }, xaxis: ROUND_AXIS });
 }
 
 function showModules(m) {
   const names = m.modules.map((e) => e.module.replace(/^base_model\.model\./, ""));
   draw("chart-modules", [
-    { x: names, y: m.modules.map((e) => e.aggregation_error), name: "aggregation error", type: "bar" },
-    { x: names, y: m.modules.map((e) => e.rotation_distance), name: "mean ‖R − I‖", type: "bar", yaxis: "y2" },
+    { x: names, y: m.modules.map((e) => e.aggregation_error), name: "aggregation error", type: "bar", offsetgroup: 1 },
+    { x: names, y: m.modules.map((e) => e.rotation_distance), name: "mean ‖R − I‖", type: "bar", yaxis: "y2", offsetgroup: 2 },
   ], { title: { text: m.round === null ? "Per module: no closed round yet" : `Per module, round ${m.round} (aligned ${m.aligned ?? "none"})` },
        barmode: "group", yaxis: { title: { text: "error" } },
-       yaxis2: { title: { text: "‖R − I‖" }, overlaying: "y", side: "right" } });
+       yaxis2: { title: { text: "‖R − I‖" }, overlaying: "y", side: "right", tickmode: "auto", showgrid: false } });
 }
 
 function showAdapters(adapters) {
