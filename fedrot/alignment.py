@@ -2,7 +2,7 @@
 
 Every function works on a stack of ``K`` same-shaped modules at once and runs on the device of
 its inputs. The math is done in float32 whatever the input dtype (``torch.linalg.svd`` rejects
-fp16/bf16 on CUDA, and r x r SVDs are cheap).
+fp16/bf16 on CUDA, and r x r problems are small).
 
 Layout. A factor is handled in *row layout*, shape ``(K, r, d)``: ``A`` as it is ``(K, r, d_in)``,
 ``B`` transposed ``(K, r, d_out)`` (see :func:`as_rows`). In row layout both factors rotate the
@@ -13,6 +13,8 @@ unchanged for any orthogonal ``R``. The Procrustes cross matrix of the aligned f
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,29 +42,130 @@ def _identity(matrix: Tensor) -> Tensor:
 
 
 def nearest_rotation(matrix: Tensor) -> Tensor:
-    """The proper rotation nearest to each ``(r, r)`` matrix of a ``(..., r, r)`` stack.
+    """The proper rotation nearest to each ``(r, r)`` matrix of a ``(..., r, r)`` stack, by SVD.
 
     SVD ``X = U S V^T`` and ``R = U V^T`` (the polar factor); where ``det(R) < 0`` the last row
     of ``V^T`` (the smallest singular direction) is negated and ``R`` recomputed, so every
-    result has determinant +1. Branch-free (no device synchronisation). Float32 in and out.
+    result has determinant +1. Exact for any input, singular or not; on the CPU it calls LAPACK
+    once per matrix, so :func:`procrustes_rotation` and :func:`soften_rotation` use it only
+    where the Newton-Schulz iteration cannot be trusted. Float32 in and out.
     """
     u, _, vh = torch.linalg.svd(matrix.to(WORK_DTYPE))
     vh[..., -1, :] *= torch.linalg.det(torch.matmul(u, vh)).sign()[..., None]  # det is +-1
     return torch.matmul(u, vh)
 
 
+POLAR_QUICK_FLOOR = 0.1
+"""Relative singular value the first, short Newton-Schulz schedule of
+:func:`procrustes_rotation` is built for (6 steps): enough for the well-conditioned Procrustes
+matrices of most modules."""
+
+POLAR_FLOOR = 1e-3
+"""Relative singular value of the second, long schedule (11 steps) that the matrices the first
+one did not settle get; a matrix it does not settle either falls back to the SVD."""
+
+POLAR_TOLERANCE = 1e-5
+"""An iterate ``Q`` counts as converged when ``||Q^T Q - I||_F <= POLAR_TOLERANCE``."""
+
+
+@functools.lru_cache(maxsize=64)
+def newton_schulz_schedule(lower: float) -> tuple[float, ...]:
+    """Scalings ``a_k`` of the scaled Newton-Schulz polar iteration (Chen and Chow, 2014)::
+
+        X <- (a / 2) X (3 I - a^2 X^T X),   a = sqrt(3 / (1 + l + l^2))
+
+    that take every singular value in ``[lower, 1]`` to within 1e-7 of 1; the lower bound
+    ``l`` is carried along (``l <- (a / 2) l (3 - a^2 l^2)``). Singular values below ``lower``
+    still grow, about 2.6x per step, but may not arrive."""
+    alphas: list[float] = []
+    low = min(max(lower, 1e-12), 1.0)
+    while 1.0 - low > 1e-7 and len(alphas) < 100:
+        alpha = math.sqrt(3.0 / (1.0 + low + low * low))
+        alphas.append(alpha)
+        low = 0.5 * alpha * low * (3.0 - alpha * alpha * low * low)
+    return tuple(alphas)
+
+
+def polar_by_iteration(
+    matrix: Tensor, lower: float, *, normalise: bool, check: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Polar factors ``Q = U V^T`` of a ``(K, r, r)`` float32 stack by batched matmuls only.
+
+    With ``normalise`` the stack is first divided by ``||M^T M||_F^(1/2) >= sigma_max``;
+    otherwise every singular value must already lie in ``(0, 1]``. ``lower`` is the smallest
+    singular value (after the scaling) the schedule is built for. Returns ``Q (K, r, r)`` and,
+    with ``check``, a ``(K,)`` bool mask of the matrices that converged
+    (``||Q^T Q - I||_F <= POLAR_TOLERANCE``; a zero or non-finite matrix does not), else None.
+    No determinant sign fix here.
+    """
+    x = matrix
+    if normalise:
+        scale = torch.linalg.matrix_norm(torch.bmm(x.mT, x)).sqrt_()
+        x = x / scale[:, None, None]
+    for alpha in newton_schulz_schedule(lower):
+        x = torch.baddbmm(x, x, torch.bmm(x.mT, x), beta=1.5 * alpha, alpha=-0.5 * alpha**3)
+    if not check:
+        return x, None
+    eye = _identity(x).expand(x.shape)
+    error = torch.linalg.matrix_norm(torch.baddbmm(eye, x.mT, x, beta=-1.0))
+    return x, error <= POLAR_TOLERANCE
+
+
+def _where_failed(failed: Tensor) -> Tensor | None:
+    """Indices of the True entries of a ``(K,)`` mask, or None when there are none (reads the
+    mask on the host: one device synchronisation)."""
+    index = failed.nonzero().squeeze(-1)
+    return index if index.numel() else None
+
+
 def procrustes_rotation(cross: Tensor) -> Tensor:
     """Orthogonal Procrustes with det +1: the rotation ``R (..., r, r)`` maximising
     ``trace(R^T M)`` for ``M = X_i X_ref^T (..., r, r)``, so that ``R^T X_i`` is closest to
-    ``X_ref``. Float32."""
-    return nearest_rotation(cross)
+    ``X_ref``. Float32.
+
+    The polar factor comes from the scaled Newton-Schulz iteration (batched matmuls: on the
+    CPU a batched SVD costs one LAPACK call per matrix), first with a short schedule
+    (:data:`POLAR_QUICK_FLOOR`), then a long one (:data:`POLAR_FLOOR`) for the matrices the
+    first left unconverged. :func:`nearest_rotation` (SVD) solves the rest: near-singular
+    matrices (``sigma_min / sigma_max`` below about 1e-3, where the polar factor is
+    ill-conditioned anyway), zero or non-finite ones, and those whose polar factor is a
+    reflection (``det < 0``: the fix negates the smallest singular direction, which only the
+    SVD gives).
+    """
+    matrix = cross.to(WORK_DTYPE)
+    flat = matrix.reshape(-1, *matrix.shape[-2:])
+    if flat.shape[0] == 0:
+        return matrix.clone()
+    rotation, converged = polar_by_iteration(flat, POLAR_QUICK_FLOOR, normalise=True)
+    assert converged is not None
+    retry = _where_failed(~converged)
+    if retry is not None:
+        again, settled = polar_by_iteration(flat[retry], POLAR_FLOOR, normalise=True)
+        rotation[retry], converged[retry] = again, settled  # type: ignore[assignment]
+    failed = _where_failed(~converged | (torch.linalg.det(rotation) < 0))
+    if failed is not None:
+        rotation[failed] = nearest_rotation(flat[failed])
+    return rotation.reshape(matrix.shape)
+
+
+SOFT_FLOOR = 0.01
+"""With ``|1 - 2 lam|`` at least this, :func:`soften_rotation`'s schedule provably converges
+and is not checked; below it (``lam`` near 1/2) it is checked and may fall back to the SVD."""
 
 
 def soften_rotation(rotation: Tensor, lam: float) -> Tensor:
-    """Soft alignment: ``polar((1 - lam) I + lam R)`` with det +1, for ``R (..., r, r)``.
+    """Soft alignment: ``polar((1 - lam) I + lam R)`` with det +1, for rotations
+    ``R (..., r, r)``.
 
     ``lam = 0`` gives the identity exactly and ``lam = 1`` returns ``R`` itself; both are
-    short-circuited rather than left to an SVD. Float32.
+    short-circuited. Otherwise ``X = (1 - lam) I + lam R`` is normal with singular values
+    ``|1 - lam + lam e^(i theta)|`` in ``[|1 - 2 lam|, 1]`` over the angles ``theta`` of ``R``,
+    so a Newton-Schulz schedule built for that interval converges without scaling or checks.
+    Its polar factor has eigenvalues ``e^(i phi)`` with ``phi = atan2(lam sin theta, 1 - lam +
+    lam cos theta)``: conjugate pairs and, for each eigenvalue -1 of ``R`` (an even number of
+    them in SO(r)), ``sign(1 - 2 lam)``, so its determinant is +1. Near ``lam = 1/2``
+    (:data:`SOFT_FLOOR`) ``X`` can be near singular (an angle near pi): there the iteration is
+    checked and the SVD with the sign fix solves what it does not settle. Float32.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must lie in [0, 1], got {lam}")
@@ -71,7 +174,19 @@ def soften_rotation(rotation: Tensor, lam: float) -> Tensor:
         return _identity(rotation).expand(rotation.shape).clone()
     if lam == 1.0:
         return rotation
-    return nearest_rotation(torch.lerp(_identity(rotation), rotation, lam))
+    mixed = torch.lerp(_identity(rotation), rotation, lam)
+    flat = mixed.reshape(-1, *mixed.shape[-2:])
+    if flat.shape[0] == 0:
+        return mixed
+    lower = abs(1.0 - 2.0 * lam)
+    guaranteed = lower >= SOFT_FLOOR
+    soft, converged = polar_by_iteration(
+        flat, max(lower, POLAR_FLOOR), normalise=False, check=not guaranteed
+    )
+    failed = None if converged is None else _where_failed(~converged)
+    if failed is not None:
+        soft[failed] = nearest_rotation(flat[failed])
+    return soft.reshape(mixed.shape)
 
 
 def rotate_rows(rows: Tensor, gauge: Tensor) -> Tensor:

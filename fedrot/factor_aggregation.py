@@ -1,15 +1,21 @@
 """Factor-wise averaging with an optional gauge: FedIT, FedRot-LoRA, FFA-LoRA, RoLoRA, ablations.
 
-Without a gauge each trained factor's stack is added into a running sum. With one, both running
-sums are kept in row layout (``A (K, r, d_in)``, ``B^T (K, r, d_out)``; see
-:mod:`fedrot.alignment`), where a gauge is one left multiplication ``X <- L X`` that a single
-fused batched GEMM (``baddbmm_``) applies and accumulates; inputs are read through transposed
-views, never copied into row layout (BLAS is slow on ``(d, r)`` operands with a tiny ``r``).
+Every running sum is updated in place by one fused call per factor, with no temporaries: an
+``add_`` without a gauge, else a GEMM that applies the gauge and accumulates at once
+(``addmm_`` / ``baddbmm_``, reading the update through transposed views). The first update
+is written rather than added (``beta = 0``), so the sums are never zero-filled. An aligned
+update is read twice per factor: once for the Procrustes matrix ``M = X_i X_ref^T`` (and
+``||X_i||``), once for the accumulation.
 
-For the aligned factor the running sum holds ``sum w_i L_i (X_i - X_ref)`` and a ``(K, r, r)``
-sum ``sum w_i L_i``; the shared part ``(sum w_i L_i) X_ref`` is applied once at the end. An update
-therefore costs: form ``D = X_i - X_ref`` (which the gauge statistics need anyway), one batched
-GEMM for ``D X_ref^T``, the batched SVDs of the gauge, and one fused GEMM per factor.
+Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
+
+- *stacked* (small modules): the update's factors are copied into the group's buffer so that one
+  batched call covers the group; the sums are ``(K, r, d)`` stacks, in row layout when the
+  round has a gauge (``A (K, r, d_in)``, ``B^T (K, r, d_out)``; see :mod:`fedrot.alignment`),
+  else in the factors' own layout;
+- *streamed* (large modules): one GEMM per module straight from the update's own tensors (no
+  stacking copy; each GEMM hides its call cost), and one sum tensor per module in the factor's
+  own layout that ``finalize`` divides in place and hands out as the new global factor.
 """
 
 from __future__ import annotations
@@ -24,32 +30,36 @@ from fedrot.aggregation import WORK_DTYPE, RoundSetup, StreamingAggregator
 from fedrot.alignment import as_rows, cross_gram, gauge_statistics
 from fedrot.diagnostics import ErrorTerms, GroupErrors, RotationStats, group_errors
 from fedrot.gauges import Gauge, GaugeProblem, GaugeSolver
-from fedrot.module_groups import ModuleGroup, empty_stack, rows_shape, stack_factor
+from fedrot.module_groups import ModuleGroup, empty_stack, rows_shape, stack_factor, streams_modules
+
+Rows = Tensor | list[Tensor]
+"""A group's factor in row layout: a ``(K, r, d)`` stack, or ``K`` per-module ``(r, d)`` views."""
 
 
 @dataclass
 class _FactorGroupState:
-    """One module group's running state. ``work`` and ``reference`` are stacks in the factors'
-    own layout; ``sums`` are in row layout when the round has a gauge, else in own layout
-    (``views`` holds their per-module slices).
-    ``clients`` (only with ``track_error``) holds each client's factors as aggregated, in row
-    layout."""
+    """One module group's running state.
 
-    sums: dict[Factor, Tensor]
-    work: dict[Factor, Tensor]
+    ``views[f]`` are the per-module running sums of trained factor ``f``: slices of the stack
+    ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one (``sums``
+    then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
+    factors' own layout. With a gauge, ``reference_rows`` are the aligned factor's per-module
+    reference rows, ``reference_gram`` ``(K, r, r)`` their Gram matrices and ``reference_sq``
+    ``(K,)`` their squared norms. ``clients`` (only with ``track_error``) holds each client's
+    factors as aggregated, as row-layout stacks. ``fresh`` is True until the first update: the
+    sums are uninitialised and that update is written into them.
+    """
+
+    streamed: bool
+    views: dict[Factor, list[Tensor]]
+    sums: dict[Factor, Tensor] = field(default_factory=dict)
+    work: dict[Factor, Tensor] = field(default_factory=dict)
     reference: dict[Factor, Tensor] = field(default_factory=dict)
     reference_gram: Tensor | None = None
-    common: Tensor | None = None
+    reference_sq: Tensor | None = None
+    reference_rows: list[Tensor] = field(default_factory=list)
     clients: list[dict[Factor, Tensor]] = field(default_factory=list)
-    views: dict[Factor, list[Tensor]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.views = {f: list(total.unbind(0)) for f, total in self.sums.items()}
-
-
-def _contiguous_rows(stack: Tensor, which: Factor) -> Tensor:
-    """A contiguous row-layout copy of a factor stack."""
-    return as_rows(stack, which).clone(memory_format=torch.contiguous_format)
+    fresh: bool = True
 
 
 class FactorAggregator(StreamingAggregator):
@@ -72,27 +82,66 @@ class FactorAggregator(StreamingAggregator):
         return self.setup.plan.aligned
 
     def _bind_groups(self) -> None:
-        trained = self.setup.plan.trained
-        needed = set(Factor) if self.setup.track_error else set(Factor) - trained
-        if self._aligned is not None:
-            needed.add(self._aligned)
-        self._state = []
-        for group in self._groups:
-            state = _FactorGroupState(
-                sums={
-                    f: torch.zeros(self._sum_shape(group, f), device=self.device) for f in trained
-                },
-                work={f: empty_stack(group, f, self.device) for f in trained},
-                reference={f: self.reference_stack(group, f) for f in needed},
-            )
-            if self._aligned is not None:
-                rows = as_rows(state.reference[self._aligned], self._aligned)
-                state.reference_gram = cross_gram(rows, rows)
-                state.common = torch.zeros_like(state.reference_gram)
-            self._state.append(state)
+        self._state = [self._bind_group(group) for group in self._groups]
 
-    def _sum_shape(self, group: ModuleGroup, which: Factor) -> tuple[int, int, int]:
-        return rows_shape(group, which) if self._aligned else group.stack_shape(which)
+    def _bind_group(self, group: ModuleGroup) -> _FactorGroupState:
+        trained, streamed = self.setup.plan.trained, streams_modules(group)
+        needed = set(Factor) if self.setup.track_error else set()
+        if not streamed:
+            needed |= set(Factor) - trained
+            needed |= {self._aligned} if self._aligned is not None else set()
+        if streamed:
+            shapes = {Factor.A: (group.rank, group.d_in), Factor.B: (group.d_out, group.rank)}
+            views = {
+                f: [torch.empty(shapes[f], device=self.device) for _ in group.modules]
+                for f in trained
+            }
+            state = _FactorGroupState(streamed=True, views=views)
+        else:
+            shape = rows_shape if self._aligned is not None else ModuleGroup.stack_shape
+            sums = {f: torch.empty(shape(group, f), device=self.device) for f in trained}
+            state = _FactorGroupState(
+                streamed=False,
+                views={f: list(s.unbind(0)) for f, s in sums.items()},
+                sums=sums,
+                work={f: empty_stack(group, f, self.device) for f in trained},
+            )
+        state.reference = {f: self.reference_stack(group, f) for f in needed}
+        if self._aligned is not None:
+            self._bind_reference_rows(group, state, self._aligned)
+        return state
+
+    def _bind_reference_rows(
+        self, group: ModuleGroup, state: _FactorGroupState, aligned: Factor
+    ) -> None:
+        """The aligned factor's reference rows (the stack's slices, or the reference's own
+        tensors for a streamed group), their Gram matrices and squared norms."""
+        if not state.streamed:
+            rows = as_rows(state.reference[aligned], aligned)
+            state.reference_rows = list(rows.unbind(0))
+            state.reference_gram = cross_gram(rows, rows)
+        else:
+            assert self._reference is not None
+            state.reference_rows = [
+                as_rows(x, aligned) for x in self._module_factors(self._reference, group, aligned)
+            ]
+            state.reference_gram = torch.empty(
+                len(group.modules), group.rank, group.rank, device=self.device
+            )
+            for k, rows in enumerate(state.reference_rows):
+                torch.mm(rows, rows.mT, out=state.reference_gram[k])
+        state.reference_sq = torch.diagonal(state.reference_gram, 0, -2, -1).sum(-1)
+
+    def _module_factors(self, adapter: Adapter, group: ModuleGroup, which: Factor) -> list[Tensor]:
+        """``adapter``'s ``which`` factors of ``group`` in their own layout, float32 on the
+        device; a factor is converted (copied) only when it is not already."""
+        out = []
+        for module in group.modules:
+            factor = adapter.lora[module].factor(which)
+            if factor.dtype != WORK_DTYPE or factor.device != self.device:
+                factor = factor.to(device=self.device, dtype=WORK_DTYPE)
+            out.append(factor)
+        return out
 
     def _accumulate(self, client_id: str, update: Adapter, w: float) -> tuple[RotationStats, ...]:
         stats: list[RotationStats] = []
@@ -101,26 +150,60 @@ class FactorAggregator(StreamingAggregator):
                 self._add_plain(group, state, update, w)
             else:
                 stats.extend(self._add_aligned(client_id, group, state, update, w))
+            state.fresh = False
         return tuple(stats)
 
     def _add_plain(
         self, group: ModuleGroup, state: _FactorGroupState, update: Adapter, w: float
     ) -> None:
-        """``sum += w X`` per trained factor: one fused multi-tensor add straight from the
-        update's tensors (no stacking copy) when they are on the device, else via a stack."""
-        for which, total in state.sums.items():
+        """``sum += w X`` per trained factor, in place: module by module straight from the
+        update's tensors when they are on the device, else via a converting stack."""
+        for which, views in state.views.items():
             factors = [update.lora[m].factor(which) for m in group.modules]
-            if all(f.device == total.device for f in factors):
-                torch._foreach_add_(state.views[which], factors, alpha=w)
+            if state.streamed or all(f.device == self.device for f in factors):
+                for view, factor in zip(views, factors, strict=True):
+                    _scaled_add(view, factor.to(self.device), w, state.fresh)
             else:
-                total.add_(stack_factor(update, group, which, state.work[which]), alpha=w)
+                stack = stack_factor(update, group, which, state.work[which])
+                _scaled_add(state.sums[which], stack, w, state.fresh)
         if self.setup.track_error:
             state.clients.append(
                 {
-                    f: _contiguous_rows(stack_factor(update, group, f, state.work[f]), f)
-                    for f in state.sums
+                    f: torch.stack([as_rows(x, f) for x in self._module_factors(update, group, f)])
+                    for f in state.views
                 }
             )
+
+    def _rows(
+        self, update: Adapter, group: ModuleGroup, state: _FactorGroupState, which: Factor
+    ) -> tuple[Rows, list[Tensor]]:
+        """The update's ``which`` factors in row layout (a stack copied into ``state.work``
+        for a stacked group, per-module views for a streamed one) and, for a streamed group,
+        the own-layout tensors those views look at."""
+        if not state.streamed:
+            return as_rows(stack_factor(update, group, which, state.work[which]), which), []
+        factors = self._module_factors(update, group, which)
+        return [as_rows(x, which) for x in factors], factors
+
+    def _problem(
+        self, client_id: str, group: ModuleGroup, state: _FactorGroupState, moving: Rows
+    ) -> GaugeProblem:
+        """The Procrustes matrices ``M = X_i X_ref^T`` of one group and ``||X_i - X_ref||^2``
+        (from ``||X_i||^2 - 2 tr M + ||X_ref||^2``: no pass over ``X_i - X_ref``)."""
+        assert state.reference_gram is not None and state.reference_sq is not None
+        if isinstance(moving, Tensor):
+            assert self._aligned is not None
+            reference = as_rows(state.reference[self._aligned], self._aligned)
+            cross = torch.bmm(moving, reference.mT)
+            moving_sq = torch.linalg.vector_norm(moving, dim=(-2, -1)).square_()
+        else:
+            cross = torch.empty_like(state.reference_gram)
+            for k, (rows, ref) in enumerate(zip(moving, state.reference_rows, strict=True)):
+                torch.mm(rows, ref.mT, out=cross[k])
+            moving_sq = torch.stack([torch.linalg.vector_norm(rows) for rows in moving]).square_()
+        trace = torch.diagonal(cross, 0, -2, -1).sum(-1)
+        diff_sq = moving_sq.add_(state.reference_sq).sub_(trace, alpha=2.0).clamp_min_(0.0)
+        return GaugeProblem(client_id, group.modules, cross, state.reference_gram, diff_sq)
 
     def _add_aligned(
         self,
@@ -131,41 +214,42 @@ class FactorAggregator(StreamingAggregator):
         w: float,
     ) -> list[RotationStats]:
         aligned = self._aligned
-        assert aligned is not None and self._gauge is not None and state.common is not None
-        assert state.reference_gram is not None
+        assert aligned is not None and self._gauge is not None
         other = Factor.B if aligned is Factor.A else Factor.A
-        diff = stack_factor(update, group, aligned, state.work[aligned])
-        diff = as_rows(diff.sub_(state.reference[aligned]), aligned)
-        problem = GaugeProblem(
-            client_id=client_id,
-            modules=group.modules,
-            diff_cross=cross_gram(diff, as_rows(state.reference[aligned], aligned)),
-            reference_gram=state.reference_gram,
-            diff_norm_sq=torch.linalg.vector_norm(diff, dim=(-2, -1)).square(),
-        )
+        moving, moving_own = self._rows(update, group, state, aligned)
+        problem = self._problem(client_id, group, state, moving)
         gauge = self._gauge.solve(problem)
-        left_aligned, left_other = _left_factors(gauge)
-        state.sums[aligned].baddbmm_(left_aligned, diff, alpha=w)
-        state.common.add_(left_aligned, alpha=w)
-        moving = as_rows(stack_factor(update, group, other, state.work[other]), other)
-        state.sums[other].baddbmm_(left_other, moving, alpha=w)
+        left = dict(zip((aligned, other), _left_factors(gauge), strict=True))
+        self._add_rotated(state, aligned, left[aligned], moving, moving_own, w)
+        rest, rest_own = self._rows(update, group, state, other)
+        self._add_rotated(state, other, left[other], rest, rest_own, w)
         if self.setup.track_error:
-            whole = diff + as_rows(state.reference[aligned], aligned)
             state.clients.append(
-                {aligned: torch.bmm(left_aligned, whole), other: torch.bmm(left_other, moving)}
+                {aligned: _rotated(left[aligned], moving), other: _rotated(left[other], rest)}
             )
         return _rotation_stats(group, gauge, problem)
 
-    def _mean_rows(self, state: _FactorGroupState, which: Factor, total: float) -> Tensor:
-        """The new global ``which`` factors of a group, float32 row layout."""
-        if which not in state.sums:
-            return as_rows(state.reference[which], which)
-        mean = state.sums[which]
-        if which is self._aligned:
-            assert state.common is not None
-            mean.baddbmm_(state.common, as_rows(state.reference[which], which))
-        mean.div_(total)
-        return mean if self._aligned is not None else as_rows(mean, which)
+    def _add_rotated(
+        self,
+        state: _FactorGroupState,
+        which: Factor,
+        left: Tensor,
+        rows: Rows,
+        own: list[Tensor],
+        w: float,
+    ) -> None:
+        """``sum = beta sum + w L X`` (row layout), in place; ``beta = 0`` for the first update.
+        Stacked: one ``baddbmm_``. Streamed: one ``addmm_`` per module on its own-layout sum,
+        ``A_sum += w L A`` or ``B_sum += w B L^T``."""
+        beta = 0.0 if state.fresh else 1.0
+        if isinstance(rows, Tensor):
+            state.sums[which].baddbmm_(left, rows, beta=beta, alpha=w)
+            return
+        for total, gauge, x in zip(state.views[which], left.unbind(0), own, strict=True):
+            if which is Factor.A:
+                total.addmm_(gauge, x, beta=beta, alpha=w)
+            else:
+                total.addmm_(x, gauge.mT, beta=beta, alpha=w)
 
     def _finalize_lora(
         self, total: float
@@ -174,12 +258,56 @@ class FactorAggregator(StreamingAggregator):
         errors: list[GroupErrors] = []
         p = self._normalised_weights(total)
         for group, state in zip(self._groups, self._state, strict=True):
-            means = {f: self._mean_rows(state, f, total) for f in Factor}
+            if state.streamed:
+                pairs = self._finalize_streamed(group, state, total)
+                lora.update(pairs)
+                if self.setup.track_error:
+                    means = {f: self._stacked_rows(state, f) for f in Factor}
+                    errors.append(self._group_errors(group, state, means, pairs, p))
+                continue
+            sums = {f: self._sum_rows(state, f) for f in Factor}
+            if not self.setup.track_error:
+                lora.update(self._unstack(group, sums, divisor=total))
+                continue
+            means = {f: s.div_(total) if f in state.sums else s for f, s in sums.items()}
             pairs = self._unstack(group, means)
             lora.update(pairs)
-            if self.setup.track_error:
-                errors.append(self._group_errors(group, state, means, pairs, p))
+            errors.append(self._group_errors(group, state, means, pairs, p))
         return lora, {}, errors if self.setup.track_error else None
+
+    def _sum_rows(self, state: _FactorGroupState, which: Factor) -> Tensor:
+        """A stacked group's ``which`` running sum in row layout, or the reference for a
+        frozen factor (float32)."""
+        if which not in state.sums:
+            return as_rows(state.reference[which], which)
+        total = state.sums[which]
+        return total if self._aligned is not None else as_rows(total, which)
+
+    def _finalize_streamed(
+        self, group: ModuleGroup, state: _FactorGroupState, total: float
+    ) -> dict[str, LoraPair]:
+        """A streamed group's new global pairs: each module's sums divided in place and handed
+        out (converted to the reference dtype if it differs); frozen factors are copies of
+        the reference's."""
+        assert self._reference is not None
+        out = {}
+        for k, module in enumerate(group.modules):
+            ref = self._reference.lora[module]
+            tensors = {}
+            for f in Factor:
+                like = ref.factor(f)
+                if f in state.views:
+                    tensors[f] = state.views[f][k].div_(total).to(like.dtype)
+                else:
+                    tensors[f] = like.to(device=self.device, copy=True)
+            out[module] = LoraPair(A=tensors[Factor.A], B=tensors[Factor.B])
+        return out
+
+    def _stacked_rows(self, state: _FactorGroupState, which: Factor) -> Tensor:
+        """The mean ``which`` factors of a streamed group as a float32 row-layout stack."""
+        if which not in state.views:
+            return as_rows(state.reference[which], which)
+        return torch.stack([as_rows(v, which) for v in state.views[which]])
 
     def _group_errors(
         self,
@@ -208,6 +336,19 @@ class FactorAggregator(StreamingAggregator):
                 ref_A=ref[Factor.A] if self._has_reference else None,
             )
         )
+
+
+def _scaled_add(total: Tensor, x: Tensor, w: float, fresh: bool) -> None:
+    """``total += w x`` in place, or ``total = w x`` when ``fresh`` (``total`` uninitialised)."""
+    if fresh:
+        torch.mul(x, w, out=total)
+    else:
+        total.add_(x, alpha=w)
+
+
+def _rotated(left: Tensor, rows: Rows) -> Tensor:
+    """``L X`` as a new contiguous ``(K, r, d)`` float32 stack (for ``track_error``)."""
+    return torch.bmm(left, rows if isinstance(rows, Tensor) else torch.stack(rows))
 
 
 def _left_factors(gauge: Gauge) -> tuple[Tensor, Tensor]:

@@ -22,21 +22,22 @@ from fedrot.alignment import procrustes_rotation, sample_haar_rotation, soften_r
 class GaugeProblem:
     """One client's alignment problem for a group of ``K`` modules of rank ``r``.
 
-    With ``D = X_i - X_ref`` (row layout, float32): ``diff_cross = D X_ref^T``,
-    ``reference_gram = X_ref X_ref^T`` (both ``(K, r, r)``) and ``diff_norm_sq = ||D||_F^2``
-    ``(K,)``. ``modules`` names the ``K`` modules in stack order.
+    Row layout (see :mod:`fedrot.alignment`), float32: ``cross = X_i X_ref^T`` (the Procrustes
+    matrix ``M``) and ``reference_gram = X_ref X_ref^T``, both ``(K, r, r)``, and
+    ``diff_norm_sq = ||X_i - X_ref||_F^2``, ``(K,)``. ``modules`` names the ``K`` modules in
+    stack order.
     """
 
     client_id: str
     modules: tuple[str, ...]
-    diff_cross: Tensor
+    cross: Tensor
     reference_gram: Tensor
     diff_norm_sq: Tensor
 
     @property
-    def cross(self) -> Tensor:
-        """The Procrustes matrix ``M = X_i X_ref^T = D X_ref^T + X_ref X_ref^T``, ``(K, r, r)``."""
-        return self.diff_cross + self.reference_gram
+    def diff_cross(self) -> Tensor:
+        """``D X_ref^T = M - X_ref X_ref^T`` for ``D = X_i - X_ref``, ``(K, r, r)``."""
+        return self.cross - self.reference_gram
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,12 @@ class HaarGauge(GaugeSolver):
         self.round_index = round_index
 
     def solve(self, problem: GaugeProblem) -> Gauge:
-        rank = problem.diff_cross.shape[-1]
+        rank = problem.cross.shape[-1]
         rotations = [
             sample_haar_rotation(1, rank, torch.Generator().manual_seed(self._seed(problem, m)))
             for m in problem.modules
         ]
-        return Gauge(torch.cat(rotations).to(problem.diff_cross.device))
+        return Gauge(torch.cat(rotations).to(problem.cross.device))
 
     def _seed(self, problem: GaugeProblem, module: str) -> int:
         return _stable_seed(self.seed, self.round_index, problem.client_id, module)
@@ -114,5 +115,5 @@ class ScalarGauge(GaugeSolver):
         usable = (ref_sq > 0) & (moving_sq > 0)
         ratio = torch.where(usable, moving_sq / torch.where(usable, ref_sq, 1.0), 1.0)
         scale = ratio.rsqrt()
-        eye = torch.eye(problem.diff_cross.shape[-1], device=scale.device, dtype=scale.dtype)
-        return Gauge(eye.expand(problem.diff_cross.shape).clone(), scale)
+        eye = torch.eye(problem.cross.shape[-1], device=scale.device, dtype=scale.dtype)
+        return Gauge(eye.expand(problem.cross.shape).clone(), scale)

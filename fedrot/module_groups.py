@@ -41,6 +41,18 @@ group's working stacks stay cache-resident while an update is aligned and accumu
 stay large where it matters (many small modules)."""
 
 
+STREAM_MODULE_BYTES = 128 * 2**10
+"""Modules whose float32 factors (A and B together) take at least this many bytes are aligned
+one at a time straight from the update's tensors: each GEMM is then large enough to hide the
+per-call cost, and stacking them would only copy. Smaller modules are stacked first."""
+
+
+def streams_modules(group: ModuleGroup) -> bool:
+    """True when ``group``'s modules are large enough to be handled one by one (see
+    :data:`STREAM_MODULE_BYTES`) rather than as a stacked batch."""
+    return 4 * group.rank * (group.d_out + group.d_in) >= STREAM_MODULE_BYTES
+
+
 def group_modules(
     schema: AdapterSchema, max_group_bytes: int = MAX_GROUP_BYTES
 ) -> tuple[ModuleGroup, ...]:
