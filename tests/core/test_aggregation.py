@@ -557,3 +557,70 @@ def test_groups_are_split_by_size_without_changing_results(monkeypatch: pytest.M
         for key, tensor in whole.adapter.to_state_dict().items():
             assert rel_diff(parts.adapter.to_state_dict()[key], tensor) < 1e-6, (name, key)
         assert parts.report.aggregation_error == pytest.approx(whole.report.aggregation_error)
+
+
+STRATEGY_ROUNDS = [
+    ("fedrot", 1),
+    ("fedrot", 2),
+    ("fedit", 1),
+    ("ffa", 3),
+    ("rolora", 1),
+    ("random-rotation", 1),
+    ("scalar-rescaling", 2),
+]
+
+
+@pytest.mark.parametrize("name, round_index", STRATEGY_ROUNDS)
+@pytest.mark.parametrize("track_error", [False, True])
+def test_streamed_modules_equal_stacked_ones(
+    name: str, round_index: int, track_error: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Modules handled one by one from the update's tensors (as large modules are) give the
+    stacked batch's adapter, rotation statistics and errors; so does a mixed-dtype round."""
+    import fedrot.module_groups
+
+    reference, *updates = adapters(5, seed=21)
+    updates[1] = Adapter(
+        {m: LoraPair(p.A.to(torch.bfloat16), p.B.to(torch.float16)) for m, p in updates[1].lora.items()},
+        dict(updates[1].extra),
+    )
+    weights = [1.0, 2.0, 3.0, 0.5]
+    config = StrategyConfig(lam=0.4)
+    kw = {"round_index": round_index, "config": config, "track_error": track_error}
+    stacked = aggregate(name, reference, updates, weights, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(fedrot.module_groups, "STREAM_MODULE_BYTES", 0)
+    streamed = aggregate(name, reference, updates, weights, **kw)  # type: ignore[arg-type]
+    for key, tensor in stacked.adapter.to_state_dict().items():
+        got = streamed.adapter.to_state_dict()[key]
+        assert got.dtype == tensor.dtype and got.is_contiguous()
+        assert rel_diff(got, tensor) < 1e-6, key
+    for mine, theirs in zip(streamed.report.clients, stacked.report.clients, strict=True):
+        for a, b in zip(mine.rotations, theirs.rotations, strict=True):
+            assert a.module == b.module
+            assert a.rotation_distance == pytest.approx(b.rotation_distance, abs=1e-5)
+            assert a.residual_after == pytest.approx(b.residual_after, rel=1e-4, abs=1e-5)
+    if track_error:
+        assert streamed.report.aggregation_error == pytest.approx(
+            stacked.report.aggregation_error, rel=1e-5, abs=1e-9
+        )
+
+
+def test_the_first_update_overwrites_uninitialised_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running sums start uninitialised and the first update is written, not added: garbage
+    (here NaN) in fresh storage never reaches the result."""
+    import fedrot.factor_aggregation
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    reference, *updates = adapters(3, seed=22)
+    for name in ("fedrot", "fedit"):
+        expected = aggregate(name, reference, updates, [1.0, 2.0])
+        with monkeypatch.context() as patch:
+            patch.setattr(fedrot.factor_aggregation.torch, "empty", nan_empty)
+            got = aggregate(name, reference, updates, [1.0, 2.0])
+        for key, tensor in got.adapter.to_state_dict().items():
+            assert torch.isfinite(tensor).all(), (name, key)
+            torch.testing.assert_close(tensor, expected.adapter.to_state_dict()[key])

@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 
 from fedrot.adapters import Factor
 from fedrot.alignment import (
+    POLAR_FLOOR,
+    POLAR_QUICK_FLOOR,
     align_to_reference,
     as_rows,
     cross_gram,
     gauge_statistics,
     nearest_rotation,
+    newton_schulz_schedule,
+    polar_by_iteration,
     procrustes_rotation,
     rotate_factors,
     sample_haar_rotation,
@@ -250,3 +254,147 @@ def test_half_precision_inputs_are_aligned_in_float32(
     assert_rotations(aligned.rotation)
     expected = B.to(dtype).float() @ A.to(dtype).float()
     torch.testing.assert_close(aligned.B @ aligned.A, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- the Newton-Schulz polar path and its SVD fallback ------------------------------------------
+
+
+def svd_rotation(matrix: torch.Tensor) -> torch.Tensor:
+    """Float64 reference: U V^T with the smallest singular direction flipped when det < 0."""
+    u, _, vh = torch.linalg.svd(matrix.double())
+    flip = torch.ones(matrix.shape[:-1], dtype=torch.float64)
+    flip[..., -1] = torch.linalg.det(u @ vh).sign()
+    return u @ (flip[..., :, None] * vh)
+
+
+def with_singular_values(rotations_u: torch.Tensor, values: torch.Tensor, seed: int) -> torch.Tensor:
+    """``U diag(values) V^T`` with ``U`` given and ``V`` a Haar rotation."""
+    v = haar(rotations_u.shape[0], rotations_u.shape[-1], seed)
+    return rotations_u @ torch.diag_embed(values) @ v.mT
+
+
+@pytest.mark.parametrize("lower", [1e-3, 0.01, 0.1, 0.2, 0.5])
+def test_newton_schulz_schedule_reaches_one_from_its_lower_bound(lower: float) -> None:
+    """The scalar map of the schedule takes every singular value in [lower, 1] to 1."""
+    sigma = torch.linspace(lower, 1.0, 2001, dtype=torch.float64)
+    for alpha in newton_schulz_schedule(lower):
+        sigma = 0.5 * alpha * sigma * (3.0 - alpha**2 * sigma**2)
+    assert (sigma - 1.0).abs().max() < 1e-6
+
+
+@FAST
+@given(k=st.integers(1, 8), rank=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_iterative_procrustes_matches_the_svd(k: int, rank: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    cross = torch.randn(k, rank, rank, generator=gen)
+    expected = svd_rotation(cross)
+    got = procrustes_rotation(cross)
+    assert_rotations(got)
+    # Both solve the same problem; where M is ill-conditioned the solution itself moves with
+    # the round-off of M, so compare the objective trace(R^T M) rather than R.
+    objective = (got.double() * cross.double()).sum((-2, -1))
+    best = (expected * cross.double()).sum((-2, -1))
+    torch.testing.assert_close(objective, best, atol=1e-4, rtol=1e-5)
+
+
+def test_well_conditioned_crosses_are_settled_by_the_iteration(device: torch.device) -> None:
+    """Rotated Gram matrices (cond ~ 1.3, as in training) converge without the SVD, to the
+    SVD's answer."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(16, 8, 512, generator=gen)
+    cross = (haar(16, 8, seed=4) @ (rows @ rows.mT)).to(device)
+    _, converged = polar_by_iteration(cross, POLAR_QUICK_FLOOR, normalise=True)
+    assert converged is not None and bool(converged.all())
+    torch.testing.assert_close(
+        procrustes_rotation(cross).double().cpu(), svd_rotation(cross.cpu()), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("smallest", [1e-4, 1e-7, 0.0])
+def test_near_singular_crosses_fall_back_to_the_svd(smallest: float, device: torch.device) -> None:
+    """Below the schedule's floor the iteration does not converge and the SVD answers."""
+    values = torch.tensor([[3.0, 2.0, 1.0, smallest]]).expand(4, 4)
+    cross = with_singular_values(haar(4, 4, seed=5), values, seed=6).to(device)
+    _, converged = polar_by_iteration(cross, POLAR_FLOOR, normalise=True)
+    assert converged is not None and not bool(converged.any())
+    got = procrustes_rotation(cross)
+    assert_rotations(got)
+    torch.testing.assert_close(got, nearest_rotation(cross), atol=1e-6, rtol=0)
+
+
+def test_reflected_crosses_flip_the_smallest_direction(device: torch.device) -> None:
+    """A well-conditioned M whose polar factor is a reflection: the iteration converges, the
+    determinant check sends it to the SVD path, which flips the smallest direction."""
+    values = torch.tensor([[4.0, 3.0, 2.0, 1.0]]).expand(3, 4)
+    cross = with_singular_values(reflection(3, 4, seed=7), values, seed=8)
+    _, converged = polar_by_iteration(cross, POLAR_QUICK_FLOOR, normalise=True)
+    assert converged is not None and bool(converged.all())
+    got = procrustes_rotation(cross.to(device)).cpu()
+    assert_rotations(got)
+    torch.testing.assert_close(got.double(), svd_rotation(cross), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_repeated_singular_values_give_an_optimal_proper_rotation(flip: bool) -> None:
+    """With repeated singular values the polar factor is still unique (M nonsingular); with a
+    reflection and a repeated smallest value the proper optimum is not, so compare objectives."""
+    values = torch.tensor([[2.0, 1.0, 1.0, 1.0]]).expand(5, 4)
+    left = reflection(5, 4, seed=9) if flip else haar(5, 4, seed=9)
+    cross = with_singular_values(left, values, seed=10)
+    got = procrustes_rotation(cross)
+    assert_rotations(got)
+    expected = svd_rotation(cross)
+    if not flip:
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    objective = (got.double() * cross.double()).sum((-2, -1))
+    best = (expected * cross.double()).sum((-2, -1))
+    torch.testing.assert_close(objective, best, atol=1e-5, rtol=1e-6)
+
+
+def test_zero_and_non_finite_crosses_still_give_rotations() -> None:
+    cross = torch.zeros(3, 4, 4)
+    cross[1] = torch.eye(4)
+    cross[2, 0, 0] = float("nan")
+    got = procrustes_rotation(cross[:2])
+    assert_rotations(got)
+    torch.testing.assert_close(got[1], torch.eye(4))
+    _, converged = polar_by_iteration(cross, POLAR_FLOOR, normalise=True)
+    assert converged is not None and converged.tolist() == [False, True, False]
+
+
+def planar_rotation(theta: float, rank: int = 2) -> torch.Tensor:
+    """A rotation by ``theta`` in the first coordinate plane of R^rank: ``(1, rank, rank)``."""
+    out = torch.eye(rank)
+    c, s = math.cos(theta), math.sin(theta)
+    out[:2, :2] = torch.tensor([[c, -s], [s, c]])
+    return out[None]
+
+
+@FAST
+@given(
+    angle=st.floats(math.pi - 1e-3, math.pi),
+    lam=st.floats(0.49, 0.51),
+    rank=st.integers(2, 5),
+)
+def test_soft_rotation_near_the_singular_point_is_proper(angle: float, lam: float, rank: int) -> None:
+    """lam near 1/2 and an angle near pi make (1 - lam) I + lam R near singular: the checked
+    iteration or the SVD fallback still returns a proper rotation, the SVD's where that is
+    well defined."""
+    rotation = planar_rotation(angle, rank)
+    soft = soften_rotation(rotation, lam)
+    assert_rotations(soft)
+    mixed = torch.lerp(torch.eye(rank), rotation, lam)
+    if float(torch.linalg.svdvals(mixed.double()).min()) > 1e-3:
+        torch.testing.assert_close(soft.double(), svd_rotation(mixed), atol=1e-5, rtol=0)
+
+
+@FAST
+@given(k=st.integers(1, 6), rank=st.integers(2, 16), lam=st.floats(0.01, 0.99), seed=st.integers(0, 99))
+def test_soft_rotation_matches_the_svd(k: int, rank: int, lam: float, seed: int) -> None:
+    rotation = haar(k, rank, seed)
+    mixed = torch.lerp(torch.eye(rank), rotation, lam)
+    smallest = float(torch.linalg.svdvals(mixed.double()).min())
+    soft = soften_rotation(rotation, lam)
+    assert_rotations(soft)
+    if smallest > 1e-3:  # else the polar factor itself is ill-conditioned
+        torch.testing.assert_close(soft.double(), svd_rotation(mixed), atol=1e-5, rtol=0)
