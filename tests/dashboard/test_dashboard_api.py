@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -207,3 +209,24 @@ def test_the_dashboard_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
+
+
+def test_standalone_dashboard_over_a_state_folder(recorded: RecordedRun) -> None:
+    """``python -m fedrot_server.dashboard``: read-only, on port 0."""
+    command = [sys.executable, "-m", "fedrot_server.dashboard", "--state-dir",
+               str(recorded.state_dir), "--listen", "127.0.0.1:0"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        found = re.search(r"dashboard on port (\d+)", line)
+        assert found, line
+        url = f"http://127.0.0.1:{found.group(1)}/api/v1/runs/current"
+        overview = httpx.get(url, timeout=30.0).json()
+        assert overview["run"]["run_id"] == RUN and overview["live"] is False
+        refused = httpx.post(url + "/pause", timeout=30.0)
+        assert refused.status_code == 403  # no admin token, no control
+    finally:
+        process.terminate()
+        process.wait(30)
+        process.stderr.close()

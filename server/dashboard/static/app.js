@@ -152,8 +152,16 @@ function drawRoundCharts(rounds) {
   ], { title: { text: "Round duration (s)" }, xaxis: ROUND_AXIS });
 }
 
+// Module names without the dotted parts they all share: "0.query", "1.value", ...
+function shortNames(modules) {
+  const parts = modules.map((name) => name.split("."));
+  if (parts.length < 2) return parts.map((p) => p[p.length - 1] ?? "");
+  const keep = (i) => parts.some((p) => p[i] !== parts[0][i]);
+  return parts.map((p) => p.filter((_, i) => keep(i)).join(".") || p.join("."));
+}
+
 function showModules(m) {
-  const names = m.modules.map((e) => e.module.replace(/^base_model\.model\./, ""));
+  const names = shortNames(m.modules.map((e) => e.module));
   draw("chart-modules", [
     { x: names, y: m.modules.map((e) => e.aggregation_error), name: "aggregation error", type: "bar", offsetgroup: 1 },
     { x: names, y: m.modules.map((e) => e.rotation_distance), name: "mean ‖R − I‖", type: "bar", yaxis: "y2", offsetgroup: 2 },

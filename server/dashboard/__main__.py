@@ -1,0 +1,60 @@
+"""``python -m fedrot_server.dashboard --state-dir DIR``: the dashboard alone, read-only, over a
+server's state folder (a finished run, or a running server's from another process). No admin
+actions (there is no run control here); reading is open unless a read token is given."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedrot_server.dashboard.app import create_app
+from fedrot_server.dashboard.serving import start_dashboard
+from fedrot_server.errors import StoreError
+from fedrot_server.store import open_reader
+from fedrot_server.telemetry import open_telemetry_reader
+
+DATABASE = "fedrot.sqlite3"  # fedrot_server.settings.ServerSettings.database_path's name
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fedrot_server.dashboard", description=__doc__)
+    parser.add_argument("--state-dir", type=Path, required=True, help="the server's state_dir")
+    parser.add_argument("--listen", default="127.0.0.1:8080", help="host:port (port 0: any)")
+    parser.add_argument("--read-token", default=os.environ.get("FEDROT_SERVER_DASHBOARD_READ_TOKEN"),
+                        help="token needed to read (default: $FEDROT_SERVER_DASHBOARD_READ_TOKEN)")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, _, port = args.listen.rpartition(":")
+    database = args.state_dir / DATABASE
+    reader, telemetry = open_reader(database), open_telemetry_reader(database)
+    app = create_app(reader, telemetry=telemetry, runs_root=args.state_dir / "runs",
+                     read_token=args.read_token)  # fmt: skip
+    dashboard = await start_dashboard(app, host, int(port), resources=(reader, telemetry))
+    try:
+        await dashboard.task
+    finally:
+        await dashboard.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except StoreError as exc:
+        print(f"dashboard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
