@@ -118,6 +118,21 @@ def _where_failed(failed: Tensor) -> Tensor | None:
     return index if index.numel() else None
 
 
+PROPER_TOLERANCE = 4e-6
+"""An iterate ``Q`` of :func:`procrustes_rotation` is accepted when ``det Q >= 1 -
+PROPER_TOLERANCE`` (the determinant taken in float64): every singular value is then within
+that of 1, so ``||Q^T Q - I||`` is below about twice it."""
+
+
+def _settled(rotation: Tensor) -> Tensor:
+    """``(K,)`` mask of the iterates that are proper rotations: ``det Q >= 1 - tolerance``.
+
+    The scaled Newton-Schulz map sends ``[0, 1]`` into ``[0, 1]``, so every singular value of
+    an iterate is at most 1 (up to round-off) and ``|det Q| = prod sigma_i`` reaches 1 only
+    when all of them do. One determinant thus tests convergence and the sign at once."""
+    return torch.linalg.det(rotation.double()) >= 1.0 - PROPER_TOLERANCE
+
+
 def procrustes_rotation(cross: Tensor) -> Tensor:
     """Orthogonal Procrustes with det +1: the rotation ``R (..., r, r)`` maximising
     ``trace(R^T M)`` for ``M = X_i X_ref^T (..., r, r)``, so that ``R^T X_i`` is closest to
@@ -126,25 +141,24 @@ def procrustes_rotation(cross: Tensor) -> Tensor:
     The polar factor comes from the scaled Newton-Schulz iteration (batched matmuls: on the
     CPU a batched SVD costs one LAPACK call per matrix), first with a short schedule
     (:data:`POLAR_QUICK_FLOOR`), then a long one (:data:`POLAR_FLOOR`) for the matrices the
-    first left unconverged. :func:`nearest_rotation` (SVD) solves the rest: near-singular
-    matrices (``sigma_min / sigma_max`` below about 1e-3, where the polar factor is
-    ill-conditioned anyway), zero or non-finite ones, and those whose polar factor is a
-    reflection (``det < 0``: the fix negates the smallest singular direction, which only the
+    first did not settle (see :func:`_settled`). :func:`nearest_rotation` (SVD) solves the
+    rest: near-singular matrices (``sigma_min / sigma_max`` below about 1e-3, where the polar
+    factor is ill-conditioned anyway), zero or non-finite ones, and those whose polar factor is
+    a reflection (``det < 0``: the fix negates the smallest singular direction, which only the
     SVD gives).
     """
     matrix = cross.to(WORK_DTYPE)
     flat = matrix.reshape(-1, *matrix.shape[-2:])
     if flat.shape[0] == 0:
         return matrix.clone()
-    rotation, converged = polar_by_iteration(flat, POLAR_QUICK_FLOOR, normalise=True)
-    assert converged is not None
-    retry = _where_failed(~converged)
+    rotation, _ = polar_by_iteration(flat, POLAR_QUICK_FLOOR, normalise=True, check=False)
+    retry = _where_failed(~_settled(rotation))
     if retry is not None:
-        again, settled = polar_by_iteration(flat[retry], POLAR_FLOOR, normalise=True)
-        rotation[retry], converged[retry] = again, settled  # type: ignore[assignment]
-    failed = _where_failed(~converged | (torch.linalg.det(rotation) < 0))
-    if failed is not None:
-        rotation[failed] = nearest_rotation(flat[failed])
+        again, _ = polar_by_iteration(flat[retry], POLAR_FLOOR, normalise=True, check=False)
+        rotation[retry] = again
+        failed = _where_failed(~_settled(again))
+        if failed is not None:
+            rotation[retry[failed]] = nearest_rotation(flat[retry[failed]])
     return rotation.reshape(matrix.shape)
 
 
@@ -267,6 +281,41 @@ def gauge_statistics(
         residual_before=diff_norm_sq.clamp_min(0.0).sqrt(),
         residual_after=after.clamp_min_(0.0).sqrt_(),
     )
+
+
+def expanded_gauge_statistics(
+    rotation: Tensor,
+    scale: Tensor | None,
+    cross: Tensor,
+    moving_sq: Tensor,
+    reference_sq: Tensor,
+) -> AlignmentStatistics:
+    """Statistics of the gauge ``X_i <- s R^T X_i`` (row layout) from ``M`` and two norms.
+
+    With ``M = X_i X_ref^T`` ``(K, r, r)``, ``moving_sq = ||X_i||^2`` and ``reference_sq =
+    ||X_ref||^2`` (both ``(K,)``)::
+
+        ||X_i - X_ref||^2       = ||X_i||^2 - 2 tr(M) + ||X_ref||^2
+        ||s R^T X_i - X_ref||^2 = s^2 ||X_i||^2 - 2 s tr(R^T M) + ||X_ref||^2
+
+    This needs neither ``D = X_i - X_ref`` nor the reference's Gram matrix (what the streaming
+    aggregator has at hand), at the price of cancellation: in float32 a residual below about
+    1e-3 of ``||X||`` is round-off. ``scale`` is ``(K,)`` or None (``s = 1``). Float32.
+    """
+    rotation = rotation.to(WORK_DTYPE)
+    trace = torch.diagonal(cross, 0, -2, -1).sum(-1)
+    aligned_trace = (rotation * cross).sum((-2, -1))
+    before = (moving_sq + reference_sq).sub_(trace, alpha=2.0)
+    if scale is None:  # ||R^T - I|| = ||R - I||
+        excess = rotation - _identity(rotation)
+        after = torch.add(before, trace.sub_(aligned_trace), alpha=2.0)
+    else:
+        left = rotation.mT * scale[:, None, None]
+        excess = left - _identity(left)
+        after = scale.square() * moving_sq - 2.0 * scale * aligned_trace + reference_sq
+    squares = torch.stack(((excess * excess).sum((-2, -1)), before, after), dim=-1)
+    distance, before, after = squares.clamp_min_(0.0).sqrt_().unbind(-1)
+    return AlignmentStatistics(distance, before, after)
 
 
 @dataclass(frozen=True)

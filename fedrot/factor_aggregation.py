@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import WORK_DTYPE, RoundSetup, StreamingAggregator
-from fedrot.alignment import as_rows, cross_gram, gauge_statistics
+from fedrot.alignment import as_rows, expanded_gauge_statistics
 from fedrot.diagnostics import ErrorTerms, GroupErrors, RotationStats, group_errors
 from fedrot.gauges import Gauge, GaugeProblem, GaugeSolver
 from fedrot.module_groups import ModuleGroup, empty_stack, rows_shape, stack_factor, streams_modules
@@ -44,8 +44,7 @@ class _FactorGroupState:
     ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one (``sums``
     then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
     factors' own layout. With a gauge, ``reference_rows`` are the aligned factor's per-module
-    reference rows, ``reference_gram`` ``(K, r, r)`` their Gram matrices and ``reference_sq``
-    ``(K,)`` their squared norms. ``clients`` (only with ``track_error``) holds each client's
+    reference rows and ``reference_sq`` ``(K,)`` their squared norms. ``clients`` (only with ``track_error``) holds each client's
     factors as aggregated, as row-layout stacks. ``fresh`` is True until the first update: the
     sums are uninitialised and that update is written into them.
     """
@@ -55,7 +54,6 @@ class _FactorGroupState:
     sums: dict[Factor, Tensor] = field(default_factory=dict)
     work: dict[Factor, Tensor] = field(default_factory=dict)
     reference: dict[Factor, Tensor] = field(default_factory=dict)
-    reference_gram: Tensor | None = None
     reference_sq: Tensor | None = None
     reference_rows: list[Tensor] = field(default_factory=list)
     clients: list[dict[Factor, Tensor]] = field(default_factory=list)
@@ -115,22 +113,18 @@ class FactorAggregator(StreamingAggregator):
         self, group: ModuleGroup, state: _FactorGroupState, aligned: Factor
     ) -> None:
         """The aligned factor's reference rows (the stack's slices, or the reference's own
-        tensors for a streamed group), their Gram matrices and squared norms."""
+        tensors for a streamed group) and their squared norms."""
         if not state.streamed:
             rows = as_rows(state.reference[aligned], aligned)
             state.reference_rows = list(rows.unbind(0))
-            state.reference_gram = cross_gram(rows, rows)
+            state.reference_sq = torch.linalg.vector_norm(rows, dim=(-2, -1)).square_()
         else:
             assert self._reference is not None
             state.reference_rows = [
                 as_rows(x, aligned) for x in self._module_factors(self._reference, group, aligned)
             ]
-            state.reference_gram = torch.empty(
-                len(group.modules), group.rank, group.rank, device=self.device
-            )
-            for k, rows in enumerate(state.reference_rows):
-                torch.mm(rows, rows.mT, out=state.reference_gram[k])
-        state.reference_sq = torch.diagonal(state.reference_gram, 0, -2, -1).sum(-1)
+            norms = [torch.linalg.vector_norm(rows) for rows in state.reference_rows]
+            state.reference_sq = torch.stack(norms).square_()
 
     def _module_factors(self, adapter: Adapter, group: ModuleGroup, which: Factor) -> list[Tensor]:
         """``adapter``'s ``which`` factors of ``group`` in their own layout, float32 on the
@@ -188,22 +182,20 @@ class FactorAggregator(StreamingAggregator):
     def _problem(
         self, client_id: str, group: ModuleGroup, state: _FactorGroupState, moving: Rows
     ) -> GaugeProblem:
-        """The Procrustes matrices ``M = X_i X_ref^T`` of one group and ``||X_i - X_ref||^2``
-        (from ``||X_i||^2 - 2 tr M + ||X_ref||^2``: no pass over ``X_i - X_ref``)."""
-        assert state.reference_gram is not None and state.reference_sq is not None
+        """The Procrustes matrices ``M = X_i X_ref^T`` of one group and the norms ``||X_i||^2``:
+        one batched GEMM and one norm for a stack, else one of each per module."""
+        assert state.reference_sq is not None
         if isinstance(moving, Tensor):
             assert self._aligned is not None
             reference = as_rows(state.reference[self._aligned], self._aligned)
             cross = torch.bmm(moving, reference.mT)
             moving_sq = torch.linalg.vector_norm(moving, dim=(-2, -1)).square_()
         else:
-            cross = torch.empty_like(state.reference_gram)
+            cross = torch.empty(len(moving), group.rank, group.rank, device=self.device)
             for k, (rows, ref) in enumerate(zip(moving, state.reference_rows, strict=True)):
                 torch.mm(rows, ref.mT, out=cross[k])
             moving_sq = torch.stack([torch.linalg.vector_norm(rows) for rows in moving]).square_()
-        trace = torch.diagonal(cross, 0, -2, -1).sum(-1)
-        diff_sq = moving_sq.add_(state.reference_sq).sub_(trace, alpha=2.0).clamp_min_(0.0)
-        return GaugeProblem(client_id, group.modules, cross, state.reference_gram, diff_sq)
+        return GaugeProblem(client_id, group.modules, cross, moving_sq, state.reference_sq)
 
     def _add_aligned(
         self,
@@ -361,12 +353,8 @@ def _left_factors(gauge: Gauge) -> tuple[Tensor, Tensor]:
 
 
 def _rotation_stats(group: ModuleGroup, gauge: Gauge, problem: GaugeProblem) -> list[RotationStats]:
-    numbers = gauge_statistics(
-        gauge.rotation,
-        gauge.scale,
-        problem.diff_cross,
-        problem.reference_gram,
-        problem.diff_norm_sq,
+    numbers = expanded_gauge_statistics(
+        gauge.rotation, gauge.scale, problem.cross, problem.moving_sq, problem.reference_sq
     )
     values = torch.stack(
         (numbers.rotation_distance, numbers.residual_before, numbers.residual_after), dim=-1

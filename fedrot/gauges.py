@@ -23,21 +23,15 @@ class GaugeProblem:
     """One client's alignment problem for a group of ``K`` modules of rank ``r``.
 
     Row layout (see :mod:`fedrot.alignment`), float32: ``cross = X_i X_ref^T`` (the Procrustes
-    matrix ``M``) and ``reference_gram = X_ref X_ref^T``, both ``(K, r, r)``, and
-    ``diff_norm_sq = ||X_i - X_ref||_F^2``, ``(K,)``. ``modules`` names the ``K`` modules in
-    stack order.
+    matrix ``M``, ``(K, r, r)``), ``moving_sq = ||X_i||_F^2`` and ``reference_sq =
+    ||X_ref||_F^2`` (both ``(K,)``). ``modules`` names the ``K`` modules in stack order.
     """
 
     client_id: str
     modules: tuple[str, ...]
     cross: Tensor
-    reference_gram: Tensor
-    diff_norm_sq: Tensor
-
-    @property
-    def diff_cross(self) -> Tensor:
-        """``D X_ref^T = M - X_ref X_ref^T`` for ``D = X_i - X_ref``, ``(K, r, r)``."""
-        return self.cross - self.reference_gram
+    moving_sq: Tensor
+    reference_sq: Tensor
 
 
 @dataclass(frozen=True)
@@ -109,9 +103,7 @@ class ScalarGauge(GaugeSolver):
     either norm is 0). ``R = I``."""
 
     def solve(self, problem: GaugeProblem) -> Gauge:
-        ref_sq = torch.diagonal(problem.reference_gram, dim1=-2, dim2=-1).sum(-1)
-        cross_trace = torch.diagonal(problem.diff_cross, dim1=-2, dim2=-1).sum(-1)
-        moving_sq = (ref_sq + 2.0 * cross_trace + problem.diff_norm_sq).clamp_min(0.0)
+        ref_sq, moving_sq = problem.reference_sq, problem.moving_sq.clamp_min(0.0)
         usable = (ref_sq > 0) & (moving_sq > 0)
         ratio = torch.where(usable, moving_sq / torch.where(usable, ref_sq, 1.0), 1.0)
         scale = ratio.rsqrt()

@@ -16,6 +16,7 @@ from fedrot.alignment import (
     align_to_reference,
     as_rows,
     cross_gram,
+    expanded_gauge_statistics,
     gauge_statistics,
     nearest_rotation,
     newton_schulz_schedule,
@@ -398,3 +399,25 @@ def test_soft_rotation_matches_the_svd(k: int, rank: int, lam: float, seed: int)
     assert_rotations(soft)
     if smallest > 1e-3:  # else the polar factor itself is ill-conditioned
         torch.testing.assert_close(soft.double(), svd_rotation(mixed), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_expanded_statistics_match_the_dense_residuals(scaled: bool) -> None:
+    """The streaming aggregator's statistics from M = X_i X_ref^T and two norms only."""
+    A, _ = random_factors(3, 4, 8, 6, seed=51)
+    A_ref, _ = random_factors(3, 4, 8, 6, seed=52)
+    rotation = haar(3, 4, seed=53)
+    scale = torch.tensor([0.5, 1.0, 2.0]) if scaled else None
+    stats = expanded_gauge_statistics(
+        rotation,
+        scale,
+        cross_gram(A, A_ref),
+        torch.linalg.matrix_norm(A).square(),
+        torch.linalg.matrix_norm(A_ref).square(),
+    )
+    s = torch.ones(3) if scale is None else scale
+    moved = s[:, None, None] * (rotation.mT @ A)
+    torch.testing.assert_close(stats.residual_after, torch.linalg.matrix_norm(moved - A_ref))
+    torch.testing.assert_close(stats.residual_before, torch.linalg.matrix_norm(A - A_ref))
+    expected = torch.linalg.matrix_norm(s[:, None, None] * rotation.mT - torch.eye(4))
+    torch.testing.assert_close(stats.rotation_distance, expected)
