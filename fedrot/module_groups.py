@@ -36,9 +36,10 @@ class ModuleGroup:
 
 
 MAX_GROUP_BYTES = 8 * 2**20
-"""Cap on one group's float32 factors (both A and B). Larger same-shape sets are split, so a
-group's working stacks stay cache-resident while an update is aligned and accumulated; batches
-stay large where it matters (many small modules)."""
+"""Cap on one stacked group's float32 factors (both A and B). Larger same-shape sets of small
+modules are split, so a group's working stacks stay cache-resident while an update is aligned
+and accumulated. Streamed groups (see :data:`STREAM_MODULE_BYTES`) have no stacks and are not
+split: one group per shape keeps the r x r work (Procrustes, statistics) in one batch."""
 
 
 STREAM_MODULE_BYTES = 128 * 2**10
@@ -56,8 +57,9 @@ def streams_modules(group: ModuleGroup) -> bool:
 def group_modules(
     schema: AdapterSchema, max_group_bytes: int = MAX_GROUP_BYTES
 ) -> tuple[ModuleGroup, ...]:
-    """The schema's modules grouped by shape (first-appearance order), each group capped at
-    ``max_group_bytes`` of float32 factors (at least one module per group)."""
+    """The schema's modules grouped by shape (first-appearance order), each group of small
+    modules capped at ``max_group_bytes`` of float32 factors (at least one module per group);
+    modules of :data:`STREAM_MODULE_BYTES` or more form one group per shape."""
     members: dict[tuple[int, int], list[str]] = {}
     for module, shape in schema.modules.items():
         members.setdefault(shape, []).append(module)
@@ -65,6 +67,8 @@ def group_modules(
     for (d_out, d_in), names in members.items():
         per_module = 4 * schema.rank * (d_out + d_in)
         size = max(1, max_group_bytes // max(per_module, 1))
+        if per_module >= STREAM_MODULE_BYTES:
+            size = len(names)
         for start in range(0, len(names), size):
             part = tuple(names[start : start + size])
             groups.append(ModuleGroup(len(groups), d_out, d_in, schema.rank, part))
