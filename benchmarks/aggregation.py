@@ -3,14 +3,18 @@
 Measures, in one run on the same inputs:
 
 (a) ``fedrot_s``: the project's streaming FedRot aggregation (``build_strategy("fedrot")``,
-    ``track_error=False``): every update aligned on arrival with batched GEMMs and SVDs;
+    ``track_error=False``): every update aligned on arrival (GEMMs, batched Newton-Schulz
+    polar factors with an SVD fallback) and accumulated in place;
 (b) ``loop_s``: a straightforward per-module, per-client Python loop with one Procrustes SVD per
     module per client (plus the polar SVD of the soft rotation when 0 < lambda < 1), as in the
     paper's published implementation;
 (c) ``fedit_s``: a plain FedIT weighted average, ``sum_i p_i X_i`` per state-dict key over the
     held updates, the way common FL frameworks write FedAvg.
 
-Also reported: the project's own streaming FedIT (``fedit_streaming_s``), and the peak memory of
+Also reported: the project's own streaming FedIT (``fedit_streaming_s``), ``gemm_floor_s`` (only
+the three GEMMs per module and client that any FedRot round needs, ``M = A_i A_ref^T``,
+``R^T A_i`` and ``B_i R``, accumulated in place with a fixed ``R``: a lower bound for (a)), and
+the peak memory of
 (a) for N = 5 and N = 50 clients, each N in a fresh subprocess (CPU: peak RSS above the
 baseline after setting up, via ``/proc/self/clear_refs`` and ``VmHWM``; CUDA:
 ``torch.cuda.max_memory_allocated`` above the baseline). Updates are produced one at a time in
@@ -146,6 +150,22 @@ def run_plain_fedit(updates: list[Adapter]) -> dict[str, torch.Tensor]:
     }  # type: ignore[misc]
 
 
+def run_gemm_floor(reference: Adapter, updates: list[Adapter]) -> None:
+    """The GEMMs no FedRot round can skip, nothing else: per module and client the Procrustes
+    matrix ``A_i A_ref^T`` and the in-place accumulation of ``R^T A_i`` and ``B_i R`` (a fixed
+    ``R``; no polar factor, statistics, validation or division)."""
+    first = next(iter(reference.lora.values()))
+    rotation = torch.linalg.qr(torch.randn(first.rank, first.rank))[0].to(first.A.device)
+    sums = {m: (torch.zeros_like(p.A), torch.zeros_like(p.B)) for m, p in reference.lora.items()}
+    cross = torch.empty(first.rank, first.rank, device=first.A.device)
+    for update in updates:
+        for module, (sum_a, sum_b) in sums.items():
+            A, B = update.lora[module].A, update.lora[module].B
+            torch.mm(A, reference.lora[module].A.T, out=cross)
+            sum_a.addmm_(rotation.T, A)
+            sum_b.addmm_(B, rotation)
+
+
 def best_time(fn: Callable[[], object], repeats: int, device: str) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -182,6 +202,7 @@ def time_shape(shape: Shape, device: str, lam: float, repeats: int) -> dict[str,
         "fedit_streaming_s": best_time(
             lambda: run_streaming("fedit", reference, updates, lam, device), repeats, device
         ),
+        "gemm_floor_s": best_time(lambda: run_gemm_floor(reference, updates), repeats, device),
         "fedrot_tracked_s": best_time(
             lambda: run_streaming("fedrot", reference, updates, lam, device, True), 1, device
         ),
@@ -190,6 +211,7 @@ def time_shape(shape: Shape, device: str, lam: float, repeats: int) -> dict[str,
     out["speedup_vs_loop"] = out["loop_s"] / out["fedrot_s"]
     out["ratio_vs_fedit"] = out["fedrot_s"] / out["fedit_s"]
     out["ratio_vs_fedit_streaming"] = out["fedrot_s"] / out["fedit_streaming_s"]
+    out["floor_ratio_vs_fedit"] = out["gemm_floor_s"] / out["fedit_s"]
     return out
 
 
@@ -270,10 +292,12 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
         "loop_s",
         "fedit_s",
         "fedit_streaming_s",
+        "gemm_floor_s",
         "fedrot_tracked_s",
         "speedup_vs_loop",
         "ratio_vs_fedit",
         "ratio_vs_fedit_streaming",
+        "floor_ratio_vs_fedit",
         "peak_mb_n5",
         "peak_mb_n50",
         "peak_mb_n5_tracked",

@@ -210,13 +210,11 @@ class StreamingAggregator(RoundAggregator):
     def _normalised_weights(self, total: float) -> list[float]:
         return [w / total for w in self._weights]
 
-    def _unstack(
-        self, group: ModuleGroup, rows: dict[Factor, Tensor], divisor: float = 1.0
-    ) -> dict[str, LoraPair]:
+    def _unstack(self, group: ModuleGroup, rows: dict[Factor, Tensor]) -> dict[str, LoraPair]:
         """Per-module pairs (own contiguous storage, reference dtypes) from row-layout float32
-        stacks ``A (K, r, d_in)``, ``B^T (K, r, d_out)`` divided by ``divisor``, in one pass per
-        factor (the division, the transposition of B and the copy are one ``torch.div``);
-        factors the plan froze are the reference's own tensors, copied to the device."""
+        stacks ``A (K, r, d_in)``, ``B^T (K, r, d_out)``, one copy per factor (which also
+        transposes B and converts the dtype); factors the plan froze are the reference's own
+        tensors, copied to the device."""
         assert self._reference is not None
         frozen = set(Factor) - self.setup.plan.trained
         per_module = {f: rows[f].unbind(0) for f in Factor if f not in frozen}
@@ -230,7 +228,7 @@ class StreamingAggregator(RoundAggregator):
                     tensors[f] = like.to(device=self.device, copy=True)
                     continue
                 target = torch.empty(like.shape, dtype=like.dtype, device=self.device)
-                tensors[f] = torch.div(as_rows(per_module[f][k], f), divisor, out=target)
+                tensors[f] = target.copy_(as_rows(per_module[f][k], f))
             out[module] = LoraPair(A=tensors[Factor.A], B=tensors[Factor.B])
         return out
 

@@ -1,11 +1,13 @@
 """Factor-wise averaging with an optional gauge: FedIT, FedRot-LoRA, FFA-LoRA, RoLoRA, ablations.
 
-Every running sum is updated in place by one fused call per factor, with no temporaries: an
-``add_`` without a gauge, else a GEMM that applies the gauge and accumulates at once
-(``addmm_`` / ``baddbmm_``, reading the update through transposed views). The first update
-is written rather than added (``beta = 0``), so the sums are never zero-filled. An aligned
-update is read twice per factor: once for the Procrustes matrix ``M = X_i X_ref^T`` (and
-``||X_i||``), once for the accumulation.
+The running state is the weighted *mean* so far, updated in place by one fused call per
+factor with no temporaries: ``mean <- beta mean + alpha X`` with ``alpha = w_i / W_i``,
+``beta = W_(i-1) / W_i`` (``W_i`` the weights seen so far), a ``lerp_`` without a gauge, else a
+GEMM that applies the gauge and blends at once (``addmm_`` / ``baddbmm_`` with ``beta``,
+reading the update through transposed views). The first update is written (``beta = 0``), so
+the state is never zero-filled, and ``finalize`` has nothing left to divide. An aligned update
+is read twice per factor: once for the Procrustes matrix ``M = X_i X_ref^T`` (and ``||X_i||``),
+once for the accumulation.
 
 Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
 
@@ -45,8 +47,8 @@ class _FactorGroupState:
     then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
     factors' own layout. With a gauge, ``reference_rows`` are the aligned factor's per-module
     reference rows and ``reference_sq`` ``(K,)`` their squared norms. ``clients`` (only with ``track_error``) holds each client's
-    factors as aggregated, as row-layout stacks. ``fresh`` is True until the first update: the
-    sums are uninitialised and that update is written into them.
+    factors as aggregated, as row-layout stacks. The sums hold the weighted mean of the
+    updates so far and are uninitialised until the first one.
     """
 
     streamed: bool
@@ -57,7 +59,6 @@ class _FactorGroupState:
     reference_sq: Tensor | None = None
     reference_rows: list[Tensor] = field(default_factory=list)
     clients: list[dict[Factor, Tensor]] = field(default_factory=list)
-    fresh: bool = True
 
 
 class FactorAggregator(StreamingAggregator):
@@ -74,6 +75,7 @@ class FactorAggregator(StreamingAggregator):
         self._gauge = gauge if use_gauge else None
         self._aligned = setup.plan.aligned if use_gauge else None
         self._state: list[_FactorGroupState] = []
+        self._seen = 0.0
         super().__init__(reference, setup)
 
     def _aligned_factor(self) -> Factor | None:
@@ -139,27 +141,30 @@ class FactorAggregator(StreamingAggregator):
 
     def _accumulate(self, client_id: str, update: Adapter, w: float) -> tuple[RotationStats, ...]:
         stats: list[RotationStats] = []
+        seen = self._seen + w
+        step = _Step(beta=self._seen / seen, alpha=w / seen)
         for group, state in zip(self._groups, self._state, strict=True):
             if self._aligned is None:
-                self._add_plain(group, state, update, w)
+                self._add_plain(group, state, update, step)
             else:
-                stats.extend(self._add_aligned(client_id, group, state, update, w))
-            state.fresh = False
+                stats.extend(self._add_aligned(client_id, group, state, update, step))
+        self._seen = seen
         return tuple(stats)
 
     def _add_plain(
-        self, group: ModuleGroup, state: _FactorGroupState, update: Adapter, w: float
+        self, group: ModuleGroup, state: _FactorGroupState, update: Adapter, step: _Step
     ) -> None:
-        """``sum += w X`` per trained factor, in place: module by module straight from the
-        update's tensors when they are on the device, else via a converting stack."""
+        """``mean <- beta mean + alpha X`` per trained factor, in place: module by module
+        straight from the update's tensors when they are on the device, else via a converting
+        stack."""
         for which, views in state.views.items():
             factors = [update.lora[m].factor(which) for m in group.modules]
             if state.streamed or all(f.device == self.device for f in factors):
                 for view, factor in zip(views, factors, strict=True):
-                    _scaled_add(view, factor.to(self.device), w, state.fresh)
+                    _blend(view, factor.to(self.device), step)
             else:
                 stack = stack_factor(update, group, which, state.work[which])
-                _scaled_add(state.sums[which], stack, w, state.fresh)
+                _blend(state.sums[which], stack, step)
         if self.setup.track_error:
             state.clients.append(
                 {
@@ -203,7 +208,7 @@ class FactorAggregator(StreamingAggregator):
         group: ModuleGroup,
         state: _FactorGroupState,
         update: Adapter,
-        w: float,
+        step: _Step,
     ) -> list[RotationStats]:
         aligned = self._aligned
         assert aligned is not None and self._gauge is not None
@@ -212,9 +217,9 @@ class FactorAggregator(StreamingAggregator):
         problem = self._problem(client_id, group, state, moving)
         gauge = self._gauge.solve(problem)
         left = dict(zip((aligned, other), _left_factors(gauge), strict=True))
-        self._add_rotated(state, aligned, left[aligned], moving, moving_own, w)
+        self._add_rotated(state, aligned, left[aligned], moving, moving_own, step)
         rest, rest_own = self._rows(update, group, state, other)
-        self._add_rotated(state, other, left[other], rest, rest_own, w)
+        self._add_rotated(state, other, left[other], rest, rest_own, step)
         if self.setup.track_error:
             state.clients.append(
                 {aligned: _rotated(left[aligned], moving), other: _rotated(left[other], rest)}
@@ -228,20 +233,20 @@ class FactorAggregator(StreamingAggregator):
         left: Tensor,
         rows: Rows,
         own: list[Tensor],
-        w: float,
+        step: _Step,
     ) -> None:
-        """``sum = beta sum + w L X`` (row layout), in place; ``beta = 0`` for the first update.
-        Stacked: one ``baddbmm_``. Streamed: one ``addmm_`` per module on its own-layout sum,
-        ``A_sum += w L A`` or ``B_sum += w B L^T``."""
-        beta = 0.0 if state.fresh else 1.0
+        """``mean <- beta mean + alpha L X`` (row layout), in place (``beta = 0`` ignores the
+        uninitialised state). Stacked: one ``baddbmm_``. Streamed: one ``addmm_`` per module
+        on its own-layout mean, ``A <- beta A + alpha L A_i`` or ``B <- beta B + alpha B_i L^T``."""
+        beta, alpha = step.beta, step.alpha
         if isinstance(rows, Tensor):
-            state.sums[which].baddbmm_(left, rows, beta=beta, alpha=w)
+            state.sums[which].baddbmm_(left, rows, beta=beta, alpha=alpha)
             return
         for total, gauge, x in zip(state.views[which], left.unbind(0), own, strict=True):
             if which is Factor.A:
-                total.addmm_(gauge, x, beta=beta, alpha=w)
+                total.addmm_(gauge, x, beta=beta, alpha=alpha)
             else:
-                total.addmm_(x, gauge.mT, beta=beta, alpha=w)
+                total.addmm_(x, gauge.mT, beta=beta, alpha=alpha)
 
     def _finalize_lora(
         self, total: float
@@ -251,36 +256,31 @@ class FactorAggregator(StreamingAggregator):
         p = self._normalised_weights(total)
         for group, state in zip(self._groups, self._state, strict=True):
             if state.streamed:
-                pairs = self._finalize_streamed(group, state, total)
+                pairs = self._finalize_streamed(group, state)
                 lora.update(pairs)
                 if self.setup.track_error:
                     means = {f: self._stacked_rows(state, f) for f in Factor}
                     errors.append(self._group_errors(group, state, means, pairs, p))
                 continue
-            sums = {f: self._sum_rows(state, f) for f in Factor}
-            if not self.setup.track_error:
-                lora.update(self._unstack(group, sums, divisor=total))
-                continue
-            means = {f: s.div_(total) if f in state.sums else s for f, s in sums.items()}
+            means = {f: self._sum_rows(state, f) for f in Factor}
             pairs = self._unstack(group, means)
             lora.update(pairs)
-            errors.append(self._group_errors(group, state, means, pairs, p))
+            if self.setup.track_error:
+                errors.append(self._group_errors(group, state, means, pairs, p))
         return lora, {}, errors if self.setup.track_error else None
 
     def _sum_rows(self, state: _FactorGroupState, which: Factor) -> Tensor:
-        """A stacked group's ``which`` running sum in row layout, or the reference for a
-        frozen factor (float32)."""
+        """A stacked group's ``which`` mean in row layout, or the reference for a frozen
+        factor (float32)."""
         if which not in state.sums:
             return as_rows(state.reference[which], which)
         total = state.sums[which]
         return total if self._aligned is not None else as_rows(total, which)
 
-    def _finalize_streamed(
-        self, group: ModuleGroup, state: _FactorGroupState, total: float
-    ) -> dict[str, LoraPair]:
-        """A streamed group's new global pairs: each module's sums divided in place and handed
-        out (converted to the reference dtype if it differs); frozen factors are copies of
-        the reference's."""
+    def _finalize_streamed(self, group: ModuleGroup, state: _FactorGroupState) -> dict[str, LoraPair]:
+        """A streamed group's new global pairs: each module's means handed out as they are
+        (converted to the reference dtype if it differs); frozen factors are copies of the
+        reference's."""
         assert self._reference is not None
         out = {}
         for k, module in enumerate(group.modules):
@@ -289,7 +289,7 @@ class FactorAggregator(StreamingAggregator):
             for f in Factor:
                 like = ref.factor(f)
                 if f in state.views:
-                    tensors[f] = state.views[f][k].div_(total).to(like.dtype)
+                    tensors[f] = state.views[f][k].to(like.dtype)
                 else:
                     tensors[f] = like.to(device=self.device, copy=True)
             out[module] = LoraPair(A=tensors[Factor.A], B=tensors[Factor.B])
@@ -330,12 +330,24 @@ class FactorAggregator(StreamingAggregator):
         )
 
 
-def _scaled_add(total: Tensor, x: Tensor, w: float, fresh: bool) -> None:
-    """``total += w x`` in place, or ``total = w x`` when ``fresh`` (``total`` uninitialised)."""
-    if fresh:
-        torch.mul(x, w, out=total)
+@dataclass(frozen=True)
+class _Step:
+    """One update's blend into the running mean: ``mean <- beta mean + alpha X`` with
+    ``alpha = w_i / W_i`` and ``beta = W_(i-1) / W_i``; ``beta = 0`` for the first update."""
+
+    beta: float
+    alpha: float
+
+
+def _blend(mean: Tensor, x: Tensor, step: _Step) -> None:
+    """``mean <- beta mean + alpha x`` in place, one pass: ``lerp_`` (``beta = 1 - alpha``), or
+    a scaled copy for the first update (the uninitialised ``mean`` is never read)."""
+    if step.beta == 0.0:
+        torch.mul(x, step.alpha, out=mean)
+    elif x.dtype == mean.dtype:
+        mean.lerp_(x, step.alpha)
     else:
-        total.add_(x, alpha=w)
+        mean.mul_(step.beta).add_(x, alpha=step.alpha)
 
 
 def _rotated(left: Tensor, rows: Rows) -> Tensor:
