@@ -119,6 +119,28 @@ def plot_setting(setting: str, methods: dict[str, list[dict[str, Any]]], img: Pa
     return plot_panels(panels, img / f"sim-{setting}.png", title=f"MiniLM, WordNet, {setting}")
 
 
+def generative_table(out: Path) -> list[str]:
+    """The SmolLM2 check: held-out perplexity per round, per method and seed."""
+    runs = load_runs(out / "generative")
+    lines: list[str] = []
+    for setting, methods in runs.items():
+        lines += [f"### Generative check (SmolLM2-135M, {setting})", "",
+                  "| method | seed | best ppl | final ppl | perplexity by round | mean rel. error |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for slug in _ordered(methods):
+            for run in methods[slug]:
+                curve = ", ".join(f"{r['eval_perplexity']:.1f}" for r in run["rounds"]
+                                  if r["eval_perplexity"] is not None)  # fmt: skip
+                summary = run["summary"]
+                error = summary["mean_relative_aggregation_error"]
+                lines.append(f"| {_label([run])} | {run['config']['seed']} | "
+                             f"{summary['best_perplexity']:.2f} | "
+                             f"{summary['final_perplexity']:.2f} | {curve} | "
+                             f"{error:.4f} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
 def write_report(out: Path, img: Path, budget: object | None = None) -> Path:
     """``<out>/tables.md`` and ``<img>/sim-<setting>.png``; returns the tables' path."""
     runs = load_runs(out)
@@ -129,6 +151,7 @@ def write_report(out: Path, img: Path, budget: object | None = None) -> Path:
         lines += table(setting, runs[setting])
         lines += error_table(setting, runs[setting])
         plot_setting(setting, runs[setting], img)
+    lines += generative_table(out)
     path = out / "tables.md"
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

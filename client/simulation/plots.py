@@ -38,6 +38,8 @@ def _pyplot():
 def plot_panels(panels: Sequence[Panel], path: Path, *, title: str | None = None) -> Path:
     """Draw ``panels`` side by side into ``path`` (PNG, 110 dpi)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for axis, panel in zip(axes[0], panels, strict=True):
         for label, points in panel.lines.items():
@@ -56,6 +58,7 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, title: str | None = None
             axis.set_yscale("log")
         axis.set_title(panel.title, fontsize=10)
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(panel.ylabel)
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
