@@ -7,7 +7,10 @@ Layout, under ``<state_dir>/runs/<run_id>/``::
                                      starts from): adapter_config.json + adapter_model.safetensors
     rounds/<t>/report.json           the round's aggregation report and summary
     rounds/<t>/base_deltas.safetensors   FedEx-LoRA only: cumulative base-weight deltas
-    rounds/<t>/uploads/<client>.safetensors  every accepted upload, as received
+    rounds/<t>/uploads/<client>.safetensors  the spool: every upload aggregated in round t, as
+                                     received (a late one as ``<client>.round-<r>.safetensors``),
+                                     durable before it is acknowledged; removed when the round
+                                     closes unless ``keep_uploads``
 
 A PEFT directory loads with ``PeftModel.from_pretrained(base_model, path)``: the config is
 PEFT's own ``LoraConfig`` written by PEFT, the weights are the bytes the clients download.
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrot.codec import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, encode_adapter
+from fedrot.codec import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, decode_adapter, encode_adapter
 from fedrot_server.settings import LoraSettings, ModelSettings
 
 BASE_DELTAS_FILE = "base_deltas.safetensors"
@@ -36,12 +39,35 @@ PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def write_atomically(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` durably: a temporary file, fsync, rename, fsync the folder.
+
+    After a crash at any point ``path`` holds either its old content or ``data``, never a part.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+    sync_folder(path.parent)
     return path
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename inside it survives a crash (POSIX)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def spool_name(client: str, trained_round: int, merged_round: int) -> str:
+    """The spool file of ``client``'s update for ``trained_round`` merged into ``merged_round``."""
+    if trained_round == merged_round:
+        return f"{client}.safetensors"
+    return f"{client}.round-{trained_round}.safetensors"
 
 
 def saved_modules(extra_keys: Iterable[str]) -> list[str]:
@@ -145,6 +171,34 @@ class RunArtifacts:
             write_atomically(self.round_dir(round_index) / BASE_DELTAS_FILE, payload)
         return folder
 
-    def save_upload(self, round_index: int, client: str, payload: bytes) -> Path:
-        path = self.round_dir(round_index) / "uploads" / f"{client}.safetensors"
-        return write_atomically(path, payload)
+    def spool_path(self, merged_round: int, client: str, trained_round: int) -> Path:
+        return self.round_dir(merged_round) / "uploads" / spool_name(client, trained_round,
+                                                                     merged_round)  # fmt: skip
+
+    def save_upload(
+        self, round_index: int, client: str, payload: bytes, *, trained_round: int | None = None
+    ) -> Path:
+        """Spool an accepted upload (durably) before it is recorded and acknowledged."""
+        trained = round_index if trained_round is None else trained_round
+        return write_atomically(self.spool_path(round_index, client, trained), payload)
+
+    def read_upload(self, round_index: int, client: str, *, trained_round: int) -> bytes:
+        return self.spool_path(round_index, client, trained_round).read_bytes()
+
+    def drop_uploads(self, round_index: int) -> None:
+        """Remove round ``round_index``'s spool (once the round is closed and recorded)."""
+        folder = self.round_dir(round_index) / "uploads"
+        for path in folder.glob("*.safetensors"):
+            path.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+    def read_adapter(self, round_index: int | None) -> bytes:
+        """The encoded adapter saved by :meth:`save_adapter` (None: the initial adapter)."""
+        return (self.adapter_dir(round_index) / ADAPTER_WEIGHTS_FILE).read_bytes()
+
+    def restore_base_deltas(self, round_index: int) -> None:
+        """Resume the FedEx running total from round ``round_index``'s saved deltas (if any)."""
+        path = self.round_dir(round_index) / BASE_DELTAS_FILE
+        if path.is_file():
+            self._base_deltas = dict(decode_adapter(path.read_bytes()).tensors)

@@ -18,6 +18,8 @@ from fedrot_server.transfers import check_sha256
 
 MAX_METRICS = 64
 MAX_KEY_LENGTH = 128
+# An aggregation weight: exact as a float64 and far inside SQLite's signed 64-bit INTEGER.
+MAX_SAMPLE_COUNT = 2**53
 
 
 @dataclass
@@ -35,6 +37,7 @@ class OpenRound:
     deadline: float
     started: float
     reported: dict[str, UploadRow] = field(default_factory=dict)
+    late: list[UploadRow] = field(default_factory=list)
     uploading: dict[str, asyncio.Event] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
@@ -47,6 +50,22 @@ class OpenRound:
     def expects(self, client: str) -> bool:
         """Whether an update from ``client`` is still wanted."""
         return not self.closed and client in self.participants and client not in self.reported
+
+    @property
+    def arrivals(self) -> int:
+        """How many uploads (late ones included) were aggregated so far: the next sequence."""
+        return len(self.reported) + len(self.late)
+
+    def admit(self, row: UploadRow) -> None:
+        """Count an aggregated upload: a participant's report, or a late update."""
+        if row.round_index == self.index:
+            self.reported[row.client] = row
+        else:
+            self.late.append(row)
+
+    def rows(self) -> list[UploadRow]:
+        """Every aggregated upload in arrival order."""
+        return sorted([*self.reported.values(), *self.late], key=lambda row: row.sequence)
 
     def check_complete(self) -> None:
         """Signal ``complete`` once every participant, or ``target`` clients, reported."""
@@ -89,8 +108,10 @@ class OpenRound:
                 f"round {self.index} uploads factors {_names(self.plan.trained)}, "
                 f"the header says {_names(request.factors)}"
             )
-        if request.sample_count < 1:
-            raise InvalidRequestError(f"sample_count must be >= 1, got {request.sample_count}")
+        if not 1 <= request.sample_count <= MAX_SAMPLE_COUNT:
+            raise InvalidRequestError(
+                f"sample_count must be in 1..{MAX_SAMPLE_COUNT}, got {request.sample_count}"
+            )
         if not 0 < len(request.idempotency_key) <= MAX_KEY_LENGTH:
             raise InvalidRequestError(
                 f"idempotency_key must have 1 to {MAX_KEY_LENGTH} characters"
@@ -131,3 +152,8 @@ def derive_seed(seed: int, round_index: int, client: str) -> int:
 
 def upload_id(row: UploadRow) -> str:
     return f"{row.run_id}/{row.round_index}/{row.client}"
+
+
+def aggregation_id(row: UploadRow) -> str:
+    """The name an upload has in the aggregator (a late one: ``client@round``)."""
+    return row.client if row.merged_into is None else f"{row.client}@{row.round_index}"

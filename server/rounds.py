@@ -15,7 +15,15 @@ the same seed and the extension number. Silent participants may still report.
 Closing: the worker finalises the aggregate, the new global adapter is saved as a PEFT
 directory (see :mod:`fedrot_server.artifacts`), evaluated when an evaluator is given, recorded,
 logged, and published as the reference of round ``t + 1``. Uploads for any other round are
-refused. After ``rounds`` rounds every client is told DONE.
+refused, unless ``late_updates = "stale"``: then an update for round ``t - k`` from a
+participant of that round that never reported is aligned to the current reference like any
+other and added with weight ``sample_count * staleness_weight ** k`` (when the two rounds train
+the same factors). After ``rounds`` rounds every client is told DONE.
+
+Durability: each upload is aggregated (which validates it), spooled and recorded before it is
+acknowledged; a restart resumes the run from what was recorded (see
+:mod:`fedrot_server.recovery`): the open round is rebuilt by re-feeding its uploads in arrival
+order, with participants and target as recorded and a fresh deadline.
 """
 
 from __future__ import annotations
@@ -24,20 +32,29 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from fedrot.adapters import Adapter
-from fedrot.codec import encode_schema
-from fedrot.strategies import Strategy
+from fedrot.codec import decode_adapter
+from fedrot.strategies import RoundPlan, Strategy
 from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
+from fedrot_server.operations import OperatorActions
 from fedrot_server.participants import Roster, sample_participants
-from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
+from fedrot_server.recovery import Resumption, run_record
+from fedrot_server.round_state import (
+    OpenRound,
+    aggregation_id,
+    derive_seed,
+    no_open_round,
+    upload_id,
+)
 from fedrot_server.round_log import mean_rotation_distance, round_summary
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
 from fedrot_server.state import RunPhase, UploadRow
 from fedrot_server.store import SqliteStore
+from fedrot_server.transfers import sha256_hex
 from fedrot_server.tasks import (
     AdapterRef,
     DoneTask,
@@ -54,8 +71,9 @@ from fedrot_server.worker import AggregationWorker, EncodedAdapter
 
 logger = logging.getLogger(__name__)
 
-class RoundEngine:
-    """Runs one federated run; the servicer calls the client-facing coroutines."""
+class RoundEngine(OperatorActions):
+    """Runs one federated run; the servicer calls the client-facing coroutines, the dashboard
+    the operator actions (:class:`~fedrot_server.operations.OperatorActions`)."""
 
     def __init__(
         self,
@@ -69,8 +87,10 @@ class RoundEngine:
         artifacts: RunArtifacts,
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.time,
+        resumption: Resumption | None = None,
     ) -> None:
         self.settings, self.spec = settings, spec
+        self._resumption = resumption
         self._store, self._worker, self._strategy = store, worker, strategy
         self._initial, self._artifacts, self._evaluator = initial, artifacts, evaluator
         self._clock = clock
@@ -88,13 +108,15 @@ class RoundEngine:
     # Lifecycle.
 
     async def start(self) -> None:
-        """Record the run, publish the round-0 adapter and start the rounds."""
-        spec_data = {**self.spec.to_dict(), "schema": encode_schema(self._initial.schema),
-                     "fingerprint": self._initial.fingerprint}  # fmt: skip
-        self._store.create_run(self.spec.run_id, spec_data, self._clock())
-        encoded = await self._worker.encode(self._reference, self._metadata(0))
-        await asyncio.to_thread(self._artifacts.save_adapter, None, encoded.payload)
-        self._published = (0, encoded)
+        """Record the run (or restore a resumed one), publish its adapter, start the rounds."""
+        if self._resumption is not None:
+            await self._restore(self._resumption)
+        else:
+            record = run_record(self.spec, self._initial)
+            self._store.create_run(self.spec.run_id, record, self._clock())
+            encoded = await self._worker.encode(self._reference, self._metadata(0))
+            await asyncio.to_thread(self._artifacts.save_adapter, None, encoded.payload)
+            self._published = (0, encoded)
         self._task = asyncio.create_task(self._run(), name=f"fedrot-run-{self.spec.run_id}")
         logger.info("run %s started: %s rounds, strategy %s", self.spec.run_id,
                     self.spec.rounds, self.spec.strategy.name)  # fmt: skip
@@ -213,26 +235,29 @@ class RoundEngine:
         ticket.slot.set()
 
     async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
-        """Aggregate a verified payload; CodecError/SchemaError leave the round unchanged."""
+        """Aggregate a verified payload (CodecError/SchemaError leave the round unchanged),
+        then spool and record it; only then is it acknowledged."""
         client, request = ticket.client, ticket.request
         async with self._lock:
             rnd = self._open_round_for(client, request.round_index)
-            report = await self._worker.add_update(client, payload, float(request.sample_count))
-            if self.settings.keep_uploads:
-                await asyncio.to_thread(self._artifacts.save_upload, rnd.index, client, payload)
+            late = request.round_index != rnd.index
             row = UploadRow(
-                run_id=self.spec.run_id, round_index=rnd.index, client=client,
+                run_id=self.spec.run_id, round_index=request.round_index, client=client,
                 idempotency_key=request.idempotency_key, sample_count=request.sample_count,
                 size_bytes=len(payload), sha256=request.sha256, received_at=self._clock(),
-                sequence=len(rnd.reported), metrics=dict(request.metrics),
+                sequence=rnd.arrivals, metrics=dict(request.metrics),
+                merged_into=rnd.index if late else None,
             )  # fmt: skip
-            self._store.record_upload(row)
-            rnd.reported[client] = row
+            report = await self._worker.add_update(aggregation_id(row), payload,
+                                                   self._weight_of(row))  # fmt: skip
+            await self._persist(rnd, row, payload)
+            rnd.admit(row)
             rnd.check_complete()
         self._seen(client)
-        logger.info("round %s: accepted %s bytes from %s (%s of %s), rotation distance %s",
-                    rnd.index, len(payload), client, len(rnd.reported), rnd.target,
-                    mean_rotation_distance(report.rotations))  # fmt: skip
+        logger.info("round %s: accepted %s bytes from %s%s (%s of %s), rotation distance %s",
+                    rnd.index, len(payload), client,
+                    f" for round {row.round_index} (late)" if late else "", len(rnd.reported),
+                    rnd.target, mean_rotation_distance(report.rotations))  # fmt: skip
         self._notify()
         return UploadOutcome(False, len(payload), upload_id(row))
 
@@ -240,15 +265,23 @@ class RoundEngine:
         self._require_client(client, run_id)
         self._seen(client)
         rnd = self._round
-        is_open = rnd is not None and rnd.index == round_index and rnd.expects(client)
+        is_open = rnd is not None and (
+            (rnd.index == round_index and rnd.expects(client))
+            or self._takes_late(client, round_index, rnd)
+        )
         current = rnd.index if rnd is not None else self._published_round()
         return HeartbeatReply(self._phase, current, is_open, self.spec.heartbeat_interval_s)
 
     # The rounds.
 
     async def _run(self) -> None:
+        resumed = self._resumption
+        first = resumed.rounds_completed if resumed is not None else 0
         try:
-            for round_index in range(self.spec.rounds):
+            for round_index in range(first, self.spec.rounds):
+                if resumed is not None and resumed.open_round is not None and round_index == first:
+                    await self._resume_round(resumed)
+                    continue
                 await self._wait_for_clients()
                 await self._play_round(round_index)
         except asyncio.CancelledError:
@@ -266,7 +299,7 @@ class RoundEngine:
         self._notify()
 
     async def _wait_for_clients(self) -> None:
-        while len(self._live()) < self.settings.min_clients:
+        while self._paused or len(self._live()) < self.settings.min_clients:
             await _changed_or_timeout(self._changed, self.settings.client_timeout_s)
 
     async def _play_round(self, round_index: int) -> None:
@@ -275,15 +308,41 @@ class RoundEngine:
         target = self.settings.clients_per_round.of(len(live))
         chosen = sample_participants(live, target, seed=self.spec.seed, round_index=round_index)
         await self._worker.begin_round(self._reference, plan)
-        now = self._now()
-        rnd = OpenRound(plan=plan, target=target, quorum=self.settings.quorum.of(target),
-                     participants=set(chosen), deadline=now + self.settings.round_deadline_s,
-                     started=now)  # fmt: skip
+        rnd = self._new_round(plan, target, chosen)
         self._store.open_round(self.spec.run_id, round_index, chosen, self._clock(),
-                               self._clock() + self.settings.round_deadline_s)  # fmt: skip
+                               self._clock() + self.settings.round_deadline_s, target)  # fmt: skip
+        await self._activate(rnd, "opened")
+
+    async def _resume_round(self, resumed: Resumption) -> None:
+        """Rebuild the open round a crash interrupted: participants and target as recorded,
+        its uploads re-fed in arrival order, a fresh deadline."""
+        row = resumed.open_round
+        assert row is not None
+        plan = self._strategy.plan(row.round_index)
+        target = resumed.target or len(row.participants)
+        rnd = self._new_round(plan, target, row.participants)
+        await self._worker.begin_round(self._reference, plan)
+        for upload in resumed.uploads:
+            await self._worker.add_update(aggregation_id(upload.row), upload.payload,
+                                          self._weight_of(upload.row))  # fmt: skip
+            rnd.admit(upload.row)
+        self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
+                                 self._clock() + self.settings.round_deadline_s)  # fmt: skip
+        rnd.check_complete()
+        await self._activate(rnd, f"resumed with {rnd.arrivals} accepted uploads")
+
+    def _new_round(self, plan: RoundPlan, target: int, participants: Iterable[str]) -> OpenRound:
+        now = self._now()
+        return OpenRound(plan=plan, target=target, quorum=self.settings.quorum.of(target),
+                         participants=set(participants),
+                         deadline=now + self.settings.round_deadline_s, started=now)  # fmt: skip
+
+    async def _activate(self, rnd: OpenRound, how: str) -> None:
+        """Publish ``rnd`` as the open round, wait for its reports, close it."""
         self._round, self._phase = rnd, RunPhase.RUNNING
-        logger.info("round %s opened: participants %s, trained %s, aligned %s", round_index,
-                    chosen, "+".join(sorted(plan.trained)), plan.aligned or "none")  # fmt: skip
+        logger.info("round %s %s: participants %s, trained %s, aligned %s", rnd.index, how,
+                    sorted(rnd.participants), "+".join(sorted(rnd.plan.trained)),
+                    rnd.plan.aligned or "none")  # fmt: skip
         self._notify()
         await self._await_reports(rnd)
         await self._close_round(rnd)
@@ -327,6 +386,8 @@ class RoundEngine:
                                 reporters=rnd.reported.keys(),
                                 adapter_sha256=finished.encoded.sha256, summary=summary)  # fmt: skip
         self._store.record_metrics(self.spec.run_id, rnd.index, "server", evaluation)
+        if not self.settings.keep_uploads:
+            await asyncio.to_thread(self._artifacts.drop_uploads, rnd.index)
         self._reference = finished.result.adapter
         self._published = (rnd.index + 1, finished.encoded)
         self._round = None
@@ -362,6 +423,8 @@ class RoundEngine:
 
     def _wait_reason(self, client: str) -> str:
         rnd = self._round
+        if rnd is None and self._paused:
+            return "the run is paused by the operator"
         if rnd is None:
             return f"waiting for {self.settings.min_clients} clients ({len(self._live())} live)"
         if client in rnd.reported:
@@ -375,11 +438,61 @@ class RoundEngine:
             raise NotFoundError(f"client {client!r} has not enrolled in run {self.spec.run_id}")
 
     def _open_round_for(self, client: str, round_index: int) -> OpenRound:
+        """The round an upload of ``client`` for ``round_index`` goes into, else WrongStateError."""
         rnd = self._round
         if rnd is None:
             raise no_open_round(round_index)
-        rnd.check_accepts(client, round_index)
+        if not self._takes_late(client, round_index, rnd):
+            rnd.check_accepts(client, round_index)
         return rnd
+
+    def _takes_late(self, client: str, round_index: int, rnd: OpenRound) -> bool:
+        """Whether ``rnd`` merges a late update of ``client`` for the closed ``round_index``: the
+        stale policy, a participant of that round that never reported, the same factors."""
+        if self.settings.late_updates != "stale" or rnd.closed or not round_index < rnd.index:
+            return False
+        row = next((r for r in self._store.rounds(self.spec.run_id)
+                    if r.round_index == round_index), None)  # fmt: skip
+        if row is None or client not in row.participants:
+            return False
+        if any(u.client == client for u in self._store.uploads(self.spec.run_id, round_index)):
+            return False
+        return self._strategy.plan(round_index).trained == rnd.plan.trained
+
+    def _weight_of(self, row: UploadRow) -> float:
+        """An upload's aggregation weight: its samples, times staleness_weight per late round."""
+        lateness = row.merged_round - row.round_index
+        return float(row.sample_count) * self.settings.staleness_weight**lateness
+
+    async def _persist(self, rnd: OpenRound, row: UploadRow, payload: bytes) -> None:
+        """Spool and record an aggregated upload; if that fails, the aggregator is rebuilt
+        without it (from the uploads already recorded) and the error propagates."""
+        try:
+            await asyncio.to_thread(self._artifacts.save_upload, rnd.index, row.client, payload,
+                                    trained_round=row.round_index)  # fmt: skip
+            self._store.record_upload(row)
+        except Exception:
+            logger.exception("round %s: could not record the upload of %s; rebuilding the "
+                             "aggregate without it", rnd.index, row.client)  # fmt: skip
+            await self._worker.begin_round(self._reference, rnd.plan)
+            for kept in rnd.rows():
+                payload = await asyncio.to_thread(self._artifacts.read_upload, rnd.index,
+                                                  kept.client, trained_round=kept.round_index)
+                await self._worker.add_update(aggregation_id(kept), payload,
+                                              self._weight_of(kept))  # fmt: skip
+            raise
+
+    async def _restore(self, resumed: Resumption) -> None:
+        """Take up a resumed run: its published adapter, its enrolled clients (as live)."""
+        payload, done = resumed.published, resumed.rounds_completed
+        if done:
+            schema = self._initial.schema
+            self._reference = await self._worker.run(
+                lambda: decode_adapter(payload, schema).to_adapter()
+            )
+        self._published = (done, EncodedAdapter(payload, sha256_hex(payload)))
+        for client in resumed.clients:
+            self._roster.touch(client, self._now())
 
     def _live(self) -> list[str]:
         return self._roster.live(self._now(), self.settings.client_timeout_s)

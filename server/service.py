@@ -18,12 +18,16 @@ from fedrot.strategies import StrategyName, build_strategy
 from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
 from fedrot_server.artifacts import RunArtifacts, peft_config
 from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.dashboard import create_app
+from fedrot_server.dashboard.serving import DashboardServer, start_dashboard
 from fedrot_server.errors import SettingsError
+from fedrot_server.recovery import check_compatible, find_resumable, load_resumption, run_record
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.servicer import FederationServicer
-from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
+from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings, parse_listen
 from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
-from fedrot_server.store import SqliteStore
+from fedrot_server.store import SqliteStore, open_reader
+from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
 from fedrot_server.tls import add_port, security_of, server_credentials
 from fedrot_server.worker import ThreadedWorker, resolve_device
 
@@ -50,6 +54,13 @@ class FederationServer:
     grpc_server: grpc.aio.Server
     health: health_aio.HealthServicer
     port: int
+    telemetry: TelemetryLog | None = None
+    dashboard: DashboardServer | None = None
+
+    @property
+    def dashboard_port(self) -> int | None:
+        """The dashboard's bound port (None: no dashboard)."""
+        return None if self.dashboard is None else self.dashboard.port
 
     @property
     def address(self) -> str:
@@ -57,12 +68,17 @@ class FederationServer:
         return f"{host}:{self.port}"
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop serving (in-flight calls get ``grace_s``), the rounds, the worker, the store."""
+        """Stop serving (in-flight calls get ``grace_s``), the dashboard, the rounds, the
+        worker, the store."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.health.enter_graceful_shutdown()
         await self.engine.stop()
         await self.grpc_server.stop(grace_s)
         await self.worker.close()
         self.store.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
 
 
 def check_initial(initial: InitialModel, spec: RunSpec) -> None:
@@ -80,14 +96,18 @@ async def start_server(
     evaluator: Evaluator | None = None,
     run_id: str | None = None,
 ) -> FederationServer:
-    """Build everything, bind ``settings.listen``, start serving and start the run."""
+    """Build everything, bind ``settings.listen``, start serving and start the run (or resume
+    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`)."""
     device = resolve_device(settings.device)
     credentials = server_credentials(settings)
     store = SqliteStore(settings.database_path)
     store.set_client_tokens(settings.client_tokens())
-    spec = RunSpec.from_settings(settings, run_id)
+    resumable = find_resumable(store, settings.resume, run_id)
+    spec = RunSpec.from_settings(settings, resumable.run_id if resumable else run_id)
     initial = await asyncio.to_thread(initializer, spec)
     check_initial(initial, spec)
+    if resumable is not None:
+        check_compatible(resumable, run_record(spec, initial))
     strategy = build_strategy(spec.strategy.name, spec.strategy_config())
     if spec.strategy.name is StrategyName.FEDEX:
         logger.warning("fedex: the base-weight deltas are saved with each round but protocol "
@@ -96,11 +116,17 @@ async def start_server(
     config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra)
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
                              delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip
+    # Before serving; on this thread, which owns the store.
+    resumption = load_resumption(store, artifacts, resumable) if resumable else None
     engine = RoundEngine(settings, spec, store=store, worker=worker, strategy=strategy,
-                         initial=initial, artifacts=artifacts, evaluator=evaluator)  # fmt: skip
+                         initial=initial, artifacts=artifacts, evaluator=evaluator,
+                         resumption=resumption)  # fmt: skip
+    telemetry = TelemetryLog(settings.database_path)
+    # First of the listeners: a taken dashboard port fails the start before anything serves.
+    dashboard = await serve_dashboard(settings, engine) if settings.dashboard_listen else None
     server = grpc.aio.server(options=GRPC_OPTIONS)
     federation_pb2_grpc.add_FederationServiceServicer_to_server(
-        FederationServicer(engine, TokenAuthenticator(store)), server
+        FederationServicer(engine, TokenAuthenticator(store), telemetry), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -111,4 +137,22 @@ async def start_server(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("serving %s on port %s, %s (device %s, state %s)", SERVICE_NAME, port,
                 security_of(settings), device, settings.state_dir)  # fmt: skip
-    return FederationServer(settings, spec, store, engine, worker, server, health, port)
+    return FederationServer(settings, spec, store, engine, worker, server, health, port,
+                            telemetry, dashboard)  # fmt: skip
+
+
+async def serve_dashboard(settings: ServerSettings, engine: RoundEngine) -> DashboardServer:
+    """Start the web dashboard on ``settings.dashboard_listen`` over read-only views of the
+    state, with ``engine`` as its run control."""
+    host, port = parse_listen(settings.dashboard_listen)
+    reader, telemetry = open_reader(settings.database_path), open_telemetry_reader(settings.database_path)
+    app = create_app(reader, telemetry=telemetry, control=engine,
+                     runs_root=settings.state_dir / "runs", admin_token=settings.admin_token,
+                     read_token=settings.dashboard_read_token,
+                     client_timeout_s=settings.client_timeout_s)  # fmt: skip
+    try:
+        return await start_dashboard(app, host, port, resources=(reader, telemetry))
+    except BaseException:
+        reader.close()
+        telemetry.close()
+        raise

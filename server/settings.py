@@ -218,6 +218,19 @@ class ServerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="aggregation device")
     track_error: bool = Field(True, description="compute the exact aggregation error each round")
     keep_uploads: bool = Field(True, description="keep every accepted upload under the run's folder")
+    resume: bool = Field(
+        True,
+        description="resume the run a crash left unfinished in state_dir (its settings must "
+        "match); false: always start a new run",
+    )
+    late_updates: Literal["drop", "stale"] = Field(
+        "drop",
+        description="an update for a closed round: drop (refused), or stale (aligned to the "
+        "current reference and added with weight * staleness_weight ** rounds_late)",
+    )
+    staleness_weight: float = Field(
+        0.5, gt=0, le=1, description="weight factor per round of lateness of a stale update"
+    )
     linger_s: float = Field(
         30.0, ge=0, description="keep serving this long after the run so every client hears DONE"
     )
@@ -225,6 +238,16 @@ class ServerSettings(BaseSettings):
         5.0,
         ge=0,
         description="after every client heard DONE, keep serving this long for their final downloads",
+    )
+    dashboard_listen: str = Field(
+        "127.0.0.1:8080",
+        description="host:port of the web dashboard (port 0: any); empty: no dashboard",
+    )
+    admin_token: str | None = Field(
+        None, description="token for the dashboard's admin actions (unset: they are refused)"
+    )
+    dashboard_read_token: str | None = Field(
+        None, description="token needed to read the dashboard and its API (unset: open)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -245,6 +268,20 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("dashboard_listen")
+    @classmethod
+    def _check_dashboard_listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
+    @field_validator("admin_token", "dashboard_read_token")
+    @classmethod
+    def _check_dashboard_token(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) < 16 or any(c.isspace() for c in value)):
+            raise ValueError("must be >= 16 characters without spaces")
         return value
 
     @field_validator("tokens")

@@ -67,7 +67,9 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class UploadRow:
-    """An accepted update: ``sequence`` orders the uploads of a round by arrival."""
+    """An accepted update for round ``round_index``. ``merged_into`` is the round it was
+    aggregated into when that is a later one (a late update; None: ``round_index``), and
+    ``sequence`` orders the uploads aggregated into one round by arrival."""
 
     run_id: str
     round_index: int
@@ -79,6 +81,11 @@ class UploadRow:
     received_at: float
     sequence: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    merged_into: int | None = None
+
+    @property
+    def merged_round(self) -> int:
+        return self.round_index if self.merged_into is None else self.merged_into
 
 
 @dataclass(frozen=True)

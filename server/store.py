@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     reporters TEXT NOT NULL DEFAULT '[]',
     adapter_sha256 TEXT,
     summary TEXT NOT NULL DEFAULT '{}',
+    target INTEGER,
     PRIMARY KEY (run_id, round_index)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -72,6 +73,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     received_at REAL NOT NULL,
     sequence INTEGER NOT NULL,
     metrics TEXT NOT NULL,
+    merged_into INTEGER,
     PRIMARY KEY (run_id, round_index, client),
     UNIQUE (run_id, client, idempotency_key),
     FOREIGN KEY (run_id, round_index) REFERENCES rounds(run_id, round_index)
@@ -85,6 +87,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (run_id, round_index, source, name)
 );
 """
+# Columns added after the first release: (table, column, declaration), added when missing.
+ADDED_COLUMNS = (("uploads", "merged_into", "INTEGER"), ("rounds", "target", "INTEGER"))
+# Runs a restart resumes (a crash left them so); finished and stopped runs stay ended.
+UNFINISHED_PHASES = (RunPhase.WAITING, RunPhase.RUNNING)
 
 
 def hash_token(token: str) -> str:
@@ -148,6 +154,31 @@ class SqliteReader:
         )
         return [_round_row(r) for r in rows]
 
+    def round_target(self, run_id: str, round_index: int) -> int | None:
+        """How many reports complete round ``round_index`` (None when not recorded)."""
+        row = self._db.execute(
+            "SELECT target FROM rounds WHERE run_id = ? AND round_index = ?", (run_id, round_index)
+        ).fetchone()
+        return row["target"] if row else None
+
+    def latest_unfinished_run(self) -> RunRow | None:
+        """The most recent run a crash left waiting or running (None when there is none)."""
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE phase IN (?, ?) ORDER BY created_at DESC, run_id DESC",
+            tuple(p.value for p in UNFINISHED_PHASES),
+        ).fetchone()
+        return _run_row(row) if row else None
+
+    def merged_uploads(self, run_id: str, round_index: int) -> list[UploadRow]:
+        """The uploads aggregated into round ``round_index`` (late ones included), in arrival
+        order."""
+        rows = self._db.execute(
+            "SELECT * FROM uploads WHERE run_id = ? AND COALESCE(merged_into, round_index) = ? "
+            "ORDER BY sequence",
+            (run_id, round_index),
+        )
+        return [_upload_row(r) for r in rows]
+
     def uploads(self, run_id: str, round_index: int) -> list[UploadRow]:
         rows = self._db.execute(
             "SELECT * FROM uploads WHERE run_id = ? AND round_index = ? ORDER BY sequence",
@@ -174,6 +205,10 @@ class SqliteStore(SqliteReader):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        for table, column, declaration in ADDED_COLUMNS:
+            columns = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         try:
@@ -238,13 +273,21 @@ class SqliteStore(SqliteReader):
     # Rounds.
 
     def open_round(
-        self, run_id: str, round_index: int, participants: Iterable[str], at: float, deadline: float
+        self,
+        run_id: str,
+        round_index: int,
+        participants: Iterable[str],
+        at: float,
+        deadline: float,
+        target: int | None = None,
     ) -> None:
+        """Record an opened round; ``target``: how many reports complete it."""
         self._write(
-            "INSERT INTO rounds (run_id, round_index, phase, opened_at, deadline, participants) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, round_index, RoundPhase.OPEN.value, at, deadline, _dumps(sorted(participants))),
-        )
+            "INSERT INTO rounds (run_id, round_index, phase, opened_at, deadline, participants, "
+            "target) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, round_index, RoundPhase.OPEN.value, at, deadline, _dumps(sorted(participants)),
+             target),
+        )  # fmt: skip
         self._write("UPDATE runs SET phase = ? WHERE run_id = ?", (RunPhase.RUNNING.value, run_id))
 
     def extend_round(
@@ -278,14 +321,26 @@ class SqliteStore(SqliteReader):
     # Uploads and metrics.
 
     def record_upload(self, upload: UploadRow) -> None:
-        """Record an accepted upload and its metrics; :class:`ConflictError` on a repeat."""
-        self._write(
-            "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (upload.run_id, upload.round_index, upload.client, upload.idempotency_key,
-             upload.sample_count, upload.size_bytes, upload.sha256, upload.received_at,
-             upload.sequence, _dumps(dict(upload.metrics))),
-        )  # fmt: skip
-        self.record_metrics(upload.run_id, upload.round_index, upload.client, upload.metrics)
+        """Record an accepted upload and its metrics in one transaction, synced to disk before
+        this returns (the upload is acknowledged after); :class:`ConflictError` on a repeat."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._write(
+                "INSERT INTO uploads (run_id, round_index, client, idempotency_key, "
+                "sample_count, size_bytes, sha256, received_at, sequence, metrics, merged_into) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (upload.run_id, upload.round_index, upload.client, upload.idempotency_key,
+                 upload.sample_count, upload.size_bytes, upload.sha256, upload.received_at,
+                 upload.sequence, _dumps(dict(upload.metrics)), upload.merged_into),
+            )  # fmt: skip
+            self.record_metrics(upload.run_id, upload.round_index, upload.client, upload.metrics)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def find_upload(self, run_id: str, client: str, idempotency_key: str) -> UploadRow | None:
         row = self._db.execute(
@@ -350,4 +405,5 @@ def _upload_row(r: sqlite3.Row) -> UploadRow:
         received_at=r["received_at"],
         sequence=r["sequence"],
         metrics=json.loads(r["metrics"]),
+        merged_into=r["merged_into"],
     )

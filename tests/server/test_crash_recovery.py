@@ -1,0 +1,208 @@
+"""A server killed with SIGKILL in the middle of a round resumes it on restart: same run, same
+round, same participants; the uploads accepted before the crash are not asked for again, a
+replayed one is acknowledged as a duplicate and counted once, and the round's aggregate equals
+that of a run without the crash (same uploads, same order)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedrot.adapters import Adapter
+from fedrot.codec import ADAPTER_WEIGHTS_FILE
+from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_server.errors import SettingsError
+from fedrot_server.service import start_server
+from fedrot_server.settings import ServerSettings
+from fedrot_server.state import RunPhase
+from fedrot_server.store import open_reader
+from wire import (
+    WireClient,
+    adapter_of,
+    assert_same,
+    encode_update,
+    initializer_of,
+    local_update,
+    make_settings,
+    running_server,
+    synthetic_adapter,
+    token_of,
+    trained_of,
+)
+
+HERE = Path(__file__).resolve().parent
+NAMES = ("alice", "bob", "carol")
+SAMPLES = {"alice": 10, "bob": 30, "carol": 17}
+SERVING = re.compile(r"serving (\S+) on port (\d+)")
+
+
+def settings_for(tmp_path: Path, **overrides: object) -> ServerSettings:
+    return make_settings(tmp_path, NAMES, rounds=2, max_task_wait_s=2.0, linger_s=0.0,
+                         final_download_grace_s=0.0, **overrides)  # fmt: skip
+
+
+class ServerProcess:
+    """``synthetic_server.py`` with the given settings; ``run_id`` and ``address`` once serving."""
+
+    def __init__(self, settings: ServerSettings, log: Path) -> None:
+        config = log.with_suffix(".json")
+        config.write_text(json.dumps(settings.model_dump(mode="json", exclude={"config"})))
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "synthetic_server.py"), str(config)],
+            stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        found = SERVING.search(line)
+        assert found, f"no serving line: {line!r}; log: {log.read_text()}"
+        self.run_id, self.address = found.group(1), f"127.0.0.1:{found.group(2)}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(60)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def update_of(name: str, task: pb.TrainTask, reference: Adapter) -> bytes:
+    seed = 1000 * task.round + NAMES.index(name)
+    return encode_update(local_update(reference, trained_of(task), seed=seed))
+
+
+async def train_task(client: WireClient) -> pb.TrainTask:
+    while True:
+        response = await client.get_task(max_wait_s=2.0)
+        assert response.WhichOneof("task") != "done", response
+        if response.WhichOneof("task") == "train":
+            return response.train
+
+
+async def train_and_upload(client: WireClient, name: str, key: str) -> tuple[bytes, pb.TrainTask]:
+    task = await train_task(client)
+    update = update_of(name, task, adapter_of(await client.download(task.round)))
+    reply = await client.upload(task.round, update, trained_of(task), key=key,
+                                sample_count=SAMPLES[name])  # fmt: skip
+    assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
+    return update, task
+
+
+async def before_the_crash(address: str) -> tuple[dict[str, bytes], frozenset]:
+    """Everyone enrols; alice and bob upload round 0 (carol has not sent hers yet).
+
+    Returns the uploads and round 0's trained factors."""
+    clients = {n: WireClient(address, token_of(n)) for n in NAMES}
+    await asyncio.gather(*(c.enroll() for c in clients.values()))
+    sent = {}
+    for name in ("alice", "bob"):
+        sent[name], task = await train_and_upload(clients[name], name, key=f"key-{name}-0")
+        assert task.round == 0
+    for client in clients.values():
+        await client.close()
+    return sent, trained_of(task)
+
+
+async def after_the_restart(
+    address: str, run_id: str, sent: dict[str, bytes], trained: frozenset
+) -> bytes:
+    """A replay of alice's upload is a duplicate; alice is not asked to train round 0 again;
+    carol sends round 0, which closes; returns the encoded round-0 result (round 1's start)."""
+    clients = {n: WireClient(address, token_of(n), run_id=run_id) for n in NAMES}
+    replay = await clients["alice"].upload(0, sent["alice"], trained,
+                                           key="key-alice-0", sample_count=SAMPLES["alice"])
+    assert replay.status == pb.UPLOAD_STATUS_DUPLICATE
+    waiting = await clients["alice"].get_task(max_wait_s=0.0)
+    assert waiting.WhichOneof("task") == "wait", waiting
+    sent["carol"], task = await train_and_upload(clients["carol"], "carol", key="key-carol-0")
+    assert task.round == 0
+    next_task = await train_task(clients["bob"])
+    assert next_task.round == 1
+    result = await clients["bob"].download(1)
+    for client in clients.values():
+        await client.close()
+    return result
+
+
+def uncrashed_round0(tmp_path: Path, sent: dict[str, bytes]) -> bytes:
+    """The same uploads in the same order to a server that never crashes."""
+    settings = settings_for(tmp_path / "uncrashed")
+
+    async def scenario() -> bytes:
+        async with running_server(settings, synthetic_adapter()) as server:
+            clients = {n: WireClient(server.address, token_of(n)) for n in NAMES}
+            await asyncio.gather(*(c.enroll() for c in clients.values()))
+            for name in NAMES:
+                task = await train_task(clients[name])
+                reply = await clients[name].upload(task.round, sent[name], trained_of(task),
+                                                   sample_count=SAMPLES[name])  # fmt: skip
+                assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
+            await train_task(clients["alice"])  # round 1 opened: round 0 closed
+            payload = await clients["alice"].download(1)
+            for client in clients.values():
+                await client.close()
+            return payload
+
+    return asyncio.run(scenario())
+
+
+def refused_and_fresh_starts(settings: ServerSettings, run_id: str) -> None:
+    """While the crashed run waits: changed defining settings are refused; resume = false
+    starts a new run (stopped again here, so the crashed run stays the one to resume)."""
+    changed = settings.model_copy(update={"strategy": settings.strategy.model_copy(
+        update={"alignment_strength": 0.9})})  # fmt: skip
+    with pytest.raises(SettingsError, match=rf"{run_id}.*strategy\.alignment_strength was 0\.4"):
+        asyncio.run(start_server(changed, initializer=initializer_of(synthetic_adapter())))
+
+    async def fresh() -> str:
+        server = await start_server(settings.model_copy(update={"resume": False}),
+                                    initializer=initializer_of(synthetic_adapter()))  # fmt: skip
+        await server.stop(grace_s=0.1)
+        return server.spec.run_id
+
+    assert asyncio.run(fresh()) != run_id
+
+
+def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> None:
+    settings = settings_for(tmp_path)
+    processes.append(ServerProcess(settings, tmp_path / "first.log"))
+    first = processes[-1]
+    sent, trained = asyncio.run(before_the_crash(first.address))
+    first.kill()
+    refused_and_fresh_starts(settings, first.run_id)
+
+    processes.append(ServerProcess(settings, tmp_path / "second.log"))
+    second = processes[-1]
+    assert second.run_id == first.run_id
+    resumed = asyncio.run(after_the_restart(second.address, second.run_id, sent, trained))
+    second.kill()
+
+    reader = open_reader(settings.database_path)
+    try:
+        rows = reader.uploads(first.run_id, 0)
+        assert [u.client for u in rows] == ["alice", "bob", "carol"]  # the replay counted once
+        (round0, *_) = reader.rounds(first.run_id)
+        assert sorted(round0.reporters) == list(NAMES)
+        assert reader.run(first.run_id).phase is RunPhase.RUNNING  # killed again in round 1
+    finally:
+        reader.close()
+    saved = settings.state_dir / "runs" / first.run_id / "rounds" / "0" / "adapter"
+    assert (saved / ADAPTER_WEIGHTS_FILE).read_bytes() == resumed
+    assert_same(adapter_of(resumed), adapter_of(uncrashed_round0(tmp_path, sent)))
