@@ -70,7 +70,9 @@ class ClientSettings(BaseSettings):
     progress: bool = Field(True, description="training progress bar (only ever on a tty)")
     max_wait_s: float = Field(30.0, gt=0, description="long-poll length of one GetTask")
     rpc_timeout_s: float = Field(60.0, gt=0, description="deadline of one unary call")
-    transfer_timeout_s: float = Field(600.0, gt=0, description="deadline of one transfer")
+    transfer_timeout_s: float = Field(
+        120.0, gt=0, description="a transfer with no progress for this long is cut and resumed"
+    )
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     backoff_multiplier: float = Field(2.0, ge=1)

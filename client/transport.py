@@ -1,11 +1,16 @@
 """The client's side of the wire: one gRPC channel, auth metadata, chunked transfers, retries.
 
 Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVAILABLE,
-DEADLINE_EXCEEDED or a server-side CANCELLED (the server is away, restarting, shutting down or
-overloaded) are retried with exponential backoff and jitter until the server has been away for
+DEADLINE_EXCEEDED, a server-side CANCELLED (the server is away, restarting, shutting down or
+overloaded) or ABORTED (the server still holds an earlier, broken attempt of the same upload)
+are retried with exponential backoff and jitter until the server has been away for
 ``RetryPolicy.give_up_after_s``; any other status becomes a :class:`RejectedError` at once. A download that breaks off resumes from the
 bytes already received; an upload is re-sent whole under the same header, idempotency key
-included, so the server counts it once. ``cancel`` (from another thread) aborts the call in
+included, so the server counts it once (protocol v1 has no way to ask the server for the bytes
+of an unfinished upload, and the server keeps only whole, verified uploads). A transfer has no
+wall-clock deadline: it is cancelled and retried once no chunk moved for
+``transfer_timeout_s`` (see :mod:`fedrot_client.stalls`); after an upload's last chunk the
+server has ``rpc_timeout_s`` to answer. ``cancel`` (from another thread) aborts the call in
 flight; once the ``stop`` event is set every call raises :class:`Interrupted`.
 """
 
@@ -25,6 +30,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from fedrot_client.errors import Interrupted, RejectedError, ServerUnavailableError, TransferError
+from fedrot_client.stalls import Stalled, StallWatch
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 
@@ -35,9 +41,11 @@ MAX_CHUNK_BYTES = 4 * MIB
 # A chunk message is its data plus a few bytes of framing; leave room above the 4 MiB chunk.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 # The server is away, restarting or overloaded. CANCELLED comes here only from the server's
-# side (a call this client cancels raises Interrupted first): a server shutting down.
+# side (a call this client cancels raises Interrupted first): a server shutting down. ABORTED:
+# the server still streams an earlier attempt of this upload (a cut it has not noticed yet).
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+     grpc.StatusCode.ABORTED}
 )
 USER_AGENT = "fedrot-client/0.1"
 
@@ -166,12 +174,17 @@ class Transport:
             request = pb.DownloadAdapterRequest(
                 run_id=run_id, round=round_index, offset=download.received
             )
-            call = self._stub.DownloadAdapter(
-                request, timeout=self._transfer_timeout, metadata=self._metadata
-            )
-            with self._tracked(call):
-                for message in call:
-                    download.add(message)
+            call = self._stub.DownloadAdapter(request, metadata=self._metadata)
+            watch = StallWatch(self._transfer_timeout)
+            with self._tracked(call), watch.guarding(call.cancel):
+                try:
+                    for message in call:
+                        watch.progress()
+                        download.add(message)
+                except grpc.RpcError as exc:
+                    if watch.stalled and not self._stop.is_set():
+                        raise Stalled("DownloadAdapter", watch.limit_s) from exc
+                    raise
             return download.finish()
 
         return self._retrying("DownloadAdapter", attempt)
@@ -190,21 +203,27 @@ class Transport:
         full.total_size = len(payload)
         full.sha256 = sha256_hex(payload)
 
-        def messages() -> Iterator[pb.UploadUpdateRequest]:
+        def messages(watch: StallWatch) -> Iterator[pb.UploadUpdateRequest]:
             yield pb.UploadUpdateRequest(header=full)
             view = memoryview(payload)
             for offset in range(0, len(payload), chunk_bytes):
                 if self._stop.is_set():
                     return
+                watch.progress()
                 data = bytes(view[offset : offset + chunk_bytes])
                 yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+            watch.progress(limit_s=self._rpc_timeout)  # all sent: the server's turn to answer
 
         def attempt() -> pb.UploadUpdateResponse:
-            future = self._stub.UploadUpdate.future(
-                messages(), timeout=self._transfer_timeout, metadata=self._metadata
-            )
-            with self._tracked(future):
-                return future.result()
+            watch = StallWatch(self._transfer_timeout)
+            future = self._stub.UploadUpdate.future(messages(watch), metadata=self._metadata)
+            with self._tracked(future), watch.guarding(future.cancel):
+                try:
+                    return future.result()
+                except (grpc.RpcError, grpc.FutureCancelledError) as exc:
+                    if watch.stalled and not self._stop.is_set():
+                        raise Stalled("UploadUpdate", watch.limit_s) from exc
+                    raise
 
         return self._retrying("UploadUpdate", attempt)
 
