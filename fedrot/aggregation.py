@@ -1,11 +1,13 @@
 """Streaming round aggregation: one update at a time, aligned on arrival, summed in place.
 
 The round's reference (the adapter broadcast at its start) is fixed, so every update is aligned
-against it as soon as it arrives and added into running sums; nothing per client is kept unless
-``track_error=True`` asks for the exact aggregation error (see docs/design.md, "Memory of a
-round"). Modules of one shape are stacked (:mod:`fedrot.module_groups`): a whole group is aligned
-with one batched matmul and one batched SVD on the aggregator's device. Running sums are float32;
-the weights are normalised at :meth:`RoundAggregator.finalize`.
+against it as soon as it arrives and blended into running float32 state in place (weighted
+means for the factor-wise strategies, sums normalised at :meth:`RoundAggregator.finalize` for
+the product ones); nothing per client is kept unless ``track_error=True`` asks for the exact
+aggregation error (see docs/design.md, "Memory of a round"). Modules of one shape form a group
+(:mod:`fedrot.module_groups`): small modules are stacked so that one batched call covers the
+group, large ones are handled one by one from the update's own tensors; the r x r work of an
+update (Procrustes, statistics) is one batch per group on the aggregator's device.
 """
 
 from __future__ import annotations

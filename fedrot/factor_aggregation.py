@@ -42,13 +42,13 @@ Rows = Tensor | list[Tensor]
 class _FactorGroupState:
     """One module group's running state.
 
-    ``views[f]`` are the per-module running sums of trained factor ``f``: slices of the stack
+    ``views[f]`` are the per-module running means of trained factor ``f``: slices of the stack
     ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one (``sums``
     then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
     factors' own layout. With a gauge, ``reference_rows`` are the aligned factor's per-module
-    reference rows and ``reference_sq`` ``(K,)`` their squared norms. ``clients`` (only with ``track_error``) holds each client's
-    factors as aggregated, as row-layout stacks. The sums hold the weighted mean of the
-    updates so far and are uninitialised until the first one.
+    reference rows and ``reference_sq`` ``(K,)`` their squared norms. ``clients`` (only with
+    ``track_error``) holds each client's factors as aggregated, as row-layout stacks. The
+    sums hold the weighted mean of the updates so far and are uninitialised until the first.
     """
 
     streamed: bool
@@ -277,7 +277,9 @@ class FactorAggregator(StreamingAggregator):
         total = state.sums[which]
         return total if self._aligned is not None else as_rows(total, which)
 
-    def _finalize_streamed(self, group: ModuleGroup, state: _FactorGroupState) -> dict[str, LoraPair]:
+    def _finalize_streamed(
+        self, group: ModuleGroup, state: _FactorGroupState
+    ) -> dict[str, LoraPair]:
         """A streamed group's new global pairs: each module's means handed out as they are
         (converted to the reference dtype if it differs); frozen factors are copies of the
         reference's."""

@@ -580,10 +580,11 @@ def test_streamed_modules_equal_stacked_ones(
     import fedrot.module_groups
 
     reference, *updates = adapters(5, seed=21)
-    updates[1] = Adapter(
-        {m: LoraPair(p.A.to(torch.bfloat16), p.B.to(torch.float16)) for m, p in updates[1].lora.items()},
-        dict(updates[1].extra),
-    )
+    mixed = {
+        m: LoraPair(p.A.to(torch.bfloat16), p.B.to(torch.float16))
+        for m, p in updates[1].lora.items()
+    }
+    updates[1] = Adapter(mixed, dict(updates[1].extra))
     weights = [1.0, 2.0, 3.0, 0.5]
     config = StrategyConfig(lam=0.4)
     kw = {"round_index": round_index, "config": config, "track_error": track_error}

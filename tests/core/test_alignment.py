@@ -268,7 +268,9 @@ def svd_rotation(matrix: torch.Tensor) -> torch.Tensor:
     return u @ (flip[..., :, None] * vh)
 
 
-def with_singular_values(rotations_u: torch.Tensor, values: torch.Tensor, seed: int) -> torch.Tensor:
+def with_singular_values(
+    rotations_u: torch.Tensor, values: torch.Tensor, seed: int
+) -> torch.Tensor:
     """``U diag(values) V^T`` with ``U`` given and ``V`` a Haar rotation."""
     v = haar(rotations_u.shape[0], rotations_u.shape[-1], seed)
     return rotations_u @ torch.diag_embed(values) @ v.mT
@@ -377,7 +379,9 @@ def planar_rotation(theta: float, rank: int = 2) -> torch.Tensor:
     lam=st.floats(0.49, 0.51),
     rank=st.integers(2, 5),
 )
-def test_soft_rotation_near_the_singular_point_is_proper(angle: float, lam: float, rank: int) -> None:
+def test_soft_rotation_near_the_singular_point_is_proper(
+    angle: float, lam: float, rank: int
+) -> None:
     """lam near 1/2 and an angle near pi make (1 - lam) I + lam R near singular: the checked
     iteration or the SVD fallback still returns a proper rotation, the SVD's where that is
     well defined."""
@@ -390,7 +394,12 @@ def test_soft_rotation_near_the_singular_point_is_proper(angle: float, lam: floa
 
 
 @FAST
-@given(k=st.integers(1, 6), rank=st.integers(2, 16), lam=st.floats(0.01, 0.99), seed=st.integers(0, 99))
+@given(
+    k=st.integers(1, 6),
+    rank=st.integers(2, 16),
+    lam=st.floats(0.01, 0.99),
+    seed=st.integers(0, 99),
+)
 def test_soft_rotation_matches_the_svd(k: int, rank: int, lam: float, seed: int) -> None:
     rotation = haar(k, rank, seed)
     mixed = torch.lerp(torch.eye(rank), rotation, lam)
