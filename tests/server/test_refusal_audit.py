@@ -21,6 +21,7 @@ import torch
 
 from fedrot.adapters import Factor
 from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 from server_state import snapshot
 from test_refused_uploads import bad_uploads, good_then, header, with_tensor
 from wire import (
@@ -200,6 +201,39 @@ def test_the_metadata_of_a_payload_may_not_be_a_json_trick(tmp_path: Path) -> No
             error = await refused(alice, good_then(bad, server.spec.run_id))
             assert error.code() is INVALID and "unreadable safetensors" in error.details()
             assert not before.differences(snapshot(server))
+            await alice.close()
+
+    asyncio.run(scenario())
+
+
+def test_chunks_above_the_chunk_or_message_limit_are_resource_exhausted(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice"], min_clients=1, rounds=1)
+
+    async def scenario() -> None:
+        async with running_server(settings, synthetic_adapter()) as server:
+            alice = WireClient(server.address, token_of("alice"))
+            await alice.enroll()
+            assert (await alice.get_task()).WhichOneof("task") == "train"
+            run_id, before = server.spec.run_id, snapshot(server)
+            big = bytes(4 * MIB + 1)  # one byte above the 4 MiB chunk limit, within a message
+            messages = [header(run_id, big + b"\x00"), *chunk_messages(big, len(big))]
+            error = await refused(alice, messages)
+            assert error.code() is Code.RESOURCE_EXHAUSTED
+            assert "chunk of 4194305 bytes exceeds the limit 4194304" in error.details()
+            wide = grpc.aio.insecure_channel(server.address, options=[
+                ("grpc.max_send_message_length", 8 * MIB)])  # fmt: skip
+            huge = bytes(5 * MIB)  # one message above the server's receive limit
+
+            async def stream():  # noqa: ANN202
+                yield header(run_id, huge)
+                yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=0, data=huge))
+
+            with pytest.raises(grpc.aio.AioRpcError) as call:
+                stub = pb_grpc.FederationServiceStub(wide)
+                await stub.UploadUpdate(stream(), metadata=alice.metadata)
+            assert call.value.code() is Code.RESOURCE_EXHAUSTED, call.value.details()
+            assert not before.differences(snapshot(server))
+            await wide.close()
             await alice.close()
 
     asyncio.run(scenario())
