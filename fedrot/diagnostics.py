@@ -100,8 +100,9 @@ class GroupErrors:
     factor_average: Tensor
 
 
-ERROR_CHUNK_BYTES = 256 * 2**20
-"""Modules are processed in slices whose stacked error terms stay under this size."""
+ERROR_CHUNK_BYTES = 64 * 2**20
+"""Modules are processed in slices whose stacked error terms stay under this size (one group
+can hold every module of a shape, so this, not the group, bounds the transient memory)."""
 
 
 def group_errors(terms: ErrorTerms) -> GroupErrors:
