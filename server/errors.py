@@ -43,5 +43,9 @@ class PermissionDeniedError(ServerError):
     """A known token that may not act (revoked)."""
 
 
+class StalledError(ServerError):
+    """A transfer that stopped making progress (no chunk for ``upload_stall_s``)."""
+
+
 class TooLargeError(ServerError):
     """An upload or chunk above the configured limits."""

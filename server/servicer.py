@@ -8,6 +8,7 @@ for corruption the server itself detects in its own state).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -26,6 +27,7 @@ from fedrot_server.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    StalledError,
     TooLargeError,
     UnauthenticatedError,
     UploadInProgressError,
@@ -43,6 +45,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], StatusCode], ...] = (
     (PermissionDeniedError, StatusCode.PERMISSION_DENIED),
     (NotFoundError, StatusCode.NOT_FOUND),
     (UploadInProgressError, StatusCode.ABORTED),
+    (StalledError, StatusCode.DEADLINE_EXCEEDED),
     (WrongStateError, StatusCode.FAILED_PRECONDITION),
     (TooLargeError, StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, StatusCode.INVALID_ARGUMENT),
@@ -96,6 +99,19 @@ def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
             await _abort(context, error, handler.__name__)
 
     return wrapper
+
+
+async def _until_stalled(messages: AsyncIterator[Any], stall_s: float) -> AsyncIterator[Any]:
+    """``messages`` until they end; StalledError once none came for ``stall_s`` seconds (a
+    client gone silent mid-upload gives its slot back, however large the upload)."""
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(messages, None), stall_s)
+        except TimeoutError:
+            raise StalledError(f"no chunk for {stall_s:g}s: upload abandoned") from None
+        if message is None:
+            return
+        yield message
 
 
 class FederationServicer(pb_grpc.FederationServiceServicer):
@@ -185,7 +201,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                 Announced(request.total_size, request.sha256),
                 max_chunk_bytes=self._engine.spec.limits.max_chunk_bytes,
             )
-            async for message in messages_in:
+            stall_s = self._engine.settings.upload_stall_s
+            async for message in _until_stalled(messages_in, stall_s):
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidRequestError("only chunks may follow the upload header")
                 receiver.add(message.chunk.offset, message.chunk.data)
