@@ -94,14 +94,16 @@ def decode_adapter(
     factors: Iterable[Factor] = BOTH_FACTORS,
     *,
     max_bytes: int | None = None,
+    max_abs: float | None = None,
 ) -> DecodedAdapter:
     """Parse safetensors bytes into CPU tensors and validate them.
 
     With ``schema``, the tensors must be exactly the keys and shapes it expects for
     ``factors`` (plus its extras); without one, the A/B pairs must fit together and share one
-    rank (see :func:`validate_tensors`). Raises :class:`CodecError` for unreadable bytes
-    (empty, truncated, corrupt header, bad offsets, larger than ``max_bytes``) and
-    :class:`SchemaError` for readable bytes that are not an acceptable adapter.
+    rank (see :func:`validate_tensors`); with ``max_abs``, no value may exceed it in absolute
+    value. Raises :class:`CodecError` for unreadable bytes (empty, truncated, corrupt header,
+    bad offsets, larger than ``max_bytes``) and :class:`SchemaError` for readable bytes that
+    are not an acceptable adapter.
     """
     raw = bytes(data)
     if not raw:
@@ -110,7 +112,7 @@ def decode_adapter(
         raise CodecError(f"adapter of {len(raw)} bytes exceeds the limit of {max_bytes} bytes")
     tensors = _tensors_of(_deserialize(raw))
     metadata = _metadata_of(raw)
-    validate_tensors(tensors, schema, factors)
+    validate_tensors(tensors, schema, factors, max_abs=max_abs)
     return DecodedAdapter(tensors=tensors, metadata=metadata)
 
 
@@ -168,6 +170,8 @@ def validate_tensors(
     tensors: Mapping[str, Tensor],
     schema: AdapterSchema | None = None,
     factors: Iterable[Factor] = BOTH_FACTORS,
+    *,
+    max_abs: float | None = None,
 ) -> None:
     """Refuse, with a :class:`SchemaError` naming the key and the shapes, a bad upload.
 
@@ -175,7 +179,8 @@ def validate_tensors(
     extra), each with its shape (a LoRA factor's rank dimension is reported as a rank
     mismatch). Without a schema: only factors in ``factors`` may appear, every module must hold
     all of them, A is ``(r, d_in)`` and B ``(d_out, r)`` with one ``r`` for all modules. In both
-    cases every tensor must be float32/float16/bfloat16, non-empty and finite.
+    cases every tensor must be float32/float16/bfloat16, non-empty and finite, and with
+    ``max_abs`` no larger than that in absolute value.
     """
     wanted = frozenset(factors)
     if not tensors:
@@ -186,7 +191,7 @@ def validate_tensors(
         _check_keys(tensors, schema, wanted)
         _check_shapes(tensors, schema.expected_shapes(wanted), schema.rank)
     for key in sorted(tensors):
-        _check_values(key, tensors[key])
+        _check_values(key, tensors[key], max_abs)
 
 
 def _check_keys(
@@ -293,7 +298,7 @@ def _check_module_factors(
         )
 
 
-def _check_values(key: str, tensor: Tensor) -> None:
+def _check_values(key: str, tensor: Tensor, max_abs: float | None = None) -> None:
     if tensor.dtype not in ALLOWED_DTYPES:
         raise SchemaError(
             f"{key}: dtype {str(tensor.dtype).removeprefix('torch.')} with shape "
@@ -310,6 +315,14 @@ def _check_values(key: str, tensor: Tensor) -> None:
             f"{_shape(tensor.shape)}",
             key=key,
         )
+    if max_abs is not None:
+        peak = float(tensor.abs().max())
+        if peak > max_abs:
+            raise SchemaError(
+                f"{key}: a value of magnitude {peak:.3g} in shape {_shape(tensor.shape)} exceeds "
+                f"the limit {max_abs:g}",
+                key=key,
+            )
 
 
 def _shape(shape: Iterable[int]) -> str:

@@ -62,6 +62,7 @@ def new_cases(run_id: str, good: bytes, update: dict) -> dict[str, tuple[list, C
     """name -> (messages, status, text the message must contain)."""
     extra = encode_update({**update, "base_model.model.pooler.weight": torch.ones(2, 2)})
     as_int = with_tensor(update, "classifier.bias", lambda t: t.to(torch.int32))
+    huge = with_tensor(update, "1.query.lora_B.weight", lambda t: t * 1e37)
     length = struct.unpack("<Q", good[:8])[0]
     bad_json = good[:8] + b"{" + good[9 : 8 + length].replace(b'"', b"'", 1) + good[8 + length :]
     too_long_header = struct.pack("<Q", length + 10**6) + good[8:]
@@ -71,6 +72,8 @@ def new_cases(run_id: str, good: bytes, update: dict) -> dict[str, tuple[list, C
         "unexpected-key": (good_then(extra, run_id), INVALID,
                            "unexpected key base_model.model.pooler.weight with shape (2, 2)"),
         "int32": (good_then(as_int, run_id), INVALID, "safetensors dtype I32"),
+        "huge-values": (good_then(huge, run_id), INVALID,
+                        "1.query.lora_B.weight: a value of magnitude"),
         "corrupt-header-json": (good_then(bad_json, run_id), INVALID, "unreadable safetensors"),
         "header-beyond-bytes": (good_then(too_long_header, run_id), INVALID,
                                 "unreadable safetensors"),

@@ -49,7 +49,8 @@ EXAMPLES = int(os.environ.get("FEDROT_FUZZ_EXAMPLES", "0")) or None
 FUZZ_SETTINGS = dict(deadline=None, database=None, derandomize=EXAMPLES is None,
                      suppress_health_check=list(HealthCheck))  # fmt: skip
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DECODINGS = ((SCHEMA, BOTH), (None, BOTH), (SCHEMA, {Factor.A}), (None, {Factor.B}))
+DECODINGS = ((SCHEMA, BOTH, None), (None, BOTH, None), (SCHEMA, {Factor.A}, None),
+             (None, {Factor.B}, None), (SCHEMA, BOTH, 1e4))  # fmt: skip
 
 
 # 1. The codec.
@@ -64,15 +65,17 @@ def test_the_codec_raises_only_fedrot_errors_on_damaged_bytes(
     fault: Fault, dtype: torch.dtype
 ) -> None:
     bad = fault.apply(encode_update({k: v.to(dtype) for k, v in UPDATE.items()}))
-    for schema, factors in DECODINGS:
+    for schema, factors, max_abs in DECODINGS:
         try:
-            decoded = decode_adapter(bad, schema, factors)
+            decoded = decode_adapter(bad, schema, factors, max_abs=max_abs)
         except FedRotError as error:
             assert str(error), fault
         else:  # an acceptable adapter after all: it must then be exactly what was asked for
             if schema is not None:
                 assert decoded.tensors.keys() == schema.expected_shapes(factors).keys()
             assert all(bool(torch.isfinite(t).all()) for t in decoded.tensors.values())
+            if max_abs is not None:
+                assert all(float(t.abs().max()) <= max_abs for t in decoded.tensors.values())
 
 
 # 2. The servicer.
