@@ -18,7 +18,9 @@ the peak memory of
 (a) for N = 5 and N = 50 clients, each N in a fresh subprocess (CPU: peak RSS above the
 baseline after setting up, via ``/proc/self/clear_refs`` and ``VmHWM``; CUDA:
 ``torch.cuda.max_memory_allocated`` above the baseline). Updates are produced one at a time in
-the memory runs, as a server receives them.
+the memory runs, as a server receives them. Times are the best of ``--repeats`` runs, the
+candidates taking turns (a, b, c, ..., a, b, c, ...) so that their ratios compare the same
+stretch of a shared machine's load.
 
     .venv/bin/python benchmarks/aggregation.py [--json] [--device cuda] [--threads 1]
 """
@@ -166,16 +168,25 @@ def run_gemm_floor(reference: Adapter, updates: list[Adapter]) -> None:
             sum_b.addmm_(B, rotation)
 
 
-def best_time(fn: Callable[[], object], repeats: int, device: str) -> float:
-    best = float("inf")
+def timed(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def best_times(
+    candidates: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
+    """The best of ``repeats`` runs of each candidate, run in turn (a, b, c, a, b, c, ...), so
+    that every candidate samples the same stretch of a shared machine's load."""
+    best = dict.fromkeys(candidates, float("inf"))
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in candidates.items():
+            best[name] = min(best[name], timed(fn, device))
     return best
 
 
@@ -193,21 +204,18 @@ def time_shape(shape: Shape, device: str, lam: float, repeats: int) -> dict[str,
     updates = [make_update(reference, shape, i, device) for i in range(shape.clients)]
     fedrot = run_streaming("fedrot", reference, updates, lam, device)
     loop = run_loop(reference, updates, lam)
-    out = {
-        "fedrot_s": best_time(
-            lambda: run_streaming("fedrot", reference, updates, lam, device), repeats, device
-        ),
-        "loop_s": best_time(lambda: run_loop(reference, updates, lam), repeats, device),
-        "fedit_s": best_time(lambda: run_plain_fedit(updates), repeats, device),
-        "fedit_streaming_s": best_time(
-            lambda: run_streaming("fedit", reference, updates, lam, device), repeats, device
-        ),
-        "gemm_floor_s": best_time(lambda: run_gemm_floor(reference, updates), repeats, device),
-        "fedrot_tracked_s": best_time(
-            lambda: run_streaming("fedrot", reference, updates, lam, device, True), 1, device
-        ),
-        "max_rel_diff_vs_loop": max_relative_difference(fedrot, loop),
+    candidates: dict[str, Callable[[], object]] = {
+        "fedrot_s": lambda: run_streaming("fedrot", reference, updates, lam, device),
+        "loop_s": lambda: run_loop(reference, updates, lam),
+        "fedit_s": lambda: run_plain_fedit(updates),
+        "fedit_streaming_s": lambda: run_streaming("fedit", reference, updates, lam, device),
+        "gemm_floor_s": lambda: run_gemm_floor(reference, updates),
     }
+    out = best_times(candidates, repeats, device)
+    out["fedrot_tracked_s"] = timed(
+        lambda: run_streaming("fedrot", reference, updates, lam, device, True), device
+    )
+    out["max_rel_diff_vs_loop"] = max_relative_difference(fedrot, loop)
     out["speedup_vs_loop"] = out["loop_s"] / out["fedrot_s"]
     out["ratio_vs_fedit"] = out["fedrot_s"] / out["fedit_s"]
     out["ratio_vs_fedit_streaming"] = out["fedrot_s"] / out["fedit_streaming_s"]
