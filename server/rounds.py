@@ -42,13 +42,8 @@ from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStat
 from fedrot_server.operations import OperatorActions
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.recovery import Resumption, run_record
-from fedrot_server.round_state import (
-    OpenRound,
-    aggregation_id,
-    derive_seed,
-    no_open_round,
-    upload_id,
-)
+from fedrot_server.ledger import RoundLedger
+from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
 from fedrot_server.round_log import mean_rotation_distance, round_summary
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
@@ -93,6 +88,8 @@ class RoundEngine(OperatorActions):
         self._resumption = resumption
         self._store, self._worker, self._strategy = store, worker, strategy
         self._initial, self._artifacts, self._evaluator = initial, artifacts, evaluator
+        self._ledger = RoundLedger(settings, spec.run_id, store=store, worker=worker,
+                                   strategy=strategy, artifacts=artifacts)  # fmt: skip
         self._clock = clock
         self._roster = Roster()
         self._lock = asyncio.Lock()
@@ -248,11 +245,7 @@ class RoundEngine(OperatorActions):
                 sequence=rnd.arrivals, metrics=dict(request.metrics),
                 merged_into=rnd.index if late else None,
             )  # fmt: skip
-            report = await self._worker.add_update(aggregation_id(row), payload,
-                                                   self._weight_of(row))  # fmt: skip
-            await self._persist(rnd, row, payload)
-            rnd.admit(row)
-            rnd.check_complete()
+            report = await self._ledger.accept(rnd, row, payload, self._reference)
         self._seen(client)
         logger.info("round %s: accepted %s bytes from %s%s (%s of %s), rotation distance %s",
                     rnd.index, len(payload), client,
@@ -267,7 +260,7 @@ class RoundEngine(OperatorActions):
         rnd = self._round
         is_open = rnd is not None and (
             (rnd.index == round_index and rnd.expects(client))
-            or self._takes_late(client, round_index, rnd)
+            or self._ledger.takes_late(client, round_index, rnd)
         )
         current = rnd.index if rnd is not None else self._published_round()
         return HeartbeatReply(self._phase, current, is_open, self.spec.heartbeat_interval_s)
@@ -321,11 +314,7 @@ class RoundEngine(OperatorActions):
         plan = self._strategy.plan(row.round_index)
         target = resumed.target or len(row.participants)
         rnd = self._new_round(plan, target, row.participants)
-        await self._worker.begin_round(self._reference, plan)
-        for upload in resumed.uploads:
-            await self._worker.add_update(aggregation_id(upload.row), upload.payload,
-                                          self._weight_of(upload.row))  # fmt: skip
-            rnd.admit(upload.row)
+        await self._ledger.refeed(rnd, self._reference, ((u.row, u.payload) for u in resumed.uploads))
         self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
                                  self._clock() + self.settings.round_deadline_s)  # fmt: skip
         rnd.check_complete()
@@ -442,45 +431,9 @@ class RoundEngine(OperatorActions):
         rnd = self._round
         if rnd is None:
             raise no_open_round(round_index)
-        if not self._takes_late(client, round_index, rnd):
+        if not self._ledger.takes_late(client, round_index, rnd):
             rnd.check_accepts(client, round_index)
         return rnd
-
-    def _takes_late(self, client: str, round_index: int, rnd: OpenRound) -> bool:
-        """Whether ``rnd`` merges a late update of ``client`` for the closed ``round_index``: the
-        stale policy, a participant of that round that never reported, the same factors."""
-        if self.settings.late_updates != "stale" or rnd.closed or not round_index < rnd.index:
-            return False
-        row = next((r for r in self._store.rounds(self.spec.run_id)
-                    if r.round_index == round_index), None)  # fmt: skip
-        if row is None or client not in row.participants:
-            return False
-        if any(u.client == client for u in self._store.uploads(self.spec.run_id, round_index)):
-            return False
-        return self._strategy.plan(round_index).trained == rnd.plan.trained
-
-    def _weight_of(self, row: UploadRow) -> float:
-        """An upload's aggregation weight: its samples, times staleness_weight per late round."""
-        lateness = row.merged_round - row.round_index
-        return float(row.sample_count) * self.settings.staleness_weight**lateness
-
-    async def _persist(self, rnd: OpenRound, row: UploadRow, payload: bytes) -> None:
-        """Spool and record an aggregated upload; if that fails, the aggregator is rebuilt
-        without it (from the uploads already recorded) and the error propagates."""
-        try:
-            await asyncio.to_thread(self._artifacts.save_upload, rnd.index, row.client, payload,
-                                    trained_round=row.round_index)  # fmt: skip
-            self._store.record_upload(row)
-        except Exception:
-            logger.exception("round %s: could not record the upload of %s; rebuilding the "
-                             "aggregate without it", rnd.index, row.client)  # fmt: skip
-            await self._worker.begin_round(self._reference, rnd.plan)
-            for kept in rnd.rows():
-                payload = await asyncio.to_thread(self._artifacts.read_upload, rnd.index,
-                                                  kept.client, trained_round=kept.round_index)
-                await self._worker.add_update(aggregation_id(kept), payload,
-                                              self._weight_of(kept))  # fmt: skip
-            raise
 
     async def _restore(self, resumed: Resumption) -> None:
         """Take up a resumed run: its published adapter, its enrolled clients (as live)."""

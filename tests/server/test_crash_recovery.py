@@ -14,12 +14,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fedrot.adapters import Adapter
 from fedrot.codec import ADAPTER_WEIGHTS_FILE
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.errors import SettingsError
+from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings
 from fedrot_server.state import RunPhase
@@ -28,6 +29,7 @@ from wire import (
     WireClient,
     adapter_of,
     assert_same,
+    core_aggregate,
     encode_update,
     initializer_of,
     local_update,
@@ -206,3 +208,47 @@ def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> N
     saved = settings.state_dir / "runs" / first.run_id / "rounds" / "0" / "adapter"
     assert (saved / ADAPTER_WEIGHTS_FILE).read_bytes() == resumed
     assert_same(adapter_of(resumed), adapter_of(uncrashed_round0(tmp_path, sent)))
+
+
+def test_an_upload_that_cannot_be_recorded_is_not_acknowledged_nor_counted(
+    tmp_path: Path,
+) -> None:
+    """Recording fails once (disk full, say): the client gets INTERNAL, the aggregate is
+    rebuilt without that upload, and the retry is counted once."""
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=1)
+
+    async def scenario() -> tuple[grpc.StatusCode, list[tuple[str, bytes, int]], Adapter, Adapter]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            record = server.store.record_upload
+            failures = iter([True])
+
+            def failing_once(row):  # noqa: ANN001, ANN202
+                if row.client == "bob" and next(failures, False):
+                    raise StoreError("disk full")
+                return record(row)
+
+            server.store.record_upload = failing_once  # type: ignore[method-assign]
+            clients = {n: WireClient(server.address, token_of(n)) for n in ("alice", "bob")}
+            await asyncio.gather(*(c.enroll() for c in clients.values()))
+            sent, code = [], None
+            for name in ("alice", "bob", "bob"):
+                task = await train_task(clients[name])
+                reference = adapter_of(await clients[name].download(0))
+                update = update_of(name, task, reference)
+                try:
+                    await clients[name].upload(0, update, trained_of(task), key=f"k-{name}",
+                                               sample_count=SAMPLES[name])  # fmt: skip
+                    sent.append((name, update, SAMPLES[name]))
+                except grpc.aio.AioRpcError as error:
+                    code = error.code()
+            while (await clients["alice"].get_task()).WhichOneof("task") != "done":
+                pass
+            final = adapter_of(await clients["alice"].download(1))
+            for client in clients.values():
+                await client.close()
+            return code, sent, reference, final
+
+    code, sent, reference, final = asyncio.run(scenario())
+    assert code == grpc.StatusCode.INTERNAL
+    assert [name for name, _, _ in sent] == ["alice", "bob"]
+    assert_same(final, core_aggregate("fedrot", 0, reference, sent))
