@@ -57,6 +57,7 @@ def tiny_settings(state_dir: Path, **overrides: object) -> ServerSettings:
     """A 2-round, 3-client tiny-BERT run (4 classes) on 127.0.0.1 port 0."""
     values: dict[str, object] = dict(
         listen="127.0.0.1:0",
+        dashboard_listen="",  # no fixed port in tests; the dashboard tests turn it on
         state_dir=state_dir,
         model=ModelSettings(name="tiny-bert", num_labels=4, seed=0),
         lora=LoraSettings(rank=2, alpha=4.0, dropout=0.0, target_modules=["query", "value"]),

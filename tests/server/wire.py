@@ -83,6 +83,7 @@ def local_update(
 def make_settings(tmp_path: Path, clients: Sequence[str], **overrides: Any) -> ServerSettings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "dashboard_listen": "",  # no fixed port in tests; the dashboard tests turn it on
         "state_dir": tmp_path / "state",
         "tokens": {name: token_of(name) for name in clients},
         "lora": {"rank": 2, "alpha": 4.0, "target_modules": ["query", "value"]},
