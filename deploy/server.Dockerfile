@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/tmp/huggingface \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     FEDROT_SERVER_LISTEN=0.0.0.0:50051 \
+    FEDROT_SERVER_DASHBOARD_LISTEN=0.0.0.0:8080 \
     FEDROT_SERVER_STATE_DIR=/var/lib/fedrot
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
