@@ -11,7 +11,9 @@ of an unfinished upload, and the server keeps only whole, verified uploads). A t
 wall-clock deadline: it is cancelled and retried once no chunk moved for
 ``transfer_timeout_s`` (see :mod:`fedrot_client.stalls`); after an upload's last chunk the
 server has ``rpc_timeout_s`` to answer. ``cancel`` (from another thread) aborts the call in
-flight; once the ``stop`` event is set every call raises :class:`Interrupted`.
+flight; once the ``stop`` event is set every call raises :class:`Interrupted`. The channel is
+plaintext, or TLS (mutual TLS with a client certificate) with a :class:`TlsConfig`; a failed
+handshake is UNAVAILABLE, retried like an absent server.
 """
 
 from __future__ import annotations
