@@ -67,10 +67,10 @@ class OperatorActions:
             rnd = self._round
             if rnd is None or rnd.closed:
                 raise WrongStateError(f"run {self.spec.run_id} has no open round to close")
-            if not rnd.reported:
+            if not rnd.arrivals:
                 raise WrongStateError(f"round {rnd.index} has no update yet: nothing to aggregate")
             rnd.complete.set()
-        logger.info("round %s closed by the operator with %s updates", rnd.index, len(rnd.reported))
+        logger.info("round %s closed by the operator with %s updates", rnd.index, rnd.arrivals)
         return rnd.index
 
     async def revoke(self, client: str) -> None:
@@ -84,7 +84,7 @@ class OperatorActions:
             pending = rnd is not None and not rnd.closed and client not in rnd.reported
             if pending and client in rnd.participants and len(rnd.participants) > 1:
                 rnd.participants.discard(client)
-                if rnd.reported:
+                if rnd.arrivals:
                     rnd.check_complete()
         logger.warning("client %s revoked by the operator", client)
         self._notify()
