@@ -19,14 +19,16 @@ from fedrot_server.store import open_reader
 from fedrot_server.telemetry import open_telemetry_reader
 
 DATABASE = "fedrot.sqlite3"  # fedrot_server.settings.ServerSettings.database_path's name
+READ_TOKEN_ENV = "FEDROT_SERVER_DASHBOARD_READ_TOKEN"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fedrot_server.dashboard", description=__doc__)
     parser.add_argument("--state-dir", type=Path, required=True, help="the server's state_dir")
     parser.add_argument("--listen", default="127.0.0.1:8080", help="host:port (port 0: any)")
-    parser.add_argument("--read-token", default=os.environ.get("FEDROT_SERVER_DASHBOARD_READ_TOKEN"),
-                        help="token needed to read (default: $FEDROT_SERVER_DASHBOARD_READ_TOKEN)")
+    parser.add_argument("--read-token", default=os.environ.get(READ_TOKEN_ENV),
+                        help=f"token needed to read (default: ${READ_TOKEN_ENV})")
     return parser.parse_args(argv)
 
 
@@ -45,7 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         asyncio.run(serve(args))
     except StoreError as exc:

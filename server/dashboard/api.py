@@ -135,8 +135,9 @@ def download_zip(run_id: str, which: str, sources: SourcesDep) -> FileResponse:
     run_id, round_index, files = find_adapter(sources, run_id, which)
     name = f"{run_id}-{adapter_name(round_index)}"
     archive = zip_folder(files.folder, name)
+    remove = BackgroundTask(Path.unlink, archive, missing_ok=True)
     return FileResponse(archive, media_type="application/zip", filename=f"{name}.zip",
-                        background=BackgroundTask(Path.unlink, archive, missing_ok=True))  # fmt: skip
+                        background=remove)
 
 
 def adapter_name(round_index: int | None) -> str:

@@ -53,8 +53,7 @@ class RunCollector(Collector):
         family = GaugeMetricFamily("fedrot_clients", "Enrolled clients by status",
                                    labels=["run", "status"])  # fmt: skip
         now, timeout = self._sources.clock(), self._sources.client_timeout_s
-        open_round = state.open_round
-        reported = {u.client for u in state.uploads.get(open_round.round_index, [])} if open_round else set()
+        open_round, reported = state.open_round, state.reported_now
         counts: dict[str, int] = {}
         for client in state.clients:
             status = views.client_status(client, open_round, reported, now, timeout)

@@ -73,8 +73,8 @@ class Guard:
     def check_admin(self, request: Request) -> None:
         """Pass only with the admin token; 403 when none is configured."""
         if self.admin is None:
-            raise ApiError(403, "forbidden",
-                           "admin actions are disabled: set admin_token (FEDROT_SERVER_ADMIN_TOKEN)")
+            raise ApiError(403, "forbidden", "admin actions are disabled: set admin_token "
+                           "(FEDROT_SERVER_ADMIN_TOKEN)")  # fmt: skip
         token = presented_token(request, allow_query=False)
         if token is None:
             raise ApiError(401, "unauthenticated", "admin actions need the admin token", CHALLENGE)

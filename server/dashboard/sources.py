@@ -52,7 +52,8 @@ class Sources:
         run = self.run(run_id)
         with self.lock:
             rounds = self.reader.rounds(run.run_id)
-            uploads = {r.round_index: self.reader.uploads(run.run_id, r.round_index) for r in rounds}
+            uploads = {r.round_index: self.reader.uploads(run.run_id, r.round_index)
+                       for r in rounds}  # fmt: skip
             clients = self.reader.clients(run.run_id)
         return RunState(run, rounds, uploads, clients)
 

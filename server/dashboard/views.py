@@ -41,6 +41,16 @@ class RunState:
         last = self.rounds[-1] if self.rounds else None
         return last if last is not None and last.phase is RoundPhase.OPEN else None
 
+    @property
+    def reported_now(self) -> set[str]:
+        """The clients whose update for the open round arrived (empty: no open round)."""
+        rnd = self.open_round
+        return set() if rnd is None else {u.client for u in self.uploads.get(rnd.round_index, [])}
+
+    def uploads_of(self, client: str) -> list[UploadRow]:
+        """``client``'s accepted uploads, by round."""
+        return [u for t in sorted(self.uploads) for u in self.uploads[t] if u.client == client]
+
 
 def run_info(run: RunRow) -> RunInfo:
     rounds = run.spec.get("rounds")
@@ -64,9 +74,9 @@ def overview(state: RunState, live: LiveStatus | None, now: float) -> Overview:
     model, strategy, lora = (_section(spec, k) for k in ("model", "strategy", "lora"))
     current = state.rounds[-1] if state.rounds else None
     is_open = current is not None and current.phase is RoundPhase.OPEN
-    reported = 0
-    if current is not None:
-        reported = len(state.uploads.get(current.round_index, ())) if is_open else len(current.reporters)
+    reported = len(state.reported_now) if is_open else 0
+    if current is not None and not is_open:
+        reported = len(current.reporters)
     return Overview(
         run=run_info(state.run), base_model=model.get("name"), task=model.get("task"),
         strategy=strategy.get("name"), alignment_strength=strategy.get("alignment_strength"),
@@ -135,11 +145,10 @@ def clients_view(
     timeout_s: float,
 ) -> list[ClientInfo]:
     rotations = latest_rotations(state, files)
-    open_round = state.open_round
-    reported = {u.client for u in state.uploads.get(open_round.round_index, [])} if open_round else set()
+    open_round, reported = state.open_round, state.reported_now
     out = []
     for client in state.clients:
-        mine = [u for t in sorted(state.uploads) for u in state.uploads[t] if u.client == client.name]
+        mine = state.uploads_of(client.name)
         last = max(mine, key=lambda u: u.received_at, default=None)
         refusal = max((r for r in refusals if r.client == client.name), key=lambda r: r.at,
                       default=None)  # fmt: skip
@@ -166,8 +175,10 @@ def latest_rotations(
     """Per client: (mean, max) rotation distance over modules in its latest aligned round."""
     found: dict[str, tuple[float, float, int]] = {}
     for row in reversed(state.rounds):
-        report = files.report(state.run.run_id, row.round_index) if row.phase is RoundPhase.CLOSED else None
-        for entry in _section(report or {}, "aggregation").get("clients", []):
+        if row.phase is not RoundPhase.CLOSED:
+            continue
+        report = files.report(state.run.run_id, row.round_index) or {}
+        for entry in _section(report, "aggregation").get("clients", []):
             distances = [r["rotation_distance"] for r in entry.get("rotations", [])
                          if isinstance(r.get("rotation_distance"), int | float)]  # fmt: skip
             name = entry.get("client_id")
