@@ -18,6 +18,7 @@ from pathlib import Path
 import queue
 import threading
 
+import pytest
 import torch
 
 from cutting_proxy import CuttingProxy
@@ -132,6 +133,7 @@ def expected_round(run_dir: Path, round_index: int, rows: list) -> dict[str, tor
     return aggregator.finalize().adapter.to_state_dict()
 
 
+@pytest.mark.slow
 def test_clients_finish_a_resumed_run_through_cut_connections(clients, tmp_path: Path) -> None:
     shards = client_shards(tmp_path / "data", sizes=(8, 8, 8))
     settings = tiny_settings(tmp_path / "state", chunk_bytes=1024, linger_s=60.0,

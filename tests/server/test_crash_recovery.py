@@ -1,5 +1,5 @@
-"""A server killed with SIGKILL in the middle of a round resumes it on restart: same run, same
-round, same participants; the uploads accepted before the crash are not asked for again, a
+"""A server killed with SIGKILL in the middle of a round (an aligned one) resumes it on
+restart: same run, same round, same participants, same reference; the uploads accepted before the crash are not asked for again, a
 replayed one is acknowledged as a duplicate and counted once, and the round's aggregate equals
 that of a run without the crash (same uploads, same order)."""
 
@@ -48,7 +48,7 @@ SERVING = re.compile(r"serving (\S+) on port (\d+)")
 
 def settings_for(tmp_path: Path, **overrides: object) -> ServerSettings:
     return make_settings(tmp_path, NAMES, rounds=2, max_task_wait_s=2.0, linger_s=0.0,
-                         final_download_grace_s=0.0, **overrides)  # fmt: skip
+                         final_download_grace_s=60.0, **overrides)  # fmt: skip
 
 
 class ServerProcess:
@@ -107,57 +107,64 @@ async def train_and_upload(client: WireClient, name: str, key: str) -> tuple[byt
     return update, task
 
 
-async def before_the_crash(address: str) -> tuple[dict[str, bytes], frozenset]:
-    """Everyone enrols; alice and bob upload round 0 (carol has not sent hers yet).
-
-    Returns the uploads and round 0's trained factors."""
+async def before_the_crash(address: str) -> tuple[dict[tuple[int, str], bytes], frozenset]:
+    """Everyone enrols and sends round 0; in round 1 (which aligns A) alice and bob send theirs,
+    carol has not yet. Returns the uploads by (round, client) and round 1's trained factors."""
     clients = {n: WireClient(address, token_of(n)) for n in NAMES}
     await asyncio.gather(*(c.enroll() for c in clients.values()))
     sent = {}
-    for name in ("alice", "bob"):
-        sent[name], task = await train_and_upload(clients[name], name, key=f"key-{name}-0")
-        assert task.round == 0
+    for round_index, names in ((0, NAMES), (1, ("alice", "bob"))):
+        for name in names:
+            update, task = await train_and_upload(clients[name], name,
+                                                  key=f"key-{name}-{round_index}")  # fmt: skip
+            assert task.round == round_index
+            sent[(round_index, name)] = update
     for client in clients.values():
         await client.close()
     return sent, trained_of(task)
 
 
 async def after_the_restart(
-    address: str, run_id: str, sent: dict[str, bytes], trained: frozenset
+    address: str, run_id: str, sent: dict[tuple[int, str], bytes], trained: frozenset
 ) -> bytes:
-    """A replay of alice's upload is a duplicate; alice is not asked to train round 0 again;
-    carol sends round 0, which closes; returns the encoded round-0 result (round 1's start)."""
+    """A replay of alice's round-1 upload is a duplicate; alice is not asked to train round 1
+    again; carol sends round 1, the last; returns the encoded final adapter."""
     clients = {n: WireClient(address, token_of(n), run_id=run_id) for n in NAMES}
-    replay = await clients["alice"].upload(0, sent["alice"], trained,
-                                           key="key-alice-0", sample_count=SAMPLES["alice"])
+    replay = await clients["alice"].upload(1, sent[(1, "alice")], trained,
+                                           key="key-alice-1", sample_count=SAMPLES["alice"])
     assert replay.status == pb.UPLOAD_STATUS_DUPLICATE
     waiting = await clients["alice"].get_task(max_wait_s=0.0)
     assert waiting.WhichOneof("task") == "wait", waiting
-    sent["carol"], task = await train_and_upload(clients["carol"], "carol", key="key-carol-0")
-    assert task.round == 0
-    next_task = await train_task(clients["bob"])
-    assert next_task.round == 1
-    result = await clients["bob"].download(1)
+    sent[(1, "carol")], task = await train_and_upload(clients["carol"], "carol",
+                                                      key="key-carol-1")  # fmt: skip
+    assert task.round == 1
+    while (await clients["bob"].get_task()).WhichOneof("task") != "done":
+        pass
+    result = await clients["bob"].download(2)
     for client in clients.values():
         await client.close()
     return result
 
 
-def uncrashed_round0(tmp_path: Path, sent: dict[str, bytes]) -> bytes:
-    """The same uploads in the same order to a server that never crashes."""
+def uncrashed_result(tmp_path: Path, sent: dict[tuple[int, str], bytes]) -> bytes:
+    """The same uploads in the same order to a server that never crashes: its final adapter."""
     settings = settings_for(tmp_path / "uncrashed")
 
     async def scenario() -> bytes:
         async with running_server(settings, synthetic_adapter()) as server:
             clients = {n: WireClient(server.address, token_of(n)) for n in NAMES}
             await asyncio.gather(*(c.enroll() for c in clients.values()))
-            for name in NAMES:
-                task = await train_task(clients[name])
-                reply = await clients[name].upload(task.round, sent[name], trained_of(task),
-                                                   sample_count=SAMPLES[name])  # fmt: skip
-                assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
-            await train_task(clients["alice"])  # round 1 opened: round 0 closed
-            payload = await clients["alice"].download(1)
+            for round_index in (0, 1):
+                for name in NAMES:
+                    task = await train_task(clients[name])
+                    assert task.round == round_index
+                    reply = await clients[name].upload(round_index, sent[(round_index, name)],
+                                                       trained_of(task),
+                                                       sample_count=SAMPLES[name])  # fmt: skip
+                    assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
+            while (await clients["alice"].get_task()).WhichOneof("task") != "done":
+                pass
+            payload = await clients["alice"].download(2)
             for client in clients.values():
                 await client.close()
             return payload
@@ -198,16 +205,17 @@ def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> N
 
     reader = open_reader(settings.database_path)
     try:
-        rows = reader.uploads(first.run_id, 0)
+        rows = reader.uploads(first.run_id, 1)
         assert [u.client for u in rows] == ["alice", "bob", "carol"]  # the replay counted once
-        (round0, *_) = reader.rounds(first.run_id)
-        assert sorted(round0.reporters) == list(NAMES)
-        assert reader.run(first.run_id).phase is RunPhase.RUNNING  # killed again in round 1
+        assert [r.run_id for r in reader.runs()][0] == first.run_id  # then the fresh run
+        assert reader.run(first.run_id).phase is RunPhase.FINISHED
+        (_, round1) = reader.rounds(first.run_id)
+        assert sorted(round1.reporters) == list(NAMES) and round1.summary["aligned"] == "A"
     finally:
         reader.close()
-    saved = settings.state_dir / "runs" / first.run_id / "rounds" / "0" / "adapter"
+    saved = settings.state_dir / "runs" / first.run_id / "rounds" / "1" / "adapter"
     assert (saved / ADAPTER_WEIGHTS_FILE).read_bytes() == resumed
-    assert_same(adapter_of(resumed), adapter_of(uncrashed_round0(tmp_path, sent)))
+    assert_same(adapter_of(resumed), adapter_of(uncrashed_result(tmp_path, sent)))
 
 
 def test_an_upload_that_cannot_be_recorded_is_not_acknowledged_nor_counted(
