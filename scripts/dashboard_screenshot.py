@@ -1,8 +1,11 @@
 """Screenshot a running server's dashboard with Debian chromium (how docs/img/dashboard.png is
 made): wait until ``--after-rounds`` rounds are completed, then save a full-page PNG.
 
-    .venv/bin/python scripts/demo.py &          # its server serves the dashboard on :8080
-    .venv/bin/python scripts/dashboard_screenshot.py --after-rounds 7 --out docs/img/dashboard.png
+    .venv/bin/python scripts/demo.py &          # prints "dashboard: http://127.0.0.1:PORT/"
+    .venv/bin/python scripts/dashboard_screenshot.py --url http://127.0.0.1:PORT \
+        --after-rounds 8 --out docs/img/dashboard.png
+
+(A finished run's state can be served with ``python -m fedrot_server.dashboard --state-dir``.)
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from fedrot_client.wordnet import LEXNAMES, ShardOptions, read_synsets, write_sh
 
 CLIENTS = ("alice", "bob", "carol")
 PORT_LINE = re.compile(r"serving \S+ on port (\d+)")
+DASHBOARD_LINE = re.compile(r"dashboard on port (\d+)")
 POLL_S = 0.5
 STOP_GRACE_S = 20.0
 
@@ -132,6 +133,15 @@ def wait_for_port(server: Child, deadline: float) -> int:
                                f"{server.log_path}")  # fmt: skip
         time.sleep(POLL_S)
     raise TimeoutError(f"the server did not report its port; see {server.log_path}")
+
+
+def dashboard_url(server: Child) -> str:
+    """The dashboard's address (the server logs its port before the gRPC one)."""
+    for line in server.lines:
+        found = DASHBOARD_LINE.search(line)
+        if found:
+            return f"http://127.0.0.1:{found.group(1)}/"
+    return "not started"
 
 
 def start_clients(out: Path, port: int, tokens: dict[str, str]) -> list[Child]:
@@ -246,13 +256,14 @@ def run_demo(args: argparse.Namespace) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     config = server_config(out, args)
     command = [sys.executable, "-m", "fedrot_server.main", "--config", str(config),
-               "--listen", "127.0.0.1:0"]  # fmt: skip
+               "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"]  # fmt: skip
     children = [start("server", command, out / "logs" / "server.log", env)]
     try:
         port = wait_for_port(children[0], deadline)
         print(f"fedrot-server on 127.0.0.1:{port} ({args.strategy}, {args.model}, "
               f"{args.rounds} rounds x {args.local_steps} local steps); 3 fedrot-client "
               f"daemons; logs in {out / 'logs'}", flush=True)  # fmt: skip
+        print(f"dashboard: {dashboard_url(children[0])}", flush=True)
         children += start_clients(out, port, tokens)
         reports = follow_rounds(out, children, args.rounds, started, deadline)
     finally:
