@@ -385,6 +385,7 @@ def describe_errors(exc: ValidationError) -> str:
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         given = error.get("input")
-        shown = "" if isinstance(given, dict) else f" = {given!r}"
+        secret = "token" in name  # never echo a token, even a malformed one
+        shown = "" if isinstance(given, dict) or secret else f" = {given!r}"
         lines.append(f"{name}{shown}: {error['msg']}")
     return "invalid server settings:\n  " + "\n  ".join(lines)
