@@ -77,7 +77,8 @@ function showClients(clients) {
   document.querySelectorAll(".admin-only").forEach((e) => { e.hidden = !admin; });
   for (const c of clients) {
     const row = body.insertRow();
-    cell(row, c.name);
+    const about = Object.entries(c.info).map(([k, v]) => `${k}: ${v}`);
+    cell(row, c.name).title = [`enrolled ${when(c.enrolled_at)}`, ...about].join("\n");
     cell(row, c.status);
     cell(row, when(c.last_seen));
     cell(row, `${c.rounds_reported} / ${c.rounds_joined}`, "num");
