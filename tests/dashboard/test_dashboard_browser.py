@@ -73,6 +73,7 @@ def test_dashboard_in_a_real_browser(server: LiveServer, tmp_path: Path) -> None
     wait_for(lambda: get(server, "/api/v1/runs/current")["clients_reported"] == 1, "round 3's report")
     latest = get(server, "/api/v1/runs/current/adapters/latest")
     outside: list[str] = []
+    script_errors: list[str] = []
 
     def local_only(route: Route) -> None:
         if urlsplit(route.request.url).hostname == "127.0.0.1":
@@ -85,6 +86,7 @@ def test_dashboard_in_a_real_browser(server: LiveServer, tmp_path: Path) -> None
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda error: script_errors.append(str(error)))
             page.route("**/*", local_only)
             page.goto(server.url + "/")
             page.wait_for_function(f"document.getElementById('round-number').textContent === '{LAST}'")
@@ -103,6 +105,7 @@ def test_dashboard_in_a_real_browser(server: LiveServer, tmp_path: Path) -> None
         finally:
             browser.close()
     assert not outside, f"the page asked for outside resources: {outside}"
+    assert not script_errors, f"the page's script failed: {script_errors}"
     assert shot[:8] == b"\x89PNG\r\n\x1a\n"
     if target := os.environ.get("FEDROT_DASHBOARD_SCREENSHOT"):
         Path(target).write_bytes(shot)
