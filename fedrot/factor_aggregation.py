@@ -45,8 +45,9 @@ class _FactorGroupState:
     ``views[f]`` are the per-module running means of trained factor ``f``: slices of the stack
     ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one (``sums``
     then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
-    factors' own layout. With a gauge, ``reference_rows`` are the aligned factor's per-module
-    reference rows and ``reference_sq`` ``(K,)`` their squared norms. ``clients`` (only with
+    factors' own layout. With a gauge, ``reference_sq`` ``(K,)`` are the aligned factor's
+    squared reference norms and, for a streamed group, ``reference_columns`` its per-module
+    ``X_ref^T`` ``(d, r)`` views. ``clients`` (only with
     ``track_error``) holds each client's factors as aggregated, as row-layout stacks. The
     sums hold the weighted mean of the updates so far and are uninitialised until the first.
     """
@@ -57,7 +58,7 @@ class _FactorGroupState:
     work: dict[Factor, Tensor] = field(default_factory=dict)
     reference: dict[Factor, Tensor] = field(default_factory=dict)
     reference_sq: Tensor | None = None
-    reference_rows: list[Tensor] = field(default_factory=list)
+    reference_columns: list[Tensor] = field(default_factory=list)
     clients: list[dict[Factor, Tensor]] = field(default_factory=list)
 
 
@@ -114,19 +115,17 @@ class FactorAggregator(StreamingAggregator):
     def _bind_reference_rows(
         self, group: ModuleGroup, state: _FactorGroupState, aligned: Factor
     ) -> None:
-        """The aligned factor's reference rows (the stack's slices, or the reference's own
-        tensors for a streamed group) and their squared norms."""
+        """The aligned factor's squared reference norms and, for a streamed group, its
+        ``X_ref^T`` views of the reference's own tensors."""
         if not state.streamed:
             rows = as_rows(state.reference[aligned], aligned)
-            state.reference_rows = list(rows.unbind(0))
             state.reference_sq = torch.linalg.vector_norm(rows, dim=(-2, -1)).square_()
         else:
             assert self._reference is not None
-            state.reference_rows = [
-                as_rows(x, aligned) for x in self._module_factors(self._reference, group, aligned)
-            ]
-            norms = [torch.linalg.vector_norm(rows) for rows in state.reference_rows]
-            state.reference_sq = torch.stack(norms).square_()
+            factors = self._module_factors(self._reference, group, aligned)
+            state.reference_columns = [as_rows(x, aligned).mT for x in factors]
+            state.reference_sq = torch.stack([torch.linalg.vector_norm(x) for x in factors])
+            state.reference_sq.square_()
 
     def _module_factors(self, adapter: Adapter, group: ModuleGroup, which: Factor) -> list[Tensor]:
         """``adapter``'s ``which`` factors of ``group`` in their own layout, float32 on the
@@ -197,8 +196,9 @@ class FactorAggregator(StreamingAggregator):
             moving_sq = torch.linalg.vector_norm(moving, dim=(-2, -1)).square_()
         else:
             cross = torch.empty(len(moving), group.rank, group.rank, device=self.device)
-            for k, (rows, ref) in enumerate(zip(moving, state.reference_rows, strict=True)):
-                torch.mm(rows, ref.mT, out=cross[k])
+            columns = state.reference_columns
+            for out, rows, ref in zip(cross.unbind(0), moving, columns, strict=True):
+                torch.mm(rows, ref, out=out)
             moving_sq = torch.stack([torch.linalg.vector_norm(rows) for rows in moving]).square_()
         return GaugeProblem(client_id, group.modules, cross, moving_sq, state.reference_sq)
 
