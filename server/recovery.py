@@ -17,9 +17,10 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fedrot.codec import encode_schema
+from fedrot.codec import ADAPTER_WEIGHTS_FILE, encode_schema
 from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.spec import InitialModel, RunSpec
@@ -44,12 +45,13 @@ class SpooledUpload:
 @dataclass(frozen=True)
 class Resumption:
     """What a resumed run had recorded: ``rounds_completed`` rounds closed; ``published`` is the
-    encoded global adapter round ``rounds_completed`` starts from; ``open_round`` (None when no
+    encoded global adapter round ``rounds_completed`` starts from (None: the initial adapter was
+    never saved; the engine encodes it again); ``open_round`` (None when no
     round was open) and its ``uploads`` in arrival order; the enrolled ``clients``."""
 
     run_id: str
     rounds_completed: int
-    published: bytes
+    published: bytes | None
     open_round: RoundRow | None
     target: int | None
     uploads: tuple[SpooledUpload, ...]
@@ -99,12 +101,14 @@ def load_resumption(store: SqliteStore, artifacts: RunArtifacts, run: RunRow) ->
     rounds = store.rounds(run.run_id)
     closed = [r for r in rounds if r.phase is RoundPhase.CLOSED]
     completed = max((r.round_index + 1 for r in closed), default=0)
-    published = _read(artifacts.read_adapter, completed - 1 if completed else None,
-                      what=f"the global adapter of round {completed - 1}" if completed
-                      else "the initial adapter")  # fmt: skip
+    if completed:
+        published: bytes | None = _read(artifacts.read_adapter, completed - 1,
+                                        what=f"the global adapter of round {completed - 1}")
+    else:  # missing when the crash came right after the run was recorded: encoded again
+        published = _read_if_present(artifacts.adapter_dir(None) / ADAPTER_WEIGHTS_FILE)
     if completed:
         expected = next(r.adapter_sha256 for r in closed if r.round_index == completed - 1)
-        if sha256_hex(published) != expected:
+        if sha256_hex(published or b"") != expected:
             raise StoreError(f"run {run.run_id}: the saved adapter of round {completed - 1} "
                              f"does not match its recorded sha256 {expected}")  # fmt: skip
         artifacts.restore_base_deltas(completed - 1)
@@ -129,6 +133,13 @@ def _spooled(artifacts: RunArtifacts, row: UploadRow) -> SpooledUpload:
     if len(payload) != row.size_bytes or sha256_hex(payload) != row.sha256:
         raise StoreError(f"{what} is damaged (sha256 differs from the recorded {row.sha256})")
     return SpooledUpload(row, payload)
+
+
+def _read_if_present(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _read(reader: Any, argument: object, *, what: str) -> bytes:

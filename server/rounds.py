@@ -111,12 +111,14 @@ class RoundEngine(OperatorActions):
         else:
             record = run_record(self.spec, self._initial)
             self._store.create_run(self.spec.run_id, record, self._clock())
+        if self._published is None:
             encoded = await self._worker.encode(self._reference, self._metadata(0))
             await asyncio.to_thread(self._artifacts.save_adapter, None, encoded.payload)
             self._published = (0, encoded)
         self._task = asyncio.create_task(self._run(), name=f"fedrot-run-{self.spec.run_id}")
-        logger.info("run %s started: %s rounds, strategy %s", self.spec.run_id,
-                    self.spec.rounds, self.spec.strategy.name)  # fmt: skip
+        logger.info("run %s %s: %s rounds, strategy %s", self.spec.run_id,
+                    "resumed" if self._resumption else "started", self.spec.rounds,
+                    self.spec.strategy.name)  # fmt: skip
 
     async def stop(self) -> None:
         """Cancel the rounds (a graceful stop keeps what was recorded)."""
@@ -438,12 +440,13 @@ class RoundEngine(OperatorActions):
     async def _restore(self, resumed: Resumption) -> None:
         """Take up a resumed run: its published adapter, its enrolled clients (as live)."""
         payload, done = resumed.published, resumed.rounds_completed
-        if done:
+        if done and payload is not None:
             schema = self._initial.schema
             self._reference = await self._worker.run(
                 lambda: decode_adapter(payload, schema).to_adapter()
             )
-        self._published = (done, EncodedAdapter(payload, sha256_hex(payload)))
+        if payload is not None:
+            self._published = (done, EncodedAdapter(payload, sha256_hex(payload)))
         for client in resumed.clients:
             self._roster.touch(client, self._now())
 

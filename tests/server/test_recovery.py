@@ -67,6 +67,16 @@ def test_the_open_round_is_read_back_in_arrival_order(recorded) -> None:  # noqa
     assert store.latest_unfinished_run() is None  # a stopped run stays ended
 
 
+def test_a_crash_before_the_initial_adapter_was_saved_leaves_it_to_encode(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    store.create_run("r0", {"rounds": 1}, at=1.0)
+    resumed = load_resumption(store, RunArtifacts(tmp_path, "r0", {}), store.latest_unfinished_run())
+    assert (resumed.rounds_completed, resumed.published, resumed.open_round) == (0, None, None)
+    store.close()
+
+
 def test_a_damaged_spool_is_refused_by_name(recorded) -> None:  # noqa: ANN001
     store, artifacts = recorded
     artifacts.spool_path(1, "bob", 0).write_bytes(b"bit rot")
