@@ -169,8 +169,10 @@ def test_tokens_secret_matches_the_client_job() -> None:
     (job,) = load_manifest("clients-job.yaml")
     data = secret["stringData"]
     server_list = dict(line.split("=", 1) for line in data["tokens"].splitlines() if line.strip())
-    clients = {key: value for key, value in data.items() if key != "tokens"}
+    clients = {key: value for key, value in data.items() if key.startswith("client-")}
     assert clients == server_list
+    assert set(data) == {"tokens", "admin-token", *clients}
+    assert data["admin-token"] not in clients.values()
     assert sorted(clients) == [f"client-{i}" for i in range(job["spec"]["completions"])]
     assert len(set(clients.values())) == len(clients)
     toml = tomllib.loads((REPO / "deploy" / "server.toml").read_text())
