@@ -9,6 +9,7 @@ daemon's local training and the server's strategies.
     result = run_simulation(config, data)      # result.rounds: RoundMetrics per round
 """
 
+from fedrot_client.simulation.client_basis import ClientBasis
 from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.engine import RoundMetrics, SimulationResult, run_simulation
 from fedrot_client.simulation.federated_data import (
@@ -19,6 +20,7 @@ from fedrot_client.simulation.federated_data import (
 
 __all__ = [
     "BackendName",
+    "ClientBasis",
     "FederatedData",
     "RoundMetrics",
     "SimulationConfig",

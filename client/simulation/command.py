@@ -36,8 +36,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         client_fraction=args.client_fraction, rounds=args.rounds,
         local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, max_length=args.max_length,
-        eval_batch_size=args.eval_batch_size, eval_every=args.eval_every, seed=args.seed, backend=args.backend,
-        num_threads=args.threads,
+        eval_batch_size=args.eval_batch_size, eval_every=args.eval_every, seed=args.seed,
+        backend=args.backend, client_basis=args.client_basis, num_threads=args.threads,
         extra={"alpha": args.alpha, "per_client": args.per_client, "eval_size": args.eval_size},
     )  # fmt: skip
 

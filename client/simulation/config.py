@@ -11,6 +11,7 @@ from fedrot.adapters import Factor
 from fedrot.strategies import StrategyConfig, StrategyName
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
+from fedrot_client.simulation.client_basis import ClientBasis
 from fedrot_client.training import OptimizerName, TrainConfig
 
 
@@ -32,8 +33,11 @@ class SimulationConfig:
 
     Each round a seeded ``client_fraction`` of the clients (at least one) trains ``local_steps``
     batches from the broadcast global adapter; the strategy aggregates the uploads with
-    ``n_i`` = samples processed; every ``eval_every``-th global adapter is evaluated. ``seed`` fixes the LoRA init, the data split, client sampling
-    and every client's batch order and dropout (per round and client).
+    ``n_i`` = samples processed; every ``eval_every``-th global adapter is evaluated.
+    ``client_basis`` is the basis clients report their factors in
+    (:mod:`fedrot_client.simulation.client_basis`). ``seed`` fixes the LoRA init, the data
+    split, client sampling and every client's batch order, dropout and reporting basis (per
+    round and client).
     """
 
     model: ModelSpec
@@ -53,12 +57,14 @@ class SimulationConfig:
     eval_every: int = 1
     seed: int = 0
     backend: BackendName = BackendName.IN_PROCESS
+    client_basis: ClientBasis = ClientBasis.SHARED
     num_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", StrategyName(self.strategy))
         object.__setattr__(self, "backend", BackendName(self.backend))
+        object.__setattr__(self, "client_basis", ClientBasis(self.client_basis))
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
         if self.strategy in UNSUPPORTED_STRATEGIES:
             raise ValueError(

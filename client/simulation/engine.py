@@ -31,6 +31,7 @@ from fedrot_client.simulation.backends import (
     RayBackend,
     TrainingBackend,
 )
+from fedrot_client.simulation.client_basis import report_in_basis
 from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.federated_data import FederatedData
 from fedrot_client.training import TrainResult
@@ -126,7 +127,8 @@ def run_simulation(
             jobs = _jobs(config, data, t)
             results = backend.train_round(global_tensors, plan.trained, jobs)
             reference = Adapter.from_state_dict(global_tensors)
-            report, global_tensors = _aggregate(strategy, reference, plan, jobs, results)
+            updates = _reported_updates(config, reference, plan, jobs, results)
+            report, global_tensors = _aggregate(strategy, reference, plan, updates)
             load_adapter(model, global_tensors)
             metrics = _round_metrics(config, plan, results, report, model, tokenizer, data,
                                      time.perf_counter() - started)  # fmt: skip
@@ -165,16 +167,27 @@ def _jobs(config: SimulationConfig, data: FederatedData, round_index: int) -> li
     ]
 
 
-def _aggregate(
-    strategy, reference: Adapter, plan: RoundPlan, jobs: Sequence[ClientJob],
+def _reported_updates(
+    config: SimulationConfig, reference: Adapter, plan: RoundPlan, jobs: Sequence[ClientJob],
     results: Sequence[TrainResult],
-) -> tuple[AggregationReport, dict[str, Tensor]]:  # fmt: skip
-    """The server's step: each upload (only the trained factors and the head) completed with
-    the reference's frozen factor, streamed into the strategy's aggregator."""
-    aggregator = strategy.start_round(reference, plan, track_error=True)
+) -> list[tuple[str, Adapter, float]]:  # fmt: skip
+    """Each upload (only the trained factors and the head) completed with the reference's
+    frozen factor, in the basis the client reports it in: ``(client id, update, n_i)``."""
+    out = []
     for job, result in zip(jobs, results, strict=True):
         update = reference.with_factors_from(dict(result.tensors))
-        aggregator.add(job.client_id, update, float(result.num_samples))
+        update = report_in_basis(update, config.client_basis, plan.trained, job.config.seed)
+        out.append((job.client_id, update, float(result.num_samples)))
+    return out
+
+
+def _aggregate(
+    strategy, reference: Adapter, plan: RoundPlan, updates: Sequence[tuple[str, Adapter, float]]
+) -> tuple[AggregationReport, dict[str, Tensor]]:
+    """The server's step: the updates streamed into the strategy's aggregator."""
+    aggregator = strategy.start_round(reference, plan, track_error=True)
+    for client_id, update, weight in updates:
+        aggregator.add(client_id, update, weight)
     outcome = aggregator.finalize()
     return outcome.report, outcome.adapter.to_state_dict()
 

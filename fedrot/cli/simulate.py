@@ -20,6 +20,7 @@ from typing import Any
 from fedrot.strategies import StrategyName
 
 BACKENDS = ("in-process", "ray")
+CLIENT_BASES = ("shared", "haar")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     federation.add_argument("--rounds", type=int, default=10)
     federation.add_argument("--seed", type=int, default=0)
     federation.add_argument("--backend", choices=BACKENDS, default="in-process")
+    federation.add_argument("--client-basis", choices=CLIENT_BASES, default="shared",
+                            help="haar: each client reports its factors in its own random basis "
+                            "(a stress test of factor averaging)")
     data = parser.add_argument_group("data (WordNet glosses)")
     data.add_argument("--alpha", type=float, default=0.5, help="label-Dirichlet concentration")
     data.add_argument("--per-client", type=int, default=300, help="examples per client (cap)")
