@@ -45,10 +45,12 @@ class Setting:
     clients: int
     alpha: float
     methods: tuple[Method, ...]
+    client_basis: str = "shared"
 
     @property
     def name(self) -> str:
-        return f"N{self.clients}-alpha{self.alpha:g}"
+        suffix = "" if self.client_basis == "shared" else f"-{self.client_basis}"
+        return f"N{self.clients}-alpha{self.alpha:g}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ FULL = (
 )
 REDUCED = (FEDIT, Method("FedRot λ=0.4", "fedrot", 0.4))
 N10_SKEWED = (*REDUCED, Method("RoLoRA", "rolora"))
+BASES = (FEDIT, Method("FedRot λ=0.4", "fedrot", 0.4), Method("FedRot λ=1.0", "fedrot", 1.0))
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,15 @@ class Phase:
 
 
 # The full method set in the paper's main setting (N = 3, alpha = 0.5); FedIT vs FedRot with strong
-# skew (alpha = 0.1); with 10 clients FedIT, FedRot and the paper's strongest baseline (RoLoRA).
+# skew (alpha = 0.1); clients that report their factors in their own random basis (the stress
+# test of fedrot_client.simulation.client_basis); with 10 clients FedIT, FedRot and the paper's
+# strongest baseline (RoLoRA).
 # A round with N = 10 costs 10/3 of one with N = 3: on a shared 2-core machine the N = 10 cells
 # run with fewer methods, and their later seeds only when time is left (docs/results.md).
 GRID = (
     Phase((Setting(3, 0.5, FULL),)),
     Phase((Setting(3, 0.1, REDUCED),)),
+    Phase((Setting(3, 0.5, BASES, client_basis="haar"),)),
     Phase((Setting(10, 0.1, N10_SKEWED), Setting(10, 0.5, REDUCED)), seeds=(0,)),
     Phase((Setting(10, 0.1, N10_SKEWED), Setting(10, 0.5, REDUCED)), seeds=(1, 2)),
 )
@@ -133,9 +139,10 @@ def run_grid(out: Path, grid: Sequence[Phase], budget: Budget, model: str) -> No
             num_clients=setting.clients, rounds=budget.rounds,
             local_steps=budget.local_steps, batch_size=budget.batch_size, lr=budget.lr,
             max_length=budget.max_length, eval_every=budget.eval_every, seed=seed,
-            num_threads=1,
+            client_basis=setting.client_basis, num_threads=1,
             extra={"alpha": setting.alpha, "per_client": budget.per_client,
-                   "eval_size": budget.eval_size, "setting": setting.name},
+                   "eval_size": budget.eval_size, "setting": setting.name,
+                   "client_basis": setting.client_basis},
         )  # fmt: skip
         for method in setting.methods:
             folder = run_dir(out, setting, method, seed)
