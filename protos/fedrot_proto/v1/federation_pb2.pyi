@@ -369,3 +369,27 @@ class HeartbeatResponse(_message.Message):
     round_open: bool
     heartbeat_interval: _duration_pb2.Duration
     def __init__(self, run_status: _Optional[_Union[RunStatus, str]] = ..., current_round: _Optional[int] = ..., round_open: _Optional[bool] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class QueryUploadRequest(_message.Message):
+    __slots__ = ("run_id", "round", "idempotency_key", "total_size", "sha256")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    idempotency_key: str
+    total_size: int
+    sha256: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class QueryUploadResponse(_message.Message):
+    __slots__ = ("bytes_received", "status", "upload_id")
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    status: UploadStatus
+    upload_id: str
+    def __init__(self, bytes_received: _Optional[int] = ..., status: _Optional[_Union[UploadStatus, str]] = ..., upload_id: _Optional[str] = ...) -> None: ...

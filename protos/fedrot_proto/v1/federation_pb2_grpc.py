@@ -59,6 +59,11 @@ class FederationServiceStub:
                 request_serializer=fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.QueryUpload = channel.unary_unary(
+                '/fedrot.v1.FederationService/QueryUpload',
+                request_serializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.SerializeToString,
+                response_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -87,7 +92,8 @@ class FederationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadUpdate(self, request_iterator, context):
-        """The client's update for a round: one header message, then chunks in order.
+        """The client's update for a round: one header message, then chunks in order, the first at
+        offset 0 or, to resume a broken upload, at QueryUpload's bytes_received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +101,14 @@ class FederationServiceServicer:
 
     def Heartbeat(self, request, context):
         """Liveness and progress; tells the client whether its round is still open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUpload(self, request, context):
+        """How many bytes of an unfinished upload the server holds (where to resume it), or whether
+        that update was accepted already.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +141,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatRequest.FromString,
                     response_serializer=fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'QueryUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUpload,
+                    request_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.FromString,
+                    response_serializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class FederationService:
             '/fedrot.v1.FederationService/Heartbeat',
             fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
             fedrot__proto_dot_v1_dot_federation__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedrot.v1.FederationService/QueryUpload',
+            fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.SerializeToString,
+            fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
