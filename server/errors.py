@@ -49,3 +49,7 @@ class StalledError(ServerError):
 
 class TooLargeError(ServerError):
     """An upload or chunk above the configured limits."""
+
+
+class ResumeOffsetError(ServerError):
+    """An upload resumed at another offset than the bytes the server holds of it."""

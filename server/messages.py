@@ -19,7 +19,9 @@ from fedrot_server.tasks import (
     HeartbeatReply,
     Task,
     TrainTask,
+    UploadIdentity,
     UploadOutcome,
+    UploadProgress,
     UploadRequest,
     WaitTask,
 )
@@ -149,6 +151,18 @@ def upload_response(outcome: UploadOutcome) -> pb.UploadUpdateResponse:
     status = pb.UPLOAD_STATUS_DUPLICATE if outcome.duplicate else pb.UPLOAD_STATUS_ACCEPTED
     return pb.UploadUpdateResponse(
         status=status, bytes_received=outcome.bytes_received, upload_id=outcome.upload_id
+    )
+
+
+def upload_identity(request: pb.QueryUploadRequest) -> UploadIdentity:
+    return UploadIdentity(request.round, request.idempotency_key, request.total_size,
+                          request.sha256)  # fmt: skip
+
+
+def query_response(progress: UploadProgress) -> pb.QueryUploadResponse:
+    status = pb.UPLOAD_STATUS_ACCEPTED if progress.accepted else pb.UPLOAD_STATUS_UNSPECIFIED
+    return pb.QueryUploadResponse(
+        bytes_received=progress.bytes_received, status=status, upload_id=progress.upload_id
     )
 
 

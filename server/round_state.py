@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from fedrot.strategies import RoundPlan
 from fedrot_server.errors import InvalidRequestError, TooLargeError, WrongStateError
+from fedrot_server.partials import PartialUploads
 from fedrot_server.participants import sample_participants
 from fedrot_server.spec import TransferLimits
 from fedrot_server.state import UploadRow
@@ -28,6 +29,8 @@ class OpenRound:
 
     ``target`` is how many clients were asked for, ``quorum`` how many reports let the round
     close at its deadline; ``deadline`` and ``started`` are event-loop (monotonic) times.
+    ``uploading`` holds the upload slot of each client streaming now, ``partials`` the bytes
+    of broken streams (dropped with the round).
     """
 
     plan: RoundPlan
@@ -39,6 +42,7 @@ class OpenRound:
     reported: dict[str, UploadRow] = field(default_factory=dict)
     late: list[UploadRow] = field(default_factory=list)
     uploading: dict[str, asyncio.Event] = field(default_factory=dict)
+    partials: PartialUploads = field(default_factory=PartialUploads)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     extensions: int = 0

@@ -57,7 +57,9 @@ from fedrot_server.tasks import (
     HeartbeatReply,
     Task,
     TrainTask,
+    UploadIdentity,
     UploadOutcome,
+    UploadProgress,
     UploadRequest,
     UploadTicket,
     WaitTask,
@@ -202,35 +204,69 @@ class RoundEngine(OperatorActions):
     ) -> UploadTicket | UploadOutcome:
         """Check an upload's header before its bytes are read; a replay is answered at once.
 
+        The ticket's receiver holds the bytes of an earlier, broken stream of the same update
+        (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over.
+        """
+        found = await self._free_slot(client, request.run_id, request.round_index,
+                                      request.idempotency_key)  # fmt: skip
+        if isinstance(found, UploadOutcome):
+            return found
+        rnd = found
+        rnd.check_request(request, self.spec.limits)
+        receiver = rnd.partials.claim(client, request.identity,
+                                      max_chunk_bytes=self.spec.limits.max_chunk_bytes)  # fmt: skip
+        ticket = UploadTicket(client, request, asyncio.Event(), receiver)
+        rnd.uploading[client] = ticket.slot
+        return ticket
+
+    async def query_upload(
+        self, client: str, run_id: str, identity: UploadIdentity
+    ) -> UploadProgress:
+        """How much of an update the server has: accepted, or the bytes held for a resume.
+
+        Waits like :meth:`open_upload` for a stream of the client still in progress (a cut the
+        server has not noticed yet), so the answer counts every byte that stream delivered.
+        """
+        found = await self._free_slot(client, run_id, identity.round_index,
+                                      identity.idempotency_key)  # fmt: skip
+        if isinstance(found, UploadOutcome):
+            return UploadProgress(True, found.bytes_received, found.upload_id)
+        return UploadProgress(False, found.partials.bytes_held(client, identity))
+
+    async def _free_slot(
+        self, client: str, run_id: str, round_index: int, key: str
+    ) -> OpenRound | UploadOutcome:
+        """The round an upload goes into once the client's upload slot is free, or the outcome
+        of the upload accepted before under ``key``.
+
         A second upload from a client whose first is still streaming (a retry after a cut
         connection, before the server noticed the cut) waits up to ``upload_takeover_s`` for
         the first to end, then is answered as a replay or proceeds.
         """
-        self._require_client(client, request.run_id)
+        self._require_client(client, run_id)
         while True:
-            previous = self._store.find_upload(request.run_id, client, request.idempotency_key)
+            previous = self._store.find_upload(run_id, client, key)
             if previous is not None:
                 return UploadOutcome(True, previous.size_bytes, upload_id(previous))
-            rnd = self._open_round_for(client, request.round_index)
+            rnd = self._open_round_for(client, round_index)
             busy = rnd.uploading.get(client)
             if busy is None:
-                break
+                return rnd
             try:
                 await asyncio.wait_for(busy.wait(), self.settings.upload_takeover_s)
             except TimeoutError:
                 raise UploadInProgressError(
                     f"an upload from {client!r} for round {rnd.index} is still in progress"
                 ) from None
-        rnd.check_request(request, self.spec.limits)
-        ticket = UploadTicket(client, request, asyncio.Event())
-        rnd.uploading[client] = ticket.slot
-        return ticket
 
-    def release(self, ticket: UploadTicket) -> None:
-        """Give back an upload slot (always call after ``open_upload`` returned a ticket)."""
+    def release(self, ticket: UploadTicket, *, keep_partial: bool = False) -> None:
+        """Give back an upload slot (always call after ``open_upload`` returned a ticket);
+        ``keep_partial``: the stream broke off, hold its bytes for a resume."""
         rnd = self._round
         if rnd is not None and rnd.uploading.get(ticket.client) is ticket.slot:
             del rnd.uploading[ticket.client]
+            if keep_partial and not rnd.closed:
+                rnd.partials.keep(ticket.client, ticket.request.identity, ticket.receiver)
         ticket.slot.set()
 
     async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
@@ -363,6 +399,7 @@ class RoundEngine(OperatorActions):
     async def _close_round(self, rnd: OpenRound) -> None:
         async with self._lock:
             rnd.closed = True
+            rnd.partials.clear()
         self._notify()
         finished = await self._worker.finish_round(self._metadata(rnd.index + 1))
         evaluation = await self._evaluate(finished.result.adapter)

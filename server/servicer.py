@@ -3,7 +3,9 @@
 Errors meet the wire in one place, :func:`status_of`: every exception a handler raises is
 mapped to a status code and a message naming the problem. A payload whose SHA-256 differs
 from its header's is INVALID_ARGUMENT (the client sent inconsistent data; DATA_LOSS is kept
-for corruption the server itself detects in its own state).
+for corruption the server itself detects in its own state). An upload stream's first chunk
+may resume the bytes an earlier, broken stream of the same update left (see
+:mod:`fedrot_server.partials`); another offset than those bytes' end, or 0, is OUT_OF_RANGE.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedrot_server.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    ResumeOffsetError,
     StalledError,
     TooLargeError,
     UnauthenticatedError,
@@ -36,7 +39,7 @@ from fedrot_server.errors import (
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.tasks import UploadOutcome
 from fedrot_server.telemetry import TelemetryLog
-from fedrot_server.transfers import Announced, PayloadReceiver, payload_chunks
+from fedrot_server.transfers import payload_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], StatusCode], ...] = (
     (NotFoundError, StatusCode.NOT_FOUND),
     (UploadInProgressError, StatusCode.ABORTED),
     (StalledError, StatusCode.DEADLINE_EXCEEDED),
+    (ResumeOffsetError, StatusCode.OUT_OF_RANGE),
     (WrongStateError, StatusCode.FAILED_PRECONDITION),
     (TooLargeError, StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, StatusCode.INVALID_ARGUMENT),
@@ -196,20 +200,31 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         opened = await self._engine.open_upload(client, request)
         if isinstance(opened, UploadOutcome):
             return messages.upload_response(opened)
+        receiver, concluded = opened.receiver, False
         try:
-            receiver = PayloadReceiver(
-                Announced(request.total_size, request.sha256),
-                max_chunk_bytes=self._engine.spec.limits.max_chunk_bytes,
-            )
             stall_s = self._engine.settings.upload_stall_s
+            resumed = False
             async for message in _until_stalled(messages_in, stall_s):
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidRequestError("only chunks may follow the upload header")
+                if not resumed:
+                    receiver.resume_at(message.chunk.offset)  # held bytes: continue or restart
+                    resumed = True
                 receiver.add(message.chunk.offset, message.chunk.data)
+            # The whole payload is here: from now on it is counted or refused, never resumed.
+            concluded = receiver.complete
             outcome = await self._engine.commit_upload(opened, receiver.finish())
         finally:
-            self._engine.release(opened)
+            self._engine.release(opened, keep_partial=not concluded)
         return messages.upload_response(outcome)
+
+    @unary_errors
+    async def QueryUpload(
+        self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.QueryUploadResponse:
+        identity = messages.upload_identity(request)
+        progress = await self._engine.query_upload(self._client(context), request.run_id, identity)
+        return messages.query_response(progress)
 
     @unary_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:

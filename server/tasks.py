@@ -13,6 +13,7 @@ from fedrot.adapters import AdapterSchema, Factor
 from fedrot_server.settings import TrainingSettings
 from fedrot_server.spec import RunSpec
 from fedrot_server.state import RunPhase
+from fedrot_server.transfers import PayloadReceiver
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,17 @@ class Enrolment:
 
 
 @dataclass(frozen=True)
+class UploadIdentity:
+    """Which update an upload's bytes belong to: held bytes are resumed only by a stream (or
+    reported only to a query) naming the same round, key, size and digest."""
+
+    round_index: int
+    idempotency_key: str
+    total_size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class UploadRequest:
     """An upload's header: which update the bytes that follow are."""
 
@@ -75,15 +87,22 @@ class UploadRequest:
     factors: frozenset[Factor]
     metrics: Mapping[str, float] = field(default_factory=dict)
 
+    @property
+    def identity(self) -> UploadIdentity:
+        return UploadIdentity(self.round_index, self.idempotency_key, self.total_size,
+                              self.sha256)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class UploadTicket:
     """Permission to send the bytes of ``request``: the engine holds the client's upload slot
-    until released (``slot`` is set then)."""
+    until released (``slot`` is set then). ``receiver`` already holds the bytes of an earlier,
+    broken stream of the same update (or none)."""
 
     client: str
     request: UploadRequest
     slot: asyncio.Event = field(compare=False)
+    receiver: PayloadReceiver = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,15 @@ class UploadOutcome:
     duplicate: bool
     bytes_received: int
     upload_id: str
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    """What the server has of one update: accepted whole, or ``bytes_received`` held so far."""
+
+    accepted: bool
+    bytes_received: int
+    upload_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Transport-free: the servicer feeds chunks in and sends slices out. A payload is announced by its
 total size and SHA-256 (lowercase hex); chunks must arrive in order, without gaps or overlap, no
-larger than the chunk limit, and add up to exactly the announced size.
+larger than the chunk limit, and add up to exactly the announced size. A receiver outlives a
+broken stream (see :mod:`fedrot_server.partials`): the next stream of the same payload resumes
+where it stopped (:meth:`PayloadReceiver.resume_at`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fedrot_server.errors import InvalidRequestError, TooLargeError
+from fedrot_server.errors import InvalidRequestError, ResumeOffsetError, TooLargeError
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -51,6 +53,30 @@ class PayloadReceiver:
     @property
     def received(self) -> int:
         return len(self._buffer)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every announced byte arrived (the payload can be verified)."""
+        return self.received == self.announced.total_size
+
+    def resume_at(self, offset: int) -> None:
+        """Take the first chunk offset of a new stream: the bytes held so far (continue), or 0
+        (start over, forgetting them). Any other offset is refused and changes nothing, so the
+        sender can ask again where to resume."""
+        if offset == self.received:
+            return
+        if offset != 0 and not self.received:
+            raise ResumeOffsetError(
+                f"upload starts at offset {offset}, but the server holds no bytes of it: "
+                f"send from offset 0"
+            )
+        if offset != 0:
+            raise ResumeOffsetError(
+                f"upload resumed at offset {offset}, but the server holds {self.received} bytes "
+                f"of it: resume at offset {self.received} (or start over at 0)"
+            )
+        self._buffer = bytearray()
+        self._digest = hashlib.sha256()
 
     def add(self, offset: int, data: bytes) -> None:
         """Append one chunk; it must start where the previous one ended."""

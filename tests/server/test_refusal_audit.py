@@ -51,6 +51,7 @@ EARLIER_CASES = {
     "wrong-round": "round 1 does not accept", "wrong-run": "run 'run-nope'",
     "too-large": "exceeds the limit of 1048576 bytes", "short-stream": "stream ended after",
     "long-stream": "beyond the announced total_size", "out-of-order": "chunks must be in order",
+    "not-from-zero": "holds no bytes of it: send from offset 0",
     "no-header": "must start with a header", "two-headers": "only chunks may follow",
     "empty-stream": "must start with a header", "wrong-factors": "the header says B",
     "unspecified-factor": "is not FACTOR_A or FACTOR_B", "zero-samples": "sample_count",

@@ -209,6 +209,13 @@ def refused_payload(payload: bytes) -> Code | None:
     return None
 
 
+def not_from_zero(messages: list[pb.UploadUpdateRequest]) -> bool:
+    """Whether the chunk after the header starts elsewhere than at offset 0 (the server holds
+    no bytes of a fresh upload to resume: OUT_OF_RANGE)."""
+    return (len(messages) > 1 and messages[0].WhichOneof("part") == "header"
+            and messages[1].WhichOneof("part") == "chunk" and messages[1].chunk.offset != 0)  # fmt: skip
+
+
 @st.composite
 def cases(draw: st.DrawFn, run_id: str) -> Case | None:
     """One damaged upload and the statuses it may get (None: the damage left it acceptable)."""
@@ -241,6 +248,8 @@ def cases(draw: st.DrawFn, run_id: str) -> Case | None:
         fault = draw(stream_faults())
         upload = replace(upload, stream=fault.apply)
         expected.add(Code.INVALID_ARGUMENT)
+        if not_from_zero(upload.messages()):
+            expected.add(Code.OUT_OF_RANGE)
         why.append(fault.name)
     identity = draw(st.sampled_from(sorted(IDENTITIES))) if "identity" in kinds else None
     if identity is not None:

@@ -1,0 +1,65 @@
+"""Unfinished uploads the server holds, so that an upload cut mid-stream resumes where it broke.
+
+When an UploadUpdate stream ends before the whole payload arrived (the link dropped, the client
+stalled past ``upload_stall_s`` or went away, a chunk was refused), the bytes of every chunk
+taken so far stay here, with their running SHA-256. The client asks for them (QueryUpload) and
+sends the rest under the same header. Bounds: one partial per client (its latest update),
+owned by the open round. A partial is dropped when the round closes, when the same client
+opens an upload of another update (key, size or digest), when its stream starts over at offset
+0, and once the whole payload arrived (the update is then counted or refused, never resumed).
+
+In memory, like the buffer of a stream in progress: at most ``max_upload_bytes`` per client. A
+restarted server holds nothing; its clients learn that from QueryUpload and send the whole
+update (the durable spool, :mod:`fedrot_server.artifacts`, holds only verified uploads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedrot_server.tasks import UploadIdentity
+from fedrot_server.transfers import Announced, PayloadReceiver
+
+
+@dataclass(frozen=True)
+class PartialUpload:
+    identity: UploadIdentity
+    receiver: PayloadReceiver
+
+
+class PartialUploads:
+    """The latest unfinished upload of each client of one round (event loop only)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, PartialUpload] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def bytes_held(self, client: str, identity: UploadIdentity) -> int:
+        """Bytes of ``identity``'s payload held for ``client``; 0 for any other update."""
+        held = self._held.get(client)
+        return held.receiver.received if held is not None and held.identity == identity else 0
+
+    def claim(
+        self, client: str, identity: UploadIdentity, *, max_chunk_bytes: int
+    ) -> PayloadReceiver:
+        """The receiver a new stream of ``identity`` continues: the held one when it is the same
+        update, else a fresh one (and another update's bytes are dropped). Until
+        :meth:`keep` hands it back, the stream owns it."""
+        held = self._held.get(client)
+        if held is not None and held.identity == identity:
+            del self._held[client]
+            return held.receiver
+        fresh = PayloadReceiver(Announced(identity.total_size, identity.sha256),
+                                max_chunk_bytes=max_chunk_bytes)  # fmt: skip
+        self._held.pop(client, None)
+        return fresh
+
+    def keep(self, client: str, identity: UploadIdentity, receiver: PayloadReceiver) -> None:
+        """Hold what a broken stream received, for its resumption (nothing when it got no byte)."""
+        if receiver.received:
+            self._held[client] = PartialUpload(identity, receiver)
+
+    def clear(self) -> None:
+        self._held.clear()
