@@ -71,8 +71,8 @@ def table(setting: str, methods: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Markdown rows for one setting."""
     lines = [f"### {setting}", "",
              "| method | seeds | best acc. (%) | final acc. (%) | final held-out loss | "
-             "mean rel. aggregation error | mean rel. error, rounds >= 1 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "mean rel. aggregation error | mean rel. error, rounds >= 1 | mean ‖R − I‖_F |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for slug in _ordered(methods):
         runs = methods[slug]
         best = [r["summary"]["best_accuracy"] for r in runs]
@@ -83,8 +83,20 @@ def table(setting: str, methods: dict[str, list[dict[str, Any]]]) -> list[str]:
                  for r in runs]  # fmt: skip
         lines.append(f"| {_label(runs)} | {len(runs)} | {_cell(best)} | {_cell(final)} | "
                      f"{_cell(loss, 1.0, 3)} | {_cell(errors, 1.0, 4)} | "
-                     f"{_cell(later, 1.0, 4)} |")  # fmt: skip
+                     f"{_cell(later, 1.0, 4)} | {_rotation_cell(runs)} |")  # fmt: skip
     return lines + [""]
+
+
+def _rotation_cell(runs: list[dict[str, Any]]) -> str:
+    """Mean over seeds of each run's mean ``||R - I||_F`` over its aligned rounds ("-" for a
+    method that never rotates)."""
+    per_run = []
+    for run in runs:
+        values = [r["rotation_distance"] for r in run["rounds"]
+                  if r["rotation_distance"] is not None]  # fmt: skip
+        if values:
+            per_run.append(statistics.fmean(values))
+    return _cell(per_run, 1.0, 4) if per_run else "-"
 
 
 def error_table(setting: str, methods: dict[str, list[dict[str, Any]]]) -> list[str]:
