@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 class RoundMetrics:
     """One round. ``train_loss``: sample-weighted mean local loss of the participants;
     ``eval_*``: the new global adapter on the held-out set (accuracy for classification,
-    perplexity for causal LM; None in rounds that do not evaluate); errors as in :class:`fedrot.diagnostics.AggregationReport`;
+    perplexity for causal LM; None in rounds that do not evaluate); errors as in
+    :class:`fedrot.diagnostics.AggregationReport`;
     ``rotation_*``: mean over clients and modules of ``||R - I||_F`` and of the aligned
     factor's distance to the reference before / after the rotation (None when not aligned)."""
 
