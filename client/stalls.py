@@ -2,8 +2,8 @@
 
 A transfer of any size may take as long as it keeps moving: :class:`StallWatch` cancels a call
 once no chunk moved for ``limit_s`` seconds, and the caller turns that into :class:`Stalled`,
-a retryable error (the transport then resumes the download from the bytes it has, or re-sends
-the upload under its idempotency key).
+a retryable error (the transport then resumes the download from the bytes it has, or the
+upload from the bytes the server holds, under the same idempotency key).
 """
 
 from __future__ import annotations

@@ -4,16 +4,18 @@ Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVA
 DEADLINE_EXCEEDED, a server-side CANCELLED (the server is away, restarting, shutting down or
 overloaded) or ABORTED (the server still holds an earlier, broken attempt of the same upload)
 are retried with exponential backoff and jitter until the server has been away for
-``RetryPolicy.give_up_after_s``; any other status becomes a :class:`RejectedError` at once. A download that breaks off resumes from the
-bytes already received; an upload is re-sent whole under the same header, idempotency key
-included, so the server counts it once (protocol v1 has no way to ask the server for the bytes
-of an unfinished upload, and the server keeps only whole, verified uploads). A transfer has no
-wall-clock deadline: it is cancelled and retried once no chunk moved for
-``transfer_timeout_s`` (see :mod:`fedrot_client.stalls`); after an upload's last chunk the
-server has ``rpc_timeout_s`` to answer. ``cancel`` (from another thread) aborts the call in
-flight; once the ``stop`` event is set every call raises :class:`Interrupted`. The channel is
-plaintext, or TLS (mutual TLS with a client certificate) with a :class:`TlsConfig`; a failed
-handshake is UNAVAILABLE, retried like an absent server.
+``RetryPolicy.give_up_after_s``; any other status becomes a :class:`RejectedError` at once. A
+download that breaks off resumes from the bytes already received. An upload resumes from the
+bytes the server holds: each attempt first asks (QueryUpload), then sends the same header,
+idempotency key included, and only the chunks from that offset on (all of them when the server
+holds nothing or is older and cannot tell; none when it accepted the update already, which is
+then answered as a duplicate), so the server counts the update once. A transfer has no
+wall-clock deadline: it is cancelled and retried once no chunk moved for ``transfer_timeout_s``
+(see :mod:`fedrot_client.stalls`); after an upload's last chunk the server has
+``rpc_timeout_s`` to answer. ``cancel`` (from another thread) aborts the call in flight; once
+the ``stop`` event is set every call raises :class:`Interrupted`. The channel is plaintext, or
+TLS (mutual TLS with a client certificate) with a :class:`TlsConfig`; a failed handshake is
+UNAVAILABLE, retried like an absent server.
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ class Transport:
         self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int
     ) -> pb.UploadUpdateResponse:
         """Send ``payload`` after ``header`` (whose size and SHA-256 are filled in here) in
-        chunks of ``chunk_bytes``; a retry re-sends the same header and idempotency key."""
+        chunks of ``chunk_bytes``; a retry re-sends the same header and idempotency key and only
+        the bytes the server does not hold yet."""
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         if not header.idempotency_key:
@@ -205,10 +208,10 @@ class Transport:
         full.total_size = len(payload)
         full.sha256 = sha256_hex(payload)
 
-        def messages(watch: StallWatch) -> Iterator[pb.UploadUpdateRequest]:
+        def messages(watch: StallWatch, start: int) -> Iterator[pb.UploadUpdateRequest]:
             yield pb.UploadUpdateRequest(header=full)
             view = memoryview(payload)
-            for offset in range(0, len(payload), chunk_bytes):
+            for offset in range(start, len(payload), chunk_bytes):
                 if self._stop.is_set():
                     return
                 watch.progress()
@@ -216,9 +219,9 @@ class Transport:
                 yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
             watch.progress(limit_s=self._rpc_timeout)  # all sent: the server's turn to answer
 
-        def attempt() -> pb.UploadUpdateResponse:
+        def stream_from(start: int) -> pb.UploadUpdateResponse:
             watch = StallWatch(self._transfer_timeout)
-            future = self._stub.UploadUpdate.future(messages(watch), metadata=self._metadata)
+            future = self._stub.UploadUpdate.future(messages(watch, start), metadata=self._metadata)
             with self._tracked(future), watch.guarding(future.cancel):
                 try:
                     return future.result()
@@ -227,7 +230,41 @@ class Transport:
                         raise Stalled("UploadUpdate", watch.limit_s) from exc
                     raise
 
+        def attempt() -> pb.UploadUpdateResponse:
+            held = self._held_of(full)
+            if held.status == pb.UPLOAD_STATUS_ACCEPTED:
+                return pb.UploadUpdateResponse(status=pb.UPLOAD_STATUS_DUPLICATE,
+                                               bytes_received=held.bytes_received,
+                                               upload_id=held.upload_id)  # fmt: skip
+            start = held.bytes_received if held.bytes_received <= len(payload) else 0
+            if not start:
+                return stream_from(0)
+            logger.info("UploadUpdate: the server holds %s of %s bytes; resuming there", start,
+                        len(payload))  # fmt: skip
+            try:
+                return stream_from(start)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+                # The held bytes went away since the query (a server restart): start over.
+                logger.warning("UploadUpdate: %s; sending the whole update", exc.details())
+            return stream_from(0)
+
         return self._retrying("UploadUpdate", attempt)
+
+    def _held_of(self, header: pb.UploadHeader) -> pb.QueryUploadResponse:
+        """What the server has of the update ``header`` announces; nothing from a server that
+        predates QueryUpload (UNIMPLEMENTED)."""
+        request = pb.QueryUploadRequest(run_id=header.run_id, round=header.round,
+                                        idempotency_key=header.idempotency_key,
+                                        total_size=header.total_size,
+                                        sha256=header.sha256)  # fmt: skip
+        try:
+            return self._unary(self._stub.QueryUpload, request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return pb.QueryUploadResponse()
 
     def cancel(self) -> None:
         """Abort the calls in flight (they raise :class:`Interrupted` once ``stop`` is set)."""

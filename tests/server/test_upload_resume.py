@@ -41,6 +41,7 @@ CHUNK = 256
 HELD_CHUNKS = 2  # chunks the server takes before the cut
 INITIAL = synthetic_adapter()
 WAIT_S = 20.0  # a bound on every wait, so a broken test fails instead of hanging
+SAMPLES = {"alice": 10, "bob": 30}
 
 
 @pytest.fixture
@@ -68,8 +69,8 @@ class Round0:
     updates: dict[str, bytes]
 
     def header(self, name: str, payload: bytes, key: str) -> pb.UploadUpdateRequest:
-        return upload_header(self.alice.run_id, 0, payload, self.trained, sample_count=SAMPLES[name],
-                             metrics={}, key=key)  # fmt: skip
+        return upload_header(self.alice.run_id, 0, payload, self.trained,
+                             sample_count=SAMPLES[name], metrics={}, key=key)  # fmt: skip
 
     async def query(self, payload: bytes, key: str) -> pb.QueryUploadResponse:
         request = pb.QueryUploadRequest(run_id=self.alice.run_id, round=0, idempotency_key=key,
@@ -87,9 +88,6 @@ class Round0:
                                       sample_count=SAMPLES["bob"])  # fmt: skip
         assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
         assert (await self.alice.get_task()).WhichOneof("task") == "done"
-
-
-SAMPLES = {"alice": 10, "bob": 30}
 
 
 async def round0(server: FederationServer) -> Round0:
@@ -166,7 +164,8 @@ def test_a_cut_upload_resumes_from_the_held_offset(
             assert accepted.status == pb.UPLOAD_STATUS_ACCEPTED
             assert (accepted.bytes_received, accepted.upload_id) == (len(payload), reply.upload_id)
             await r.finish()
-            assert [u.client for u in server.store.uploads(server.spec.run_id, 0)] == ["alice", "bob"]
+            rows = server.store.uploads(server.spec.run_id, 0)
+            assert [u.client for u in rows] == ["alice", "bob"]
             assert_same(adapter_of(await r.alice.download(1)), r.expected())
 
     asyncio.run(scenario())
