@@ -250,3 +250,26 @@ def test_a_stream_from_offset_zero_starts_the_same_update_over(
             assert_same(adapter_of(await r.alice.download(1)), r.expected())
 
     asyncio.run(scenario())
+
+
+def test_the_held_bytes_go_with_their_round(tmp_path: Path, seen: list[tuple[int, int]]) -> None:
+    """alice's cut upload is held in round 0; the operator closes round 0 with bob's update:
+    the bytes are dropped, and round 0 takes no resume."""
+
+    async def scenario() -> None:
+        settings = make_settings(tmp_path, ["alice", "bob"], rounds=2, upload_stall_s=0.5)
+        async with running_server(settings, INITIAL) as server:
+            r = await round0(server)
+            payload = r.updates["alice"]
+            await cut_upload(r, payload, "key-1", "stall", seen)
+            first_round = server.engine._round  # noqa: SLF001 - the test looks inside on purpose
+            assert first_round is not None and len(first_round.partials) == 1
+            await r.bob.upload(0, r.updates["bob"], r.trained, sample_count=SAMPLES["bob"])
+            await server.engine.close_round()
+            assert (await r.alice.get_task()).train.round == 1
+            assert first_round.closed and len(first_round.partials) == 0
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await r.query(payload, "key-1")
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(scenario())
