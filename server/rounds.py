@@ -38,16 +38,16 @@ from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
 from fedrot.strategies import RoundPlan, Strategy
 from fedrot_server.artifacts import RunArtifacts
-from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
+from fedrot_server.errors import NotFoundError, WrongStateError
 from fedrot_server.operations import OperatorActions
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.recovery import Resumption, run_record
 from fedrot_server.ledger import RoundLedger
-from fedrot_server.round_state import OpenRound, derive_seed, no_open_round, upload_id
-from fedrot_server.round_log import mean_rotation_distance, round_summary
+from fedrot_server.round_state import OpenRound, derive_seed
+from fedrot_server.round_log import round_summary
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
-from fedrot_server.state import RunPhase, UploadRow
+from fedrot_server.state import RunPhase
 from fedrot_server.store import SqliteStore
 from fedrot_server.transfers import sha256_hex
 from fedrot_server.tasks import (
@@ -57,20 +57,17 @@ from fedrot_server.tasks import (
     HeartbeatReply,
     Task,
     TrainTask,
-    UploadIdentity,
-    UploadOutcome,
-    UploadProgress,
-    UploadRequest,
-    UploadTicket,
     WaitTask,
 )
+from fedrot_server.uploads import UploadIntake
 from fedrot_server.worker import AggregationWorker, EncodedAdapter
 
 logger = logging.getLogger(__name__)
 
-class RoundEngine(OperatorActions):
-    """Runs one federated run; the servicer calls the client-facing coroutines, the dashboard
-    the operator actions (:class:`~fedrot_server.operations.OperatorActions`)."""
+class RoundEngine(UploadIntake, OperatorActions):
+    """Runs one federated run; the servicer calls the client-facing coroutines (uploads in
+    :class:`~fedrot_server.uploads.UploadIntake`), the dashboard the operator actions
+    (:class:`~fedrot_server.operations.OperatorActions`)."""
 
     def __init__(
         self,
@@ -198,99 +195,6 @@ class RoundEngine(OperatorActions):
 
     def count_download(self, round_index: int, size: int) -> None:
         self._bytes_out[round_index] = self._bytes_out.get(round_index, 0) + size
-
-    async def open_upload(
-        self, client: str, request: UploadRequest
-    ) -> UploadTicket | UploadOutcome:
-        """Check an upload's header before its bytes are read; a replay is answered at once.
-
-        The ticket's receiver holds the bytes of an earlier, broken stream of the same update
-        (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over.
-        """
-        found = await self._free_slot(client, request.run_id, request.round_index,
-                                      request.idempotency_key)  # fmt: skip
-        if isinstance(found, UploadOutcome):
-            return found
-        rnd = found
-        rnd.check_request(request, self.spec.limits)
-        receiver = rnd.partials.claim(client, request.identity,
-                                      max_chunk_bytes=self.spec.limits.max_chunk_bytes)  # fmt: skip
-        ticket = UploadTicket(client, request, asyncio.Event(), receiver)
-        rnd.uploading[client] = ticket.slot
-        return ticket
-
-    async def query_upload(
-        self, client: str, run_id: str, identity: UploadIdentity
-    ) -> UploadProgress:
-        """How much of an update the server has: accepted, or the bytes held for a resume.
-
-        Waits like :meth:`open_upload` for a stream of the client still in progress (a cut the
-        server has not noticed yet), so the answer counts every byte that stream delivered.
-        """
-        found = await self._free_slot(client, run_id, identity.round_index,
-                                      identity.idempotency_key)  # fmt: skip
-        if isinstance(found, UploadOutcome):
-            return UploadProgress(True, found.bytes_received, found.upload_id)
-        return UploadProgress(False, found.partials.bytes_held(client, identity))
-
-    async def _free_slot(
-        self, client: str, run_id: str, round_index: int, key: str
-    ) -> OpenRound | UploadOutcome:
-        """The round an upload goes into once the client's upload slot is free, or the outcome
-        of the upload accepted before under ``key``.
-
-        A second upload from a client whose first is still streaming (a retry after a cut
-        connection, before the server noticed the cut) waits up to ``upload_takeover_s`` for
-        the first to end, then is answered as a replay or proceeds.
-        """
-        self._require_client(client, run_id)
-        while True:
-            previous = self._store.find_upload(run_id, client, key)
-            if previous is not None:
-                return UploadOutcome(True, previous.size_bytes, upload_id(previous))
-            rnd = self._open_round_for(client, round_index)
-            busy = rnd.uploading.get(client)
-            if busy is None:
-                return rnd
-            try:
-                await asyncio.wait_for(busy.wait(), self.settings.upload_takeover_s)
-            except TimeoutError:
-                raise UploadInProgressError(
-                    f"an upload from {client!r} for round {rnd.index} is still in progress"
-                ) from None
-
-    def release(self, ticket: UploadTicket, *, keep_partial: bool = False) -> None:
-        """Give back an upload slot (always call after ``open_upload`` returned a ticket);
-        ``keep_partial``: the stream broke off, hold its bytes for a resume."""
-        rnd = self._round
-        if rnd is not None and rnd.uploading.get(ticket.client) is ticket.slot:
-            del rnd.uploading[ticket.client]
-            if keep_partial and not rnd.closed:
-                rnd.partials.keep(ticket.client, ticket.request.identity, ticket.receiver)
-        ticket.slot.set()
-
-    async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
-        """Aggregate a verified payload (CodecError/SchemaError leave the round unchanged),
-        then spool and record it; only then is it acknowledged."""
-        client, request = ticket.client, ticket.request
-        async with self._lock:
-            rnd = self._open_round_for(client, request.round_index)
-            late = request.round_index != rnd.index
-            row = UploadRow(
-                run_id=self.spec.run_id, round_index=request.round_index, client=client,
-                idempotency_key=request.idempotency_key, sample_count=request.sample_count,
-                size_bytes=len(payload), sha256=request.sha256, received_at=self._clock(),
-                sequence=rnd.arrivals, metrics=dict(request.metrics),
-                merged_into=rnd.index if late else None,
-            )  # fmt: skip
-            report = await self._ledger.accept(rnd, row, payload, self._reference)
-        self._seen(client)
-        logger.info("round %s: accepted %s bytes from %s%s (%s of %s), rotation distance %s",
-                    rnd.index, len(payload), client,
-                    f" for round {row.round_index} (late)" if late else "", len(rnd.reported),
-                    rnd.target, mean_rotation_distance(report.rotations))  # fmt: skip
-        self._notify()
-        return UploadOutcome(False, len(payload), upload_id(row))
 
     def heartbeat(self, client: str, run_id: str, round_index: int) -> HeartbeatReply:
         self._require_client(client, run_id)
@@ -464,15 +368,6 @@ class RoundEngine(OperatorActions):
             raise WrongStateError(f"run {run_id!r} is not the current run {self.spec.run_id!r}")
         if client not in self._roster:
             raise NotFoundError(f"client {client!r} has not enrolled in run {self.spec.run_id}")
-
-    def _open_round_for(self, client: str, round_index: int) -> OpenRound:
-        """The round an upload of ``client`` for ``round_index`` goes into, else WrongStateError."""
-        rnd = self._round
-        if rnd is None:
-            raise no_open_round(round_index)
-        if not self._ledger.takes_late(client, round_index, rnd):
-            rnd.check_accepts(client, round_index)
-        return rnd
 
     async def _restore(self, resumed: Resumption) -> None:
         """Take up a resumed run: its published adapter, its enrolled clients (as live)."""
