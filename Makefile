@@ -55,7 +55,7 @@ benchmark: venv
 # FlexLoRA, N = 3 and 10, alpha = 0.5 and 0.1), one torch thread, niced; resumes an interrupted
 # grid. Runs under experiments/runs, plots in docs/img. About an hour of one CPU core.
 experiments: venv debian
-	nice -n 10 $(PY) scripts/experiments.py all --out experiments/runs --img docs/img
+	nice -n 10 $(PY) scripts/experiments.py all --seeds 0 1 2 --out experiments/runs --img docs/img
 
 # A 3-run version of the same pipeline (a few minutes of one core), into experiments/quick.
 experiments-quick: venv debian
