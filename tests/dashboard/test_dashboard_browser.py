@@ -95,6 +95,7 @@ def test_dashboard_in_a_real_browser(server: LiveServer, tmp_path: Path) -> None
             assert page.locator("#clients tbody tr").count() == 3
             assert "refused" in page.locator("#clients tbody").inner_text()
             assert page.locator("#countdown").inner_text().endswith("left")
+            assert page.locator("#admin").is_visible()  # a live run: the admin actions are offered
             link = page.locator("a.download-safetensors").first
             assert link.get_attribute("data-sha256") == latest["sha256"]
             weights = page.request.get(server.url + link.get_attribute("href"))

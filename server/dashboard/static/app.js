@@ -48,6 +48,7 @@ function showOverview(o) {
   $("run-id").textContent = o.run.run_id;
   $("activity").textContent = o.activity;
   $("paused").hidden = !o.paused;
+  $("admin").hidden = !o.live; // a stored run (or the read-only dashboard) has no one to act on
   $("round-number").textContent = o.current_round === null ? "–" : o.current_round;
   $("round-total").textContent = o.run.rounds_total ?? "–";
   $("round-phase").textContent = o.round_phase ? `round ${o.round_phase}, ${o.run.rounds_completed} completed` : "";
