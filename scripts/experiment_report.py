@@ -142,12 +142,15 @@ def plot_setting(setting: str, methods: dict[str, list[dict[str, Any]]], img: Pa
     return plot_panels(panels, img / f"sim-{setting}.png", title=f"MiniLM, WordNet, {setting}")
 
 
-def generative_table(out: Path) -> list[str]:
-    """The SmolLM2 check: held-out perplexity per round, per method and seed."""
-    runs = load_runs(out / "generative")
+GENERATIVE_FOLDERS = ("generative", "generative-15rounds")
+
+
+def generative_table(out: Path, folder: str) -> list[str]:
+    """The SmolLM2 check in ``out/folder``: held-out perplexity per round, per method and seed."""
+    runs = load_runs(out / folder)
     lines: list[str] = []
     for setting, methods in runs.items():
-        lines += [f"### Generative check (SmolLM2-135M, {setting})", "",
+        lines += [f"### Generative check (SmolLM2-135M, {setting}, {folder})", "",
                   "| method | seed | best ppl | final ppl | perplexity by round | mean rel. error |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for slug in _ordered(methods):
@@ -174,7 +177,8 @@ def write_report(out: Path, img: Path, budget: object | None = None) -> Path:
         lines += table(setting, runs[setting])
         lines += error_table(setting, runs[setting])
         plot_setting(setting, runs[setting], img)
-    lines += generative_table(out)
+    for folder in GENERATIVE_FOLDERS:
+        lines += generative_table(out, folder)
     path = out / "tables.md"
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

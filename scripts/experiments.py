@@ -168,6 +168,10 @@ GENERATIVE_BUDGET = Budget(rounds=5, local_steps=6, batch_size=4, lr=0.05, max_l
                            per_client=200, eval_size=60, eval_every=1)  # fmt: skip
 
 
+GENERATIVE_LONG_BUDGET = replace(GENERATIVE_BUDGET, rounds=15)
+"""Three times the rounds, seed 0 only: whether the 5-round curves' gap holds."""
+
+
 def run_generative(out: Path, budget: Budget, seeds: Sequence[int], model: str) -> None:
     """SmolLM2-135M learns ``"word: gloss"`` (WordNet) with LoRA r = 8 on q_proj / v_proj;
     FedIT vs FedRot, held-out perplexity every round."""
@@ -222,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_grid(args.out, grid, budget, args.model or "minilm")
     if args.action in ("generative", "all") and not args.quick:
         run_generative(args.out / "generative", GENERATIVE_BUDGET, args.seeds,
+                       args.model or "smollm2")
+        run_generative(args.out / "generative-15rounds", GENERATIVE_LONG_BUDGET, [0],
                        args.model or "smollm2")
     if args.action in ("report", "all"):
         from experiment_report import write_report
