@@ -54,7 +54,7 @@ benchmark: venv
 # docs/results.md: the simulated comparison (MiniLM on WordNet, FedIT / FedRot / FFA / RoLoRA /
 # FlexLoRA, N = 3 and 10, alpha = 0.5 and 0.1, 48 rounds, clients in their own bases) and the
 # SmolLM2 check, one torch thread, niced; resumes an interrupted grid. Runs under
-# experiments/runs, plots in docs/img. 69 runs, about 3.5 hours of run time (docs/results.md).
+# experiments/runs, plots in docs/img. 71 runs, about 3.6 hours of run time (docs/results.md).
 experiments: venv debian
 	nice -n 10 $(PY) scripts/experiments.py all --seeds 0 1 2 --out experiments/runs --img docs/img
 
