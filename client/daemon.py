@@ -8,7 +8,8 @@ factors (and the head), encodes them with :mod:`fedrot.codec` and uploads them w
 idempotency key that is the same for every retry of the round; a retry, also one after a
 restart of the daemon (the update is saved as pending), sends only the bytes the server does
 not hold yet (see :mod:`fedrot_client.transport`). Heartbeats go out in the background while
-a round is worked on; if the server says the round closed, the round's work is dropped. A server that restarted with a new run is joined again (a new enrolment). Setting the
+a round is worked on; if the server says the round closed, the round's work is dropped. A
+server that restarted with a new run is joined again (a new enrolment). Setting the
 ``stop`` event (SIGTERM, SIGINT) abandons the current step at the next training step or call;
 :meth:`ClientDaemon.run` then returns.
 """

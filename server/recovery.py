@@ -17,10 +17,9 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fedrot.codec import ADAPTER_WEIGHTS_FILE, encode_schema
+from fedrot.codec import encode_schema
 from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.spec import InitialModel, RunSpec
@@ -101,17 +100,17 @@ def load_resumption(store: SqliteStore, artifacts: RunArtifacts, run: RunRow) ->
     rounds = store.rounds(run.run_id)
     closed = [r for r in rounds if r.phase is RoundPhase.CLOSED]
     completed = max((r.round_index + 1 for r in closed), default=0)
+    published: bytes | None
     if completed:
-        published: bytes | None = _read(artifacts.read_adapter, completed - 1,
-                                        what=f"the global adapter of round {completed - 1}")
-    else:  # missing when the crash came right after the run was recorded: encoded again
-        published = _read_if_present(artifacts.adapter_dir(None) / ADAPTER_WEIGHTS_FILE)
-    if completed:
+        published = _read(artifacts.read_adapter, completed - 1,
+                          what=f"the global adapter of round {completed - 1}")
         expected = next(r.adapter_sha256 for r in closed if r.round_index == completed - 1)
-        if sha256_hex(published or b"") != expected:
+        if sha256_hex(published) != expected:
             raise StoreError(f"run {run.run_id}: the saved adapter of round {completed - 1} "
                              f"does not match its recorded sha256 {expected}")  # fmt: skip
         artifacts.restore_base_deltas(completed - 1)
+    else:  # missing when the crash came right after the run was recorded: encoded again
+        published = _initial_if_saved(artifacts)
     open_round = next((r for r in rounds if r.round_index == completed
                        and r.phase is RoundPhase.OPEN), None)  # fmt: skip
     uploads = () if open_round is None else tuple(
@@ -135,11 +134,14 @@ def _spooled(artifacts: RunArtifacts, row: UploadRow) -> SpooledUpload:
     return SpooledUpload(row, payload)
 
 
-def _read_if_present(path: Path) -> bytes | None:
+def _initial_if_saved(artifacts: RunArtifacts) -> bytes | None:
+    """The initial adapter's bytes; None when the crash came before it was saved."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+        return _read(artifacts.read_adapter, None, what="the initial adapter")
+    except StoreError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 def _read(reader: Any, argument: object, *, what: str) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -171,19 +171,18 @@ def _jobs(config: SimulationConfig, data: FederatedData, round_index: int) -> li
 def _reported_updates(
     config: SimulationConfig, reference: Adapter, plan: RoundPlan, jobs: Sequence[ClientJob],
     results: Sequence[TrainResult],
-) -> list[tuple[str, Adapter, float]]:  # fmt: skip
+) -> Iterator[tuple[str, Adapter, float]]:  # fmt: skip
     """Each upload (only the trained factors and the head) completed with the reference's
-    frozen factor, in the basis the client reports it in: ``(client id, update, n_i)``."""
-    out = []
+    frozen factor, in the basis the client reports it in: ``(client id, update, n_i)``, one
+    at a time, as the server receives them."""
     for job, result in zip(jobs, results, strict=True):
         update = reference.with_factors_from(dict(result.tensors))
         update = report_in_basis(update, config.client_basis, plan.trained, job.config.seed)
-        out.append((job.client_id, update, float(result.num_samples)))
-    return out
+        yield job.client_id, update, float(result.num_samples)
 
 
 def _aggregate(
-    strategy, reference: Adapter, plan: RoundPlan, updates: Sequence[tuple[str, Adapter, float]]
+    strategy, reference: Adapter, plan: RoundPlan, updates: Iterable[tuple[str, Adapter, float]]
 ) -> tuple[AggregationReport, dict[str, Tensor]]:
     """The server's step: the updates streamed into the strategy's aggregator."""
     aggregator = strategy.start_round(reference, plan, track_error=True)
