@@ -112,7 +112,9 @@ async def start_server(
     if spec.strategy.name is StrategyName.FEDEX:
         logger.warning("fedex: the base-weight deltas are saved with each round but protocol "
                        "v1 does not send them to clients, who train on the unchanged base")  # fmt: skip
-    worker = ThreadedWorker(strategy, initial.schema, device=device, track_error=settings.track_error)
+    worker = ThreadedWorker(strategy, initial.schema, device=device,
+                            track_error=settings.track_error,
+                            max_abs=settings.max_upload_value)  # fmt: skip
     config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra)
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
                              delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip

@@ -32,6 +32,14 @@ from fedrot_server.errors import SettingsError
 ENV_PREFIX = "FEDROT_SERVER_"
 MIB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * MIB
+DEFAULT_MAX_UPLOAD_VALUE = 1e4
+"""The largest magnitude an uploaded value may have by default. Trained LoRA factors and heads
+stay orders of magnitude below it (a finite update of 1e37 would turn the global adapter into Inf
+and NaN, and every later round's alignment with it)."""
+LARGEST_MAX_UPLOAD_VALUE = 1e5
+"""The cap on ``max_upload_value``: the aggregation error's Gram products grow as
+``v^4 d^2 r^2 N^2``, about 1e36 at v = 1e5 for d = 16384, r = 64 and N = 100, below float32's
+3.4e38."""
 CLIENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
@@ -217,6 +225,12 @@ class ServerSettings(BaseSettings):
         None, description="PEM CA of client certificates: require mutual TLS"
     )
     max_upload_bytes: int = Field(1024 * MIB, ge=1, description="largest accepted upload")
+    max_upload_value: float = Field(
+        DEFAULT_MAX_UPLOAD_VALUE,
+        gt=0,
+        le=LARGEST_MAX_UPLOAD_VALUE,
+        description="largest magnitude an uploaded value may have; larger uploads are refused",
+    )
     chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES, description="download chunk size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="aggregation device")
     track_error: bool = Field(True, description="compute the exact aggregation error each round")

@@ -4,8 +4,9 @@
 implements it on one dedicated thread that owns the device (CUDA when present and allowed,
 else CPU): each upload is decoded, validated against the run's schema, completed from the
 reference (partial uploads), aligned and accumulated there, one at a time, as it arrives; the
-gRPC event loop only awaits. Uploaded values above :data:`MAX_ABS_VALUE` in magnitude are
-refused with the finite-value checks. Results come back as float32 CPU tensors.
+gRPC event loop only awaits. Uploaded values above ``max_abs`` in magnitude (the
+``max_upload_value`` setting) are refused with the finite-value checks. Results come back as
+float32 CPU tensors.
 """
 
 from __future__ import annotations
@@ -28,17 +29,12 @@ from fedrot.diagnostics import ClientReport
 from fedrot.errors import AggregationStateError
 from fedrot.strategies import RoundPlan, Strategy
 from fedrot_server.errors import SettingsError, WrongStateError
+from fedrot_server.settings import DEFAULT_MAX_UPLOAD_VALUE
 from fedrot_server.transfers import sha256_hex
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-MAX_ABS_VALUE = 1e4
-"""The largest magnitude an uploaded value may have. Trained LoRA factors and heads stay orders
-of magnitude below it; with it, no product the alignment or the aggregation error forms can
-overflow float32 (a finite update of 1e37 would turn the global adapter into Inf and NaN, and
-every later round's alignment with it)."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +110,13 @@ class ThreadedWorker(AggregationWorker):
         *,
         device: torch.device | str = "cpu",
         track_error: bool = True,
+        max_abs: float = DEFAULT_MAX_UPLOAD_VALUE,
     ) -> None:
         self.device = torch.device(device)
         self._strategy = strategy
         self._schema = schema
         self._track_error = track_error
+        self._max_abs = max_abs
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrot-aggregation")
         self._reference: Adapter | None = None
         self._plan: RoundPlan | None = None
@@ -157,7 +155,7 @@ class ThreadedWorker(AggregationWorker):
     def _add(self, client_id: str, payload: bytes, weight: float) -> ClientReport:
         if self._aggregator is None or self._reference is None or self._plan is None:
             raise WrongStateError("no round is being aggregated")
-        decoded = decode_adapter(payload, self._schema, self._plan.trained, max_abs=MAX_ABS_VALUE)
+        decoded = decode_adapter(payload, self._schema, self._plan.trained, max_abs=self._max_abs)
         tensors = {key: t.to(torch.float32) for key, t in decoded.tensors.items()}
         update = self._reference.with_factors_from(tensors)
         return self._aggregator.add(client_id, _to_device(update, self.device), weight)

@@ -34,6 +34,7 @@ def test_defaults_and_flags() -> None:
     assert settings.client_tokens() == {"alice": "token-alice-0123456789"}
     assert settings.quorum == Portion(count=1)
     assert settings.lora.target_modules == ["query", "value"]
+    assert settings.max_upload_value == 1e4
 
 
 def test_flags_override_environment_override_config_file(
@@ -81,6 +82,8 @@ def test_tokens_file(tmp_path: Path) -> None:
         (["--round-deadline-s", "-1"], "round_deadline_s = '-1'"),
         (["--chunk-bytes", str(5 * 1024 * 1024)], "chunk_bytes"),
         (["--device", "tpu"], "device = 'tpu'"),
+        (["--max-upload-value", "1e6"], "max_upload_value = '1e6'"),
+        (["--max-upload-value", "0"], "max_upload_value = '0'"),
         (["--model.num-labels", "1"], "num_labels >= 2, got 1"),
         (["--training.local-steps", "0"], "local_steps (0) and epochs (0)"),
         (["--tokens", "alice=short"], "alice"),

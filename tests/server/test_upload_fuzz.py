@@ -32,7 +32,7 @@ from fedrot.errors import FedRotError
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 from fedrot_server.service import GRPC_OPTIONS
-from fedrot_server.worker import MAX_ABS_VALUE
+from fedrot_server.settings import DEFAULT_MAX_UPLOAD_VALUE
 from mutations import Fault, payload_faults, tensor_faults
 from server_state import ServerThread, snapshot
 from upload_cases import BOTH, CAP, GOOD, INITIAL, SCHEMA, UPDATE, Case, Upload, cases
@@ -52,7 +52,7 @@ FUZZ_SETTINGS = dict(deadline=None, database=None, derandomize=EXAMPLES is None,
                      suppress_health_check=list(HealthCheck))  # fmt: skip
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DECODINGS = ((SCHEMA, BOTH, None), (None, BOTH, None), (SCHEMA, {Factor.A}, None),
-             (None, {Factor.B}, None), (SCHEMA, BOTH, MAX_ABS_VALUE))  # fmt: skip
+             (None, {Factor.B}, None), (SCHEMA, BOTH, DEFAULT_MAX_UPLOAD_VALUE))  # fmt: skip
 
 
 # 1. The codec.

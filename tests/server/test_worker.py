@@ -95,6 +95,28 @@ def test_bad_uploads_raise_and_leave_the_round_unchanged(device: str) -> None:
                                    **tolerance(device))  # fmt: skip
 
 
+def test_configured_value_limit_refuses_larger_values() -> None:
+    reference = synthetic_adapter(seed=5)
+    plan = build_strategy("fedrot").plan(1)
+    update = local_update(reference, plan.trained, seed=1)
+    key = next(iter(update))
+    update[key].view(-1)[0] = 50.0
+    payload = encode_update(update)
+    strategy = build_strategy("fedrot", StrategyConfig(lam=0.4, seed=0))
+
+    async def scenario(max_abs: float) -> None:
+        worker = ThreadedWorker(strategy, AdapterSchema.of(reference), max_abs=max_abs)
+        try:
+            await worker.begin_round(reference, plan)
+            await worker.add_update("c", payload, 1.0)
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario(100.0))
+    with pytest.raises(SchemaError, match=f"{key}.*limit 10"):
+        asyncio.run(scenario(10.0))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_tensor_work_runs_on_the_worker_thread(device: str) -> None:
     async def scenario() -> tuple[str, torch.device]:

@@ -21,7 +21,7 @@ from fedrot.adapters import AdapterSchema, Factor
 from fedrot.codec import decode_adapter
 from fedrot.errors import FedRotError
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.worker import MAX_ABS_VALUE
+from fedrot_server.settings import DEFAULT_MAX_UPLOAD_VALUE
 from mutations import Fault, payload_faults, tensor_faults
 from wire import FACTOR_NUMBERS, encode_update, local_update, synthetic_adapter, token_of
 
@@ -203,7 +203,7 @@ def refused_payload(payload: bytes) -> Code | None:
     if not payload:
         return Code.INVALID_ARGUMENT
     try:
-        decode_adapter(payload, SCHEMA, BOTH, max_abs=MAX_ABS_VALUE)
+        decode_adapter(payload, SCHEMA, BOTH, max_abs=DEFAULT_MAX_UPLOAD_VALUE)
     except FedRotError:
         return Code.INVALID_ARGUMENT
     return None
