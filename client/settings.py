@@ -29,7 +29,9 @@ class SettingsError(FedRotError, ValueError):
 
 
 class ClientSettings(BaseSettings):
-    """Everything one ``fedrot-client`` process needs; the run itself comes from the server."""
+    """Everything one ``fedrot-client`` process needs; the run itself comes from the server.
+    Every flag is also an environment variable: FEDROT_CLIENT_ and the name in capitals
+    (--max-wait-s is FEDROT_CLIENT_MAX_WAIT_S)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -43,8 +45,13 @@ class ClientSettings(BaseSettings):
     server: str = Field("127.0.0.1:50051", description="host:port of the fedrot-server")
     token: SecretStr | None = Field(None, description="enrolment token (or --token-file)")
     token_file: Path | None = Field(None, description="file whose first line is the token")
+    tls: bool = Field(
+        False,
+        description="use TLS with the system's root certificates (default: plaintext, for "
+        "loopback/VPN; any tls_* setting turns TLS on too)",
+    )
     tls_ca_file: Path | None = Field(
-        None, description="PEM root certificates: use TLS (default: plaintext, for loopback/VPN)"
+        None, description="PEM root certificates to trust instead of the system's: use TLS"
     )
     tls_cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
@@ -119,9 +126,10 @@ class ClientSettings(BaseSettings):
         return token
 
     def tls_config(self) -> TlsConfig | None:
-        """TLS when any ``tls_*`` setting is given (system roots without ``tls_ca_file``)."""
+        """TLS when ``tls`` is on or any ``tls_*`` setting is given (the system's roots
+        without ``tls_ca_file``)."""
         files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
-        if all(f is None for f in files) and self.tls_server_name is None:
+        if not self.tls and all(f is None for f in files) and self.tls_server_name is None:
             return None
         ca, cert, key = (None if f is None else f.read_bytes() for f in files)
         return TlsConfig(ca, cert, key, self.tls_server_name)

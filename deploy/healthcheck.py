@@ -15,7 +15,8 @@ Where it asks, first match wins:
 
 TLS, first match wins: the ``--tls-ca``, ``--tls-cert``, ``--tls-key`` and ``--tls-server-name``
 flags (any of them turns TLS on); for ``--role client`` the client's own
-``$FEDROT_CLIENT_TLS_CA_FILE``, ``..._CERT_FILE``, ``..._KEY_FILE`` and ``..._SERVER_NAME``; for
+``$FEDROT_CLIENT_TLS_CA_FILE``, ``..._CERT_FILE``, ``..._KEY_FILE`` and ``..._SERVER_NAME``, and
+``$FEDROT_CLIENT_TLS`` (true: TLS with the system roots); for
 ``--role server`` ``$FEDROT_HEALTHCHECK_TLS_CA_FILE``, ``..._CERT_FILE``, ``..._KEY_FILE`` and
 ``..._SERVER_NAME`` (the name in the server's certificate, since the check dials loopback), and
 TLS whenever ``$FEDROT_SERVER_TLS_CERT_FILE`` is set. A server that requires mutual TLS needs
@@ -72,6 +73,7 @@ class TlsFiles:
 
 
 TLS_SUFFIXES = ("TLS_CA_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_SERVER_NAME")
+TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 
 
 def tls_of(role: str, flags: Sequence[str | None], environ: Mapping[str, str]) -> TlsFiles | None:
@@ -81,7 +83,8 @@ def tls_of(role: str, flags: Sequence[str | None], environ: Mapping[str, str]) -
         prefix = "FEDROT_CLIENT_" if role == "client" else "FEDROT_HEALTHCHECK_"
         values = [environ.get(prefix + suffix) or None for suffix in TLS_SUFFIXES]
         server_tls = role == "server" and environ.get("FEDROT_SERVER_TLS_CERT_FILE")
-        if not any(values) and not server_tls:
+        client_tls = role == "client" and environ.get("FEDROT_CLIENT_TLS", "").lower() in TRUE_WORDS
+        if not any(values) and not server_tls and not client_tls:
             return None
     if (values[1] is None) != (values[2] is None):
         raise ValueError("a TLS client certificate needs its key, and a key its certificate")

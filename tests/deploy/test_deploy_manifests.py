@@ -201,3 +201,43 @@ def test_every_data_step_builds_the_same_split() -> None:
     commands.append(yaml.safe_load(done.stdout)["services"]["prepare-data"]["command"])
     assert commands[0][:3] == ["python", "-m", "fedrot_client.wordnet"]
     assert commands[0] == commands[1] == commands[2]
+
+
+def documented_statefulset_patches() -> list[dict]:
+    """The JSON-patch operations that docs/deploy.md suggests for the server's StatefulSet."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    fenced = text.split("```")[1::2]
+    blocks = [block.split("\n", 1)[1] for block in fenced if block.startswith("yaml")]
+    operations = []
+    for block in blocks:
+        for patch in (yaml.safe_load(block) or {}).get("patches", []):
+            if patch["target"] == {"kind": "StatefulSet", "name": "fedrot-server"}:
+                operations.extend(yaml.safe_load(patch["patch"]))
+    return operations
+
+
+def resolve(document: object, pointer: str) -> object:
+    """The node a JSON pointer names; KeyError/IndexError when it names nothing."""
+    for token in pointer.lstrip("/").split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, list):
+            document = document[int(token)]
+        else:
+            document = document[token]  # type: ignore[index]
+    return document
+
+
+def test_the_documented_patches_point_at_what_they_mean() -> None:
+    (server,) = load_manifest("server-statefulset.yaml")
+    operations = documented_statefulset_patches()
+    assert {op["path"].rsplit("/", 1)[-1] for op in operations} >= {
+        "readinessProbe", "livenessProbe", "startupProbe", "nvidia.com~1gpu", "value"}  # fmt: skip
+    for op in operations:
+        parent, _, last = op["path"].rpartition("/")
+        assert isinstance(resolve(server, parent), dict | list), op
+        if op["op"] == "replace":
+            resolve(server, op["path"])  # replace needs an existing node
+    device = [op for op in operations if op["path"].endswith("/value") and "/env/" in op["path"]]
+    assert [resolve(server, op["path"].rsplit("/", 1)[0])["name"] for op in device] == [
+        "FEDROT_SERVER_DEVICE"]  # fmt: skip
+    assert resolve(server, "/spec/template/spec/containers/0/name") == "server"

@@ -130,3 +130,6 @@ def test_client_role_uses_tls_when_a_ca_file_is_set(tmp_path: Path) -> None:
     )
     assert (address, tls) == ("fed.example.org:443", healthcheck.TlsFiles(ca=ca))
     assert healthcheck.target_of("client", "x:1", {}) == ("x:1", None)
+    system_roots = healthcheck.TlsFiles()
+    for word, tls in (("true", system_roots), ("1", system_roots), ("false", None)):
+        assert healthcheck.target_of("client", "x:1", {"FEDROT_CLIENT_TLS": word}) == ("x:1", tls)

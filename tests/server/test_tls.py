@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -210,9 +212,51 @@ def test_client_settings_turn_tls_on_from_their_files(
     data.write_text('{"text": "a", "label": 0}\n')
     base = {"data": data, "token": "t" * 16}
     assert ClientSettings(**base).tls_config() is None
+    assert ClientSettings(**base, tls=True).tls_config() == TlsConfig(None, None, None, None)
     settings = ClientSettings(**base, tls_ca_file=ours.cert, tls_cert_file=client.cert,
                               tls_key_file=client.key, tls_server_name="fed.example.org")
     pem = [path.read_bytes() for path in (ours.cert, client.cert, client.key)]
     assert settings.tls_config() == TlsConfig(*pem, "fed.example.org")
     with pytest.raises(ValueError, match="tls_cert_file and tls_key_file"):
         ClientSettings(**base, tls_cert_file=client.cert)
+
+
+SYSTEM_ROOTS_CLIENT = """
+import sys
+from fedrot_client.settings import ClientSettings
+from fedrot_client.transport import RetryPolicy, Transport
+from fedrot_client.errors import ServerUnavailableError
+address, token, data = sys.argv[1:]
+settings = ClientSettings(server=address, token=token, data=data, tls=True)
+transport = Transport(address, token, tls=settings.tls_config(),
+                      policy=RetryPolicy(initial_s=0.05, max_s=0.1, give_up_after_s=0.3))
+try:
+    print(transport.enroll({"host": "test"}).client_id)
+except ServerUnavailableError:
+    print("unavailable")
+finally:
+    transport.close()
+"""
+
+
+def test_client_tls_flag_trusts_the_system_roots(
+    tmp_path: Path, authorities: dict[str, CertificateAuthority]
+) -> None:
+    """``--tls`` alone: TLS with the roots gRPC trusts by default, which a process can point at a
+    file with GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (a fresh process each: gRPC reads them once)."""
+    ours, theirs = authorities["ours"], authorities["theirs"]
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+
+    def enroll_trusting(address: str, roots: Path) -> str:
+        env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(roots)}
+        argv = [sys.executable, "-c", SYSTEM_ROOTS_CLIENT, address, token_of("alice"), str(data)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    def check(address: str) -> None:
+        assert enroll_trusting(address, ours.cert) == "alice"
+        assert enroll_trusting(address, theirs.cert) == "unavailable"
+
+    with_server(tls_settings(tmp_path, ours.server()), check)
