@@ -149,13 +149,28 @@ def _tensors_of(entries: list[tuple[str, dict[str, object]]]) -> dict[str, Tenso
     return tensors
 
 
-def _metadata_of(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a header that safetensors has already accepted."""
+def tensor_names(data: bytes | bytearray | memoryview) -> frozenset[str]:
+    """The tensor keys that safetensors bytes declare, from the JSON header alone: nothing is
+    built or checked (that is :func:`decode_adapter`'s job); :class:`CodecError` when there is
+    no readable header."""
+    header = _header_of(bytes(data))
+    if not isinstance(header, dict):
+        raise CodecError("unreadable safetensors header: not a JSON object")
+    return frozenset(key for key in header if key != "__metadata__")
+
+
+def _header_of(raw: bytes) -> object:
+    """The JSON header of safetensors bytes (its length is the first 8 bytes, little-endian)."""
     length = int.from_bytes(raw[:_HEADER_LENGTH_BYTES], "little")
     try:
-        header = json.loads(raw[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+        return json.loads(raw[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
     except (ValueError, RecursionError) as exc:
         raise CodecError(f"unreadable safetensors header: {exc}") from exc
+
+
+def _metadata_of(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a header that safetensors has already accepted."""
+    header = _header_of(raw)
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if metadata is None:
         return {}

@@ -38,10 +38,16 @@ class _ProductGroupState:
 
 def truncated_factors(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Best rank-``rank`` factors of ``product (K, d_out, d_in)``: SVD ``U S V^T``,
-    ``B = U_r S_r^(1/2)`` ``(K, d_out, r)``, ``A = S_r^(1/2) V_r^T`` ``(K, r, d_in)``. Float32."""
+    ``B = U_r S_r^(1/2)`` ``(K, d_out, r)``, ``A = S_r^(1/2) V_r^T`` ``(K, r, d_in)``. Float32.
+    A rank above ``min(d_out, d_in)`` (more than the SVD has) is filled with zero components."""
     u, s, vh = torch.linalg.svd(product.to(torch.float32), full_matrices=False)
     root = s[..., :rank].sqrt()
-    return root[..., :, None] * vh[..., :rank, :], u[..., :rank] * root[..., None, :]
+    A, B = root[..., :, None] * vh[..., :rank, :], u[..., :rank] * root[..., None, :]
+    missing = rank - root.shape[-1]
+    if missing > 0:
+        A = torch.nn.functional.pad(A, (0, 0, 0, missing))
+        B = torch.nn.functional.pad(B, (0, missing))
+    return A, B
 
 
 class ProductAggregator(StreamingAggregator):
@@ -113,12 +119,13 @@ class ProductAggregator(StreamingAggregator):
     def _residuals(
         self, group: ModuleGroup, pairs: dict[str, LoraPair], mean_product: Tensor
     ) -> dict[str, Tensor]:
-        """FedEx-LoRA: ``mean_product - B_g A_g`` per module, in the dtype of the reference B."""
+        """FedEx-LoRA: ``mean_product - B_g A_g`` per module, float32, with ``B_g A_g`` the
+        product of the global factors as handed out (so it also absorbs their rounding to a
+        lower-precision dtype)."""
         out = {}
         for k, module in enumerate(group.modules):
             pair = pairs[module]
-            exact = pair.B.to(torch.float32) @ pair.A.to(torch.float32)
-            out[module] = (mean_product[k] - exact).to(dtype=pair.B.dtype)
+            out[module] = mean_product[k] - pair.B.to(torch.float32) @ pair.A.to(torch.float32)
         return out
 
     def _group_errors(

@@ -9,8 +9,10 @@
 Inputs and output are PEFT adapter state dicts in safetensors (``<module>.lora_A.weight``
 ``(r, d_in)``, ``<module>.lora_B.weight`` ``(d_out, r)``, extras such as a classifier head).
 Every client is checked against the schema of the reference (or of the first client), then
-added to one streaming aggregator, one file at a time. The output holds the aggregated
-tensors under the input keys, in the first client's dtypes.
+added to one streaming aggregator, one file at a time, with its normalised weight. Without
+``--reference`` the heaviest client (ties: the first path in sort order) is the one the others
+are aligned to, so the result does not depend on the order of the arguments. The output holds
+the aggregated tensors under the input keys, in the first client's dtypes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ logger = logging.getLogger(__name__)
 ROUND_INDEX = 1
 """The round the offline plan claims: the first one that aligns (round 0 never does)."""
 
+OVERFLOW = "the inputs' values overflow float32 in the aggregation; nothing was written"
+
 BASE_DELTA_SUFFIX = ".base_layer.weight"
 """Key suffix of a FedEx-LoRA residual: PEFT's name for the wrapped base weight it adds to."""
 
@@ -58,8 +62,11 @@ BASE_DELTA_SUFFIX = ".base_layer.weight"
 DESCRIPTION = (
     "Aggregate client LoRA adapters (safetensors, PEFT key names) with one strategy. Each "
     "client may carry a weight after its last ':' (default 1; weights are normalised). Every "
-    "client is checked against the schema of the reference, or of the first client. Bad input "
-    "ends with one 'fedrot: error:' line and exit status 2."
+    "client is checked against the schema of the reference, or of the first client. The "
+    "rotation strategies align every client to --reference, the adapter the clients started "
+    "from; without it, to the heaviest client (ties: the first path in sort order). With "
+    "--reference, ffa keeps its lora_A factors and clients may omit them. Bad input ends with "
+    "one 'fedrot: error:' line and exit status 2."
 )
 
 
@@ -133,25 +140,34 @@ def run(args: argparse.Namespace) -> int:
     config = StrategyConfig(lam=args.lam, align_first=Factor(args.align))
     strategy = build_strategy(args.strategy, config)
     reference = _read_reference(args.reference)
-    schema = None if reference is None else AdapterSchema.of(reference)
-    plan = offline_plan(strategy)
+    plan = offline_plan(strategy, reference_given=reference is not None)
     aggregator = strategy.start_round(reference, plan, device=args.device, track_error=True)
-    layout = _add_clients(aggregator, clients, schema)
-    result = aggregator.finalize()
+    layout = _add_clients(aggregator, clients, plan, reference)
+    try:
+        result = aggregator.finalize()
+    except torch.linalg.LinAlgError:
+        raise InputError(OVERFLOW) from None
     metadata = _metadata(args, plan, len(clients))
-    write_file(args.out, encode_adapter(_in_layout(result.adapter, layout), metadata))
+    outputs = {args.out: encode_adapter(_in_layout(result.adapter, layout), metadata)}
     if args.base_deltas is not None:
-        write_file(args.base_deltas, encode_adapter(base_delta_tensors(result), metadata))
+        outputs[args.base_deltas] = encode_adapter(base_delta_tensors(result), metadata)
     if args.report is not None:
-        write_file(args.report, _report_json(args, clients, result).encode())
+        outputs[args.report] = _report_json(args, clients, result).encode()
+    for path, data in outputs.items():
+        write_file(path, data)
     print(summary_line(args, result))
     return 0
 
 
-def offline_plan(strategy: Strategy) -> RoundPlan:
-    """Both factors trained; aligned = the strategy's factor of an aligning round (``--align``,
-    through ``StrategyConfig.align_first``), None for strategies that never align."""
-    return RoundPlan(ROUND_INDEX, BOTH_FACTORS, strategy.plan(ROUND_INDEX).aligned)
+def offline_plan(strategy: Strategy, reference_given: bool) -> RoundPlan:
+    """The round the command aggregates. Aligned: the strategy's factor of an aligning round
+    (``--align``, through ``StrategyConfig.align_first``), None for strategies that never
+    align. Trained: with a reference, the factors the strategy trains in every round (FFA-LoRA:
+    B; the reference keeps the rest); else, or when that changes by round (RoLoRA), both."""
+    first, second = strategy.plan(ROUND_INDEX), strategy.plan(ROUND_INDEX + 1)
+    steady = first.trained & second.trained
+    trained = steady if reference_given and steady else BOTH_FACTORS
+    return RoundPlan(ROUND_INDEX, trained, first.aligned)
 
 
 def _read_reference(path: Path | None) -> Adapter | None:
@@ -168,44 +184,95 @@ def _as_adapter(path: Path, tensors: dict[str, Tensor]) -> Adapter:
 
 
 def _add_clients(
-    aggregator: RoundAggregator, clients: Sequence[WeightedPath], schema: AdapterSchema | None
+    aggregator: RoundAggregator,
+    clients: Sequence[WeightedPath],
+    plan: RoundPlan,
+    reference: Adapter | None,
 ) -> dict[str, torch.dtype]:
-    """Decode, check and add each client file in turn (one in memory at a time).
+    """Decode, check and add each client file in turn (one in memory at a time), with its
+    normalised weight; without a reference the heaviest client goes first (the aggregator
+    aligns to the first update it gets).
 
-    Returns the first client's key order and dtypes, which the output keeps.
+    Returns the output's keys and dtypes: the first client's, then the reference's for keys
+    the clients left out (FFA-LoRA's frozen A).
     """
+    schema = None if reference is None else AdapterSchema.of(reference)
+    weights = normalised_weights(clients)
+    order = range(len(clients)) if reference is not None else aggregation_order(clients)
+    ids = client_ids(clients)
     layout: dict[str, torch.dtype] = {}
-    seen: dict[Path, int] = {}
-    for client in clients:
-        decoded = read_adapter_file(client.path, schema)
-        adapter = _as_adapter(client.path, decoded.tensors)
-        if schema is None:
-            schema = AdapterSchema.of(adapter)
-        if not layout:
+    for index in order:
+        client = clients[index]
+        decoded = read_adapter_file(
+            client.path, schema, plan.trained, optional=BOTH_FACTORS - plan.trained
+        )
+        if reference is None:
+            adapter = _as_adapter(client.path, decoded.tensors)
+            schema = schema or AdapterSchema.of(adapter)
+        else:
+            adapter = reference.with_factors_from(decoded.tensors)
+        if index == 0:
             layout = {key: t.dtype for key, t in decoded.tensors.items()}
-        seen[client.path] = seen.get(client.path, 0) + 1
-        count = seen[client.path]
-        client_id = str(client.path) if count == 1 else f"{client.path}#{count}"
         try:
-            aggregator.add(client_id, adapter, client.weight)
+            aggregator.add(ids[index], adapter, weights[index])
+        except torch.linalg.LinAlgError:
+            raise InputError(f"{client.path}: {OVERFLOW}") from None
         except (FedRotError, ValueError) as exc:
             raise InputError(f"{client.path}: {exc}") from None
-        logger.debug("added %s with weight %s", client_id, client.weight)
+        logger.debug("added %s with weight %s", ids[index], weights[index])
+    if reference is not None:
+        for key, tensor in reference.to_state_dict().items():
+            layout.setdefault(key, tensor.dtype)
     return layout
+
+
+def normalised_weights(clients: Sequence[WeightedPath]) -> list[float]:
+    """The clients' weights summing to 1 (scaled by the largest first, so that huge weights
+    cannot overflow the sum)."""
+    largest = max(c.weight for c in clients)
+    scaled = [c.weight / largest for c in clients]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
+
+
+def aggregation_order(clients: Sequence[WeightedPath]) -> list[int]:
+    """The argument order with the heaviest client (ties: the first path in sort order) moved
+    first: a choice of the alignment target that the order of the arguments does not change."""
+    first = min(range(len(clients)), key=lambda i: (-clients[i].weight, str(clients[i].path)))
+    return [first, *(i for i in range(len(clients)) if i != first)]
+
+
+def client_ids(clients: Sequence[WeightedPath]) -> list[str]:
+    """Each client's name in the report: its path, ``#2``, ``#3``... for repeats."""
+    seen: dict[Path, int] = {}
+    ids = []
+    for client in clients:
+        seen[client.path] = seen.get(client.path, 0) + 1
+        count = seen[client.path]
+        ids.append(str(client.path) if count == 1 else f"{client.path}#{count}")
+    return ids
+
+
+def _finite(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors``, when all finite; else the overflow InputError naming the first bad key."""
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{key}: {OVERFLOW}")
+    return tensors
 
 
 def _in_layout(adapter: Adapter, layout: dict[str, torch.dtype]) -> dict[str, Tensor]:
     """The aggregate as a PEFT state dict in the first client's key order and dtypes."""
     tensors = adapter.to_state_dict()
-    return {key: tensors[key].to(device="cpu", dtype=dtype) for key, dtype in layout.items()}
+    return _finite({k: tensors[k].to(device="cpu", dtype=dtype) for k, dtype in layout.items()})
 
 
 def base_delta_tensors(result: AggregationResult) -> dict[str, Tensor]:
     """FedEx-LoRA's residuals ``(d_out, d_in)`` float32 under ``<module>.base_layer.weight``."""
-    return {
+    return _finite({
         module + BASE_DELTA_SUFFIX: delta.to(device="cpu", dtype=torch.float32)
         for module, delta in result.base_deltas.items()
-    }
+    })  # fmt: skip
 
 
 def _metadata(args: argparse.Namespace, plan: RoundPlan, num_clients: int) -> dict[str, str]:
@@ -229,7 +296,10 @@ def _report_json(
     ]
     report["reference"] = None if args.reference is None else str(args.reference)
     report["output"] = str(args.out)
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    try:
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    except ValueError:  # an error term beyond float32
+        raise InputError(f"{args.report}: {OVERFLOW}") from None
 
 
 def summary_line(args: argparse.Namespace, result: AggregationResult) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrot.adapters import BOTH_FACTORS, AdapterSchema, Factor
-from fedrot.codec import DecodedAdapter, decode_adapter
-from fedrot.errors import FedRotError
+from fedrot.codec import DecodedAdapter, decode_adapter, tensor_names
+from fedrot.errors import CodecError, FedRotError
 
 
 class InputError(Exception):
@@ -34,12 +34,12 @@ class WeightedPath:
 def parse_weighted_path(argument: str) -> WeightedPath:
     """``PATH[:WEIGHT]``: split on the last ':' when what follows is a number.
 
-    Paths may contain ':' themselves: a suffix that is not a number stays part of the path,
-    and so does a non-positive one when the whole argument names an existing file. Otherwise a
-    numeric suffix must be a positive finite weight.
+    Paths may contain ':' themselves: an argument that names an existing file is that file
+    (weight 1), and a suffix that is not a number stays part of the path. Otherwise a numeric
+    suffix must be a positive finite weight.
     """
     head, sep, tail = argument.rpartition(":")
-    if not sep or not head:
+    if not sep or not head or Path(argument).is_file():
         return WeightedPath(Path(argument), 1.0)
     try:
         weight = float(tail)
@@ -49,8 +49,6 @@ def parse_weighted_path(argument: str) -> WeightedPath:
         return WeightedPath(Path(argument), 1.0)
     if math.isfinite(weight) and weight > 0.0:
         return WeightedPath(Path(head), weight)
-    if Path(argument).is_file():
-        return WeightedPath(Path(argument), 1.0)
     raise InputError(f"{head}: bad weight {tail!r}: must be a positive finite number")
 
 
@@ -58,20 +56,33 @@ def read_adapter_file(
     path: Path,
     schema: AdapterSchema | None = None,
     factors: Iterable[Factor] = BOTH_FACTORS,
+    optional: frozenset[Factor] = frozenset(),
 ) -> DecodedAdapter:
-    """Read and decode a safetensors adapter file; any problem is an :class:`InputError`."""
+    """Read and decode a safetensors adapter file holding ``factors``, and those of
+    ``optional`` that it has keys for; any problem is an :class:`InputError`."""
+    data = _read_bytes(path)
+    wanted = set(factors)
+    if optional:
+        try:
+            names = tensor_names(data)
+        except CodecError:
+            names = frozenset()  # decoding says what is wrong
+        wanted |= {f for f in optional if any(n.endswith(f.suffix) for n in names)}
     try:
-        data = path.read_bytes()
+        return decode_adapter(data, schema, wanted)
+    except FedRotError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not a safetensors file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return decode_adapter(data, schema, factors)
-    except FedRotError as exc:
-        raise InputError(f"{path}: {exc}") from None
 
 
 def write_file(path: Path, data: bytes) -> None:

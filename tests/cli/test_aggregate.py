@@ -327,6 +327,19 @@ BAD = {
         "--base-deltas: only --strategy fedex",
     ),
     "no clients": ([], "the following arguments are required"),
+    "overflowing fedex": (
+        ["--strategy", "fedex", "--base-deltas", "d.safetensors",
+         "c0.safetensors", "huge.safetensors"],  # fmt: skip
+        "base_layer.weight: the inputs' values overflow float32 in the aggregation",
+    ),
+    "overflowing flexlora": (
+        ["--strategy", "flexlora", "huge.safetensors", "c0.safetensors"],
+        "fedrot: error: the inputs' values overflow float32",
+    ),
+    "overflowing report": (
+        ["--report", "r.json", "huge.safetensors", "c0.safetensors"],
+        "r.json: the inputs' values overflow float32",
+    ),
     "unwritable out": (
         ["--out", "no/such/dir/out.safetensors", "c0.safetensors"],
         "no/such/dir/out.safetensors: cannot write",
@@ -344,6 +357,7 @@ def write_bad_files(tmp_path: Path, good: Tensors) -> None:
     save(tmp_path / "lone.safetensors", {k: t for k, t in good.items() if k != b_key(V)})
     integer_head = {**good, HEAD: torch.ones(2, D_OUT, dtype=torch.int64)}
     (tmp_path / "int.safetensors").write_bytes(safetensors.torch.save(integer_head))
+    save(tmp_path / "huge.safetensors", {k: t * 1e30 for k, t in good.items()})
     infinite = torch.zeros(2, D_OUT)
     infinite[1, 3] = float("inf")
     save(tmp_path / "inf.safetensors", {**good, HEAD: infinite})
@@ -369,6 +383,7 @@ def test_bad_input_is_one_error_line_and_status_2(
     assert needle in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.cuda
@@ -388,3 +403,92 @@ def test_cuda_device_gives_the_cpu_result(
     for key, tensor in cpu.items():
         assert cuda[key].device.type == "cpu"
         torch.testing.assert_close(cuda[key], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_reference_the_order_of_the_arguments_does_not_matter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heaviest client (ties: the first path in sort order) is the alignment target."""
+    monkeypatch.chdir(tmp_path)
+    inputs = rotated_clients(tmp_path)
+    orders = {
+        "forward": [inputs[0], f"{inputs[1]}:2", inputs[2], inputs[3]],
+        "backward": [inputs[3], inputs[2], f"{inputs[1]}:2", inputs[0]],
+    }
+    for name, order in orders.items():
+        code, _, err = run_inprocess(
+            capsys, "--strategy", "fedrot", "--lambda", "1", "--out", f"{name}.safetensors", *order
+        )
+        assert code == 0, err
+    forward = load(tmp_path / "forward.safetensors")
+    backward = load(tmp_path / "backward.safetensors")
+    for key, tensor in forward.items():
+        torch.testing.assert_close(backward[key], tensor, rtol=1e-5, atol=1e-6)
+    ties = [list(reversed(inputs)), inputs]
+    for i, order in enumerate(ties):
+        code, _, err = run_inprocess(
+            capsys, "--strategy", "fedrot", "--lambda", "1", "--out", f"tie{i}.safetensors", *order
+        )
+        assert code == 0, err
+    tie0, tie1 = load(tmp_path / "tie0.safetensors"), load(tmp_path / "tie1.safetensors")
+    for key, tensor in tie0.items():
+        torch.testing.assert_close(tie1[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_ffa_with_a_reference_keeps_its_a_and_takes_b_only_files(
+    tmp_path: Path,
+    clients: list[Tensors],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reference = random_adapter(42)
+    save(tmp_path / "ref.safetensors", reference)
+    b_only = {k: t for k, t in clients[2].items() if not k.endswith(".lora_A.weight")}
+    save(tmp_path / "b_only.safetensors", b_only)
+    code, _, err = run_inprocess(
+        capsys, "--strategy", "ffa", "--reference", "ref.safetensors", "--out", "out.safetensors",
+        "c0.safetensors", "c1.safetensors:2", "b_only.safetensors",
+    )
+    assert code == 0, err
+    out = load(tmp_path / "out.safetensors")
+    assert out.keys() == reference.keys()
+    mean = weighted_mean(clients, [1.0, 2.0, 1.0])
+    for key, tensor in out.items():
+        expected = reference[key] if key.endswith(".lora_A.weight") else mean[key]
+        torch.testing.assert_close(tensor, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_huge_weights_are_normalised_before_summing(
+    tmp_path: Path,
+    clients: list[Tensors],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_inprocess(
+        capsys, "--strategy", "fedex", "--out", "out.safetensors",
+        "--base-deltas", "deltas.safetensors", "c0.safetensors:1e38", "c1.safetensors:3e38",
+    )
+    assert code == 0, err
+    for key, tensor in weighted_mean(clients[:2], [1.0, 3.0]).items():
+        torch.testing.assert_close(load(tmp_path / "out.safetensors")[key], tensor)
+    assert all(torch.isfinite(t).all() for t in load(tmp_path / "deltas.safetensors").values())
+
+
+def test_an_existing_file_whose_name_ends_in_a_number_is_that_file(
+    tmp_path: Path,
+    clients: list[Tensors],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "run:3", clients[0])
+    code, _, err = run_inprocess(
+        capsys, "--strategy", "fedit", "--out", "out.safetensors", "--report", "r.json",
+        "run:3", "c1.safetensors",
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(c["path"], c["weight"]) for c in report["inputs"]] == [
+        ("run:3", 1.0), ("c1.safetensors", 1.0)]  # fmt: skip

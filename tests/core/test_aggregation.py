@@ -380,6 +380,34 @@ def test_fedex_residual_completes_the_factor_average(device: torch.device) -> No
     )
 
 
+def test_flexlora_with_a_rank_above_the_module_size_pads_with_zeros() -> None:
+    g = torch.Generator().manual_seed(21)
+    shapes = {"m.small": (3, 2), "m.q": (6, 5)}
+    reference, *updates = (random_adapter(g, rank=4, shapes=shapes, head=False) for _ in range(4))
+    result = aggregate("flexlora", reference, updates, [1.0, 2.0, 3.0])
+    small = result.adapter.lora["m.small"]
+    assert small.A.shape == (4, 2) and small.B.shape == (3, 4)
+    assert not small.A[2:].any() and not small.B[:, 2:].any()  # only 2 singular values exist
+    torch.testing.assert_close(
+        (small.B @ small.A).double(), dense_mean(updates, [1.0, 2.0, 3.0], "m.small"),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_fedex_residual_also_absorbs_the_rounding_of_bf16_factors() -> None:
+    g = torch.Generator().manual_seed(22)
+    reference, *updates = (random_adapter(g, dtype=torch.bfloat16) for _ in range(4))
+    weights = [1.0, 2.0, 3.0]
+    result = aggregate("fedex", reference, updates, weights)
+    for module, pair in result.adapter.lora.items():
+        assert pair.A.dtype == torch.bfloat16
+        delta = result.base_deltas[module]
+        assert delta.dtype == torch.float32
+        exact = pair.B.double() @ pair.A.double() + delta.double()
+        ideal = dense_mean(updates, weights, module)
+        torch.testing.assert_close(exact, ideal, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "name, round_index, frozen",
     [("ffa", 3, Factor.A), ("rolora", 0, Factor.A), ("rolora", 1, Factor.B)],

@@ -17,6 +17,7 @@ from fedrot.codec import (
     decode_schema,
     encode_adapter,
     encode_schema,
+    tensor_names,
     validate_tensors,
 )
 from fedrot.errors import CodecError, SchemaError
@@ -300,3 +301,11 @@ def test_mutated_bytes_give_codec_or_schema_error_or_a_valid_adapter(
     if schema is not None:
         assert {k: tuple(t.shape) for k, t in decoded.tensors.items()} == SCHEMA.expected_shapes()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in decoded.metadata.items())
+
+
+def test_tensor_names_come_from_the_header_alone() -> None:
+    tensors = {"m.q.lora_A.weight": torch.ones(2, 3), "head.weight": torch.zeros(4)}
+    data = encode_adapter(tensors, {"round": "1"})
+    assert tensor_names(data) == {"m.q.lora_A.weight", "head.weight"}
+    with pytest.raises(CodecError, match="unreadable safetensors header"):
+        tensor_names(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
