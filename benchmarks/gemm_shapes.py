@@ -38,17 +38,17 @@ def gflops(fn: Callable[[], object], flop: float, repeats: int) -> float:
 def hot_shapes(repeats: int) -> dict[str, float]:
     a, ref, rot = torch.randn(R, D), torch.randn(R, D), torch.randn(R, R)
     b, sum_a, sum_b = torch.randn(D, R), torch.randn(R, D), torch.randn(D, R)
-    skinny = 2.0 * R * R * D
+    skinny, cube = 2.0 * R * R * D, 2.0 * 512**3
     square = torch.randn(512, 512)
     dnn_b, dnn_r = b.to_mkldnn(), rot.to_mkldnn()
     dnn_square = square.to_mkldnn()
     linear = torch._C._nn.mkldnn_linear
     return {
-        "blas_square_512": gflops(lambda: square @ square, 2.0 * 512**3, repeats),
+        "blas_square_512": gflops(lambda: square @ square, cube, repeats),
         "blas_cross": gflops(lambda: torch.mm(a, ref.mT), skinny, repeats),
         "blas_rotate_a": gflops(lambda: sum_a.addmm_(rot.mT, a, beta=0.5), skinny, repeats),
         "blas_rotate_b": gflops(lambda: sum_b.addmm_(b, rot, beta=0.5), skinny, repeats),
-        "onednn_square_512": gflops(lambda: linear(dnn_square, dnn_square, None), 2.0 * 512**3, repeats),
+        "onednn_square_512": gflops(lambda: linear(dnn_square, dnn_square, None), cube, repeats),
         "onednn_rotate_b": gflops(lambda: linear(dnn_b, dnn_r, None), skinny, repeats),
     }
 
