@@ -176,6 +176,10 @@ class EvaluationSettings(BaseModel):
 
 
 class ServerSettings(BaseSettings):
+    """The aggregation server's settings. Sources, highest priority first: flags, environment
+    variables (FEDROT_SERVER_ and the name in capitals, __ between nested names:
+    --lora.rank is FEDROT_SERVER_LORA__RANK), the --config file, the defaults."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
