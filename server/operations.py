@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from fedrot_server.control import Activity, LiveStatus
-from fedrot_server.errors import NotFoundError, StoreError, WrongStateError
+from fedrot_server.errors import WrongStateError
 from fedrot_server.participants import Roster
 from fedrot_server.round_state import OpenRound
 from fedrot_server.spec import RunSpec
@@ -74,10 +74,7 @@ class OperatorActions:
         return rnd.index
 
     async def revoke(self, client: str) -> None:
-        try:
-            self._store.revoke_client(client)
-        except StoreError as exc:
-            raise NotFoundError(str(exc)) from None
+        self._store.revoke_client(client)  # NotFoundError for an unknown name
         self._roster.remove(client)
         async with self._lock:
             rnd = self._round

@@ -18,13 +18,14 @@ from fedrot.strategies import StrategyName, build_strategy
 from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
 from fedrot_server.artifacts import RunArtifacts, peft_config
 from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.checks import parse_listen
 from fedrot_server.dashboard import create_app
 from fedrot_server.dashboard.serving import DashboardServer, start_dashboard
 from fedrot_server.errors import SettingsError
 from fedrot_server.recovery import check_compatible, find_resumable, load_resumption, run_record
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.servicer import FederationServicer
-from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings, parse_listen
+from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
 from fedrot_server.store import SqliteStore, open_reader
 from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader

@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings import SettingsConfigDict
 
 from fedrot.strategies import StrategyName
+from fedrot_server.checks import check_dashboard_token, parse_listen
 from fedrot_server.errors import SettingsError
 
 ENV_PREFIX = "FEDROT_SERVER_"
@@ -301,9 +302,7 @@ class ServerSettings(BaseSettings):
     @field_validator("admin_token", "dashboard_read_token")
     @classmethod
     def _check_dashboard_token(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) < 16 or any(c.isspace() for c in value)):
-            raise ValueError("must be >= 16 characters without spaces")
-        return value
+        return None if value is None else check_dashboard_token(value)
 
     @field_validator("tokens")
     @classmethod
@@ -336,14 +335,6 @@ class ServerSettings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.state_dir / "fedrot.sqlite3"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``; port 0 asks the OS for a free one."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen must be host:port with port 0..65535, got {value!r}")
-    return host, int(port)
 
 
 def check_token(name: str, token: str) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedrot_server.errors import ConflictError, StoreError
+from fedrot_server.errors import ConflictError, NotFoundError, StoreError
 from fedrot_server.state import (
     ClientRow,
     MetricRow,
@@ -25,6 +26,8 @@ from fedrot_server.state import (
     RunRow,
     UploadRow,
 )
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -123,16 +126,28 @@ class SqliteReader:
     def close(self) -> None:
         self._db.close()
 
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of a read; a database that cannot be read (damaged, not a database,
+        locked past the timeout) is a :class:`StoreError`."""
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state read failed: {exc}") from exc
+
+    def _query_one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
+
     def runs(self) -> list[RunRow]:
-        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at, run_id")
+        rows = self._query("SELECT * FROM runs ORDER BY created_at, run_id")
         return [_run_row(r) for r in rows]
 
     def run(self, run_id: str) -> RunRow | None:
-        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._query_one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
         return _run_row(row) if row else None
 
     def clients(self, run_id: str) -> list[ClientRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT e.*, c.revoked FROM enrollments e JOIN clients c ON c.name = e.client "
             "WHERE e.run_id = ? ORDER BY e.client",
             (run_id,),
@@ -149,30 +164,30 @@ class SqliteReader:
         ]
 
     def rounds(self, run_id: str) -> list[RoundRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM rounds WHERE run_id = ? ORDER BY round_index", (run_id,)
         )
         return [_round_row(r) for r in rows]
 
     def round_target(self, run_id: str, round_index: int) -> int | None:
         """How many reports complete round ``round_index`` (None when not recorded)."""
-        row = self._db.execute(
+        row = self._query_one(
             "SELECT target FROM rounds WHERE run_id = ? AND round_index = ?", (run_id, round_index)
-        ).fetchone()
+        )
         return row["target"] if row else None
 
     def latest_unfinished_run(self) -> RunRow | None:
         """The most recent run a crash left waiting or running (None when there is none)."""
-        row = self._db.execute(
+        row = self._query_one(
             "SELECT * FROM runs WHERE phase IN (?, ?) ORDER BY created_at DESC, run_id DESC",
             tuple(p.value for p in UNFINISHED_PHASES),
-        ).fetchone()
+        )
         return _run_row(row) if row else None
 
     def merged_uploads(self, run_id: str, round_index: int) -> list[UploadRow]:
         """The uploads aggregated into round ``round_index`` (late ones included), in arrival
         order."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM uploads WHERE run_id = ? AND COALESCE(merged_into, round_index) = ? "
             "ORDER BY sequence",
             (run_id, round_index),
@@ -180,14 +195,14 @@ class SqliteReader:
         return [_upload_row(r) for r in rows]
 
     def uploads(self, run_id: str, round_index: int) -> list[UploadRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM uploads WHERE run_id = ? AND round_index = ? ORDER BY sequence",
             (run_id, round_index),
         )
         return [_upload_row(r) for r in rows]
 
     def metrics(self, run_id: str) -> list[MetricRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM metrics WHERE run_id = ? ORDER BY round_index, source, name",
             (run_id,),
         )
@@ -237,8 +252,9 @@ class SqliteStore(SqliteReader):
         return (row["name"], bool(row["revoked"])) if row else None
 
     def revoke_client(self, name: str) -> None:
+        """NotFoundError for an unknown name; StoreError when the write fails."""
         if self._write("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
-            raise StoreError(f"no client named {name!r}")
+            raise NotFoundError(f"no client named {name!r}")
 
     # Runs and enrolments.
 
@@ -352,7 +368,13 @@ class SqliteStore(SqliteReader):
     def record_metrics(
         self, run_id: str, round_index: int, source: str, metrics: Mapping[str, float]
     ) -> None:
+        """Store the finite values of ``metrics``; a NaN or infinite one (a diverged
+        evaluation) is left out, so the round still closes and the chart shows a gap."""
         for name, value in metrics.items():
+            if not math.isfinite(float(value)):
+                logger.warning("round %s: %s metric %s = %s not recorded", round_index, source,
+                               name, value)  # fmt: skip
+                continue
             self._write(
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
                 (run_id, round_index, source, name, float(value)),

@@ -100,8 +100,8 @@ class TelemetryReader:
     def _select(self, sql: str, params: tuple[object, ...]) -> list[tuple]:
         try:
             return list(self._db.execute(sql, params))
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
+        except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
                 return []  # a database written before telemetry existed
             raise StoreError(f"telemetry read failed: {exc}") from exc
 

@@ -7,16 +7,15 @@ loop); admin actions are coroutines on the loop, where the round engine lives.
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
-from starlette.background import BackgroundTask
 
 from fedrot_server.dashboard import views
 from fedrot_server.dashboard.errors import ApiError, not_found
-from fedrot_server.dashboard.files import AdapterFiles, zip_folder
+from fedrot_server.dashboard.files import AdapterFiles
 from fedrot_server.dashboard.schemas import (
     ActionResult,
     AdapterInfo,
@@ -34,6 +33,7 @@ from fedrot_server.state import RoundPhase
 PREFIX = "/api/v1"
 ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422)}
 INITIAL, LATEST = "initial", "latest"
+ROUND_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit takes "²" and "٣")
 
 
 def sources_of(request: Request) -> Sources:
@@ -134,10 +134,8 @@ def download_zip(run_id: str, which: str, sources: SourcesDep) -> FileResponse:
     """A zip of the PEFT directory (``adapter_config.json`` + weights) under one folder."""
     run_id, round_index, files = find_adapter(sources, run_id, which)
     name = f"{run_id}-{adapter_name(round_index)}"
-    archive = zip_folder(files.folder, name)
-    remove = BackgroundTask(Path.unlink, archive, missing_ok=True)
-    return FileResponse(archive, media_type="application/zip", filename=f"{name}.zip",
-                        background=remove)
+    return FileResponse(sources.zips.zip_of(files, name), media_type="application/zip",
+                        filename=f"{name}.zip")  # fmt: skip
 
 
 def adapter_name(round_index: int | None) -> str:
@@ -160,7 +158,7 @@ def find_adapter(sources: Sources, run_id: str, which: str) -> tuple[str, int | 
         round_index = closed[-1] if closed else None
     elif which == INITIAL:
         round_index = None
-    elif which.isdigit():
+    elif ROUND_NUMBER.fullmatch(which):
         round_index = int(which)
         if round_index not in closed:
             raise not_found(f"run {run_id} has no closed round {round_index}")

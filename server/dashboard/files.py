@@ -96,10 +96,34 @@ class RunFiles:
         return known
 
 
-def zip_folder(folder: Path, prefix: str) -> Path:
-    """A temporary zip of ``folder``'s files under ``prefix/`` (the caller deletes it)."""
-    handle = tempfile.NamedTemporaryFile(prefix="fedrot-adapter-", suffix=".zip", delete=False)
-    with handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
-            archive.write(path, f"{prefix}/{path.name}")
-    return Path(handle.name)
+class ZipCache:
+    """Zips of adapter folders for download, each made once (named by the adapter and its
+    weights' sha256) in a private temporary folder that goes with the process. A zip that
+    stays, rather than one per request deleted after sending, leaves nothing behind when a
+    response ends early (a refused Range header, a dropped connection)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def zip_of(self, files: AdapterFiles, prefix: str) -> Path:
+        """The zip of ``files.folder``'s files under ``prefix/``."""
+        with self._lock:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="fedrot-zips-")
+            target = Path(self._folder.name) / f"{prefix}-{files.sha256[:16]}.zip"
+            if not target.exists():
+                _write_zip(files.folder, prefix, target)
+            return target
+
+
+def _write_zip(folder: Path, prefix: str, target: Path) -> None:
+    """``folder``'s files under ``prefix/`` into ``target``, whole or not at all."""
+    partial = target.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                archive.write(path, f"{prefix}/{path.name}")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from fedrot_server.control import LiveStatus, RunControl
 from fedrot_server.dashboard.errors import not_found
-from fedrot_server.dashboard.files import RunFiles
+from fedrot_server.dashboard.files import RunFiles, ZipCache
 from fedrot_server.dashboard.views import RunState
 from fedrot_server.state import RunRow, StateReader
 from fedrot_server.telemetry import DownloadRow, RefusalRow, TelemetryView
@@ -30,6 +30,7 @@ class Sources:
     client_timeout_s: float = 120.0
     clock: Callable[[], float] = time.time
     lock: threading.Lock = field(default_factory=threading.Lock)
+    zips: ZipCache = field(default_factory=ZipCache)
 
     def runs(self) -> list[RunRow]:
         with self.lock:

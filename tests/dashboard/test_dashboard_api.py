@@ -6,6 +6,7 @@ import io
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from dashboard_state import RUN, T0, FakeControl, RecordedRun, record_run, sha256
 from fedrot_server.control import Activity
+from fedrot_server.dashboard import __main__ as standalone
 from fedrot_server.dashboard import create_app
 from fedrot_server.store import open_reader
 from fedrot_server.telemetry import open_telemetry_reader
@@ -117,6 +119,8 @@ def test_adapters_listed_and_downloaded_with_their_sha256(client: TestClient, re
         (f"/api/v1/runs/{RUN}/rounds/seven", 422),
         (f"/api/v1/runs/{RUN}/adapters/1/zip", 404),  # round 1 is still open
         (f"/api/v1/runs/{RUN}/adapters/newest", 422),
+        (f"/api/v1/runs/{RUN}/adapters/\u00b2/zip", 422),  # a digit to str.isdigit, not a number
+        (f"/api/v1/runs/{RUN}/adapters/{'1' * 5000}/zip", 422),
         (f"/api/v1/runs/{RUN}/modules?round=9", 404),
         ("/api/v1/nothing-here", 404),
     ],
@@ -203,8 +207,49 @@ def test_page_and_offline_chart_library_are_served(client: TestClient) -> None:
     assert client.get("/static/app.js").status_code == 200
 
 
+def test_zip_downloads_leave_no_file_per_request(
+    recorded: RecordedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One zip per adapter, kept and reused; a refused Range header leaves nothing behind."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    for client in make_client(recorded):
+        url = f"/api/v1/runs/{RUN}/adapters/latest/zip"
+        first = client.get(url).content
+        for bad in ("bytes=999999999-", "bytes=abc", "bytes=5-1"):
+            assert client.get(url, headers={"Range": bad}).status_code in (400, 416)
+        assert client.get(url).content == first
+        assert client.get(url, headers={"Range": "bytes=0-9"}).content == first[:10]
+    (cache,) = temporary.iterdir()
+    assert [p.suffix for p in cache.iterdir()] == [".zip"]
+
+
+def test_an_unreadable_database_answers_503_in_json(tmp_path: Path) -> None:
+    database = tmp_path / "fedrot.sqlite3"
+    database.write_bytes(b"this is not a database" * 100)
+    reader = open_reader(database)
+    try:
+        with TestClient(create_app(reader, runs_root=tmp_path / "runs")) as client:
+            for path in ("/api/v1/runs", "/api/v1/runs/current", "/healthz"):
+                response = client.get(path)
+                assert response.status_code == 503, path
+                assert response.json()["error"] == "state unavailable"
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("argv", [["--listen", "8080"], ["--listen", "localhost"],
+                                  ["--listen", "127.0.0.1:x"], ["--read-token", "short"]])  # fmt: skip
+def test_standalone_dashboard_refuses_bad_options(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        standalone.parse_args(["--state-dir", "state", *argv])
+    assert exit_.value.code == 2
+
+
 def test_the_dashboard_never_imports_torch() -> None:
-    code = ("import sys, fedrot_server.dashboard, fedrot_server.dashboard.serving; "
+    code = ("import sys, fedrot_server.dashboard, fedrot_server.dashboard.serving, "
+            "fedrot_server.dashboard.__main__; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('clean')")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrot_server.errors import ConflictError, StoreError
+from fedrot_server.errors import ConflictError, NotFoundError, StoreError
 from fedrot_server.state import RoundPhase, RunPhase, UploadRow
 from fedrot_server.store import SqliteStore, hash_token, open_reader
 
@@ -34,7 +34,7 @@ def test_tokens_are_hashed_and_revocable(store: SqliteStore, tmp_path: Path) -> 
     assert store.client_for_token("nope") is None
     store.revoke_client("bob")
     assert store.client_for_token("token-b" * 3) == ("bob", True)
-    with pytest.raises(StoreError, match="carol"):
+    with pytest.raises(NotFoundError, match="carol"):
         store.revoke_client("carol")
     store.close()
     raw = b"".join(p.read_bytes() for p in (tmp_path / "state").iterdir())
@@ -77,3 +77,19 @@ def test_reader_sees_writes_and_cannot_write(store: SqliteStore, tmp_path: Path)
     reader.close()
     with pytest.raises(StoreError):
         open_reader(tmp_path / "missing.sqlite3")
+
+
+def test_non_finite_metrics_are_left_out(store: SqliteStore) -> None:
+    store.record_metrics("r1", 0, "server", {"eval_loss": float("nan"), "eval_accuracy": 0.25,
+                                             "perplexity": float("inf")})  # fmt: skip
+    assert [(m.name, m.value) for m in store.metrics("r1")] == [("eval_accuracy", 0.25)]
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a database" * 100])
+def test_an_unreadable_database_is_a_store_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.sqlite3"
+    path.write_bytes(content)
+    reader = open_reader(path)  # an empty file reads as a database without tables
+    with pytest.raises(StoreError, match="state read failed"):
+        reader.runs()
+    reader.close()
