@@ -44,7 +44,7 @@ class PermissionDeniedError(ServerError):
 
 
 class StalledError(ServerError):
-    """A transfer that stopped making progress (no chunk for ``upload_stall_s``)."""
+    """A transfer that stopped making progress (no message for ``upload_stall_s``)."""
 
 
 class TooLargeError(ServerError):

@@ -107,12 +107,13 @@ def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
 
 async def _until_stalled(messages: AsyncIterator[Any], stall_s: float) -> AsyncIterator[Any]:
     """``messages`` until they end; StalledError once none came for ``stall_s`` seconds (a
-    client gone silent mid-upload gives its slot back, however large the upload)."""
+    client gone silent before its header or mid-upload gives its slot back, however large the
+    upload)."""
     while True:
         try:
             message = await asyncio.wait_for(anext(messages, None), stall_s)
         except TimeoutError:
-            raise StalledError(f"no chunk for {stall_s:g}s: upload abandoned") from None
+            raise StalledError(f"no message for {stall_s:g}s: upload abandoned") from None
         if message is None:
             return
         yield message
@@ -168,7 +169,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadUpdateResponse:
         client = self._client(context)
-        messages_in = aiter(request_iterator)
+        stall_s = self._engine.settings.upload_stall_s
+        messages_in = aiter(_until_stalled(aiter(request_iterator), stall_s))
         first = await anext(messages_in, None)
         round_index = first.header.round if first is not None and first.HasField("header") else -1
         try:
@@ -202,9 +204,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             return messages.upload_response(opened)
         receiver, concluded = opened.receiver, False
         try:
-            stall_s = self._engine.settings.upload_stall_s
             resumed = False
-            async for message in _until_stalled(messages_in, stall_s):
+            async for message in messages_in:
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidRequestError("only chunks may follow the upload header")
                 if not resumed:

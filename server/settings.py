@@ -219,7 +219,7 @@ class ServerSettings(BaseSettings):
         10.0, gt=0, description="how long a client's retried upload waits for its broken first one"
     )
     upload_stall_s: float = Field(
-        60.0, gt=0, description="an upload with no chunk for this long is abandoned"
+        60.0, gt=0, description="an upload with no message for this long is abandoned"
     )
     seed: int = Field(0, ge=0, description="seeds sampling, LoRA init and clients' batch order")
     tokens: dict[str, str] = Field(default_factory=dict, description="client name=token pairs")

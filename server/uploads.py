@@ -12,8 +12,13 @@ import logging
 from collections.abc import Callable
 
 from fedrot.adapters import Adapter
-from fedrot_server.errors import UploadInProgressError
+from fedrot_server.errors import (
+    InvalidRequestError,
+    PermissionDeniedError,
+    UploadInProgressError,
+)
 from fedrot_server.ledger import RoundLedger
+from fedrot_server.participants import Roster
 from fedrot_server.round_log import mean_rotation_distance
 from fedrot_server.round_state import OpenRound, no_open_round, upload_id
 from fedrot_server.settings import ServerSettings
@@ -41,6 +46,7 @@ class UploadIntake:
     _lock: asyncio.Lock
     _store: SqliteStore
     _ledger: RoundLedger
+    _roster: Roster
     _clock: Callable[[], float]
     _notify: Callable[[], None]
     _seen: Callable[[str], None]
@@ -54,8 +60,7 @@ class UploadIntake:
         The ticket's receiver holds the bytes of an earlier, broken stream of the same update
         (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over.
         """
-        found = await self._free_slot(client, request.run_id, request.round_index,
-                                      request.idempotency_key)  # fmt: skip
+        found = await self._free_slot(client, request.run_id, request.identity)
         if isinstance(found, UploadOutcome):
             return found
         rnd = found
@@ -74,17 +79,16 @@ class UploadIntake:
         Waits like :meth:`open_upload` for a stream of the client still in progress (a cut the
         server has not noticed yet), so the answer counts every byte that stream delivered.
         """
-        found = await self._free_slot(client, run_id, identity.round_index,
-                                      identity.idempotency_key)  # fmt: skip
+        found = await self._free_slot(client, run_id, identity)
         if isinstance(found, UploadOutcome):
             return UploadProgress(True, found.bytes_received, found.upload_id)
         return UploadProgress(False, found.partials.bytes_held(client, identity))
 
     async def _free_slot(
-        self, client: str, run_id: str, round_index: int, key: str
+        self, client: str, run_id: str, identity: UploadIdentity
     ) -> OpenRound | UploadOutcome:
         """The round an upload goes into once the client's upload slot is free, or the outcome
-        of the upload accepted before under ``key``.
+        of the same update accepted before under its idempotency key.
 
         A second upload from a client whose first is still streaming (a retry after a cut
         connection, before the server noticed the cut) waits up to ``upload_takeover_s`` for
@@ -92,10 +96,10 @@ class UploadIntake:
         """
         self._require_client(client, run_id)
         while True:
-            previous = self._store.find_upload(run_id, client, key)
-            if previous is not None:
-                return UploadOutcome(True, previous.size_bytes, upload_id(previous))
-            rnd = self._open_round_for(client, round_index)
+            replay = self._replay(client, identity)
+            if replay is not None:
+                return replay
+            rnd = self._open_round_for(client, identity.round_index)
             busy = rnd.uploading.get(client)
             if busy is None:
                 return rnd
@@ -116,11 +120,42 @@ class UploadIntake:
                 rnd.partials.keep(ticket.client, ticket.request.identity, ticket.receiver)
         ticket.slot.set()
 
+    def _replay(self, client: str, identity: UploadIdentity) -> UploadOutcome | None:
+        """The outcome of the update accepted before under ``identity``'s idempotency key
+        (None if none was); InvalidRequestError when that key named another update."""
+        previous = self._store.find_upload(self.spec.run_id, client, identity.idempotency_key)
+        if previous is None:
+            return None
+        recorded = UploadIdentity(previous.round_index, previous.idempotency_key,
+                                  previous.size_bytes, previous.sha256)  # fmt: skip
+        if recorded != identity:
+            raise InvalidRequestError(
+                f"idempotency key {identity.idempotency_key!r} was used for another update "
+                f"(round {previous.round_index}, {previous.size_bytes} bytes, sha256 "
+                f"{previous.sha256[:12]}...): a new update needs a new key"
+            )
+        return UploadOutcome(True, previous.size_bytes, upload_id(previous))
+
     async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
         """Aggregate a verified payload (CodecError/SchemaError leave the round unchanged),
-        then spool and record it; only then is it acknowledged."""
+        then spool and record it; only then is it acknowledged.
+
+        The commit runs to its end even if the client goes away meanwhile (a cancelled call):
+        once the worker has the update, only a finished commit (recorded) or the ledger's
+        rebuild (not recorded) leaves the aggregate equal to the recorded uploads.
+        """
+        commit = asyncio.ensure_future(self._commit(ticket, payload))
+        commit.add_done_callback(_retrieve_exception)
+        return await asyncio.shield(commit)
+
+    async def _commit(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
         client, request = ticket.client, ticket.request
         async with self._lock:
+            replay = self._replay(client, request.identity)  # a retry raced a finishing commit
+            if replay is not None:
+                return replay
+            if client not in self._roster:  # only a revocation takes an enrolled client out
+                raise PermissionDeniedError(f"client {client!r} was revoked during its upload")
             rnd = self._open_round_for(client, request.round_index)
             late = request.round_index != rnd.index
             row = UploadRow(
@@ -147,3 +182,10 @@ class UploadIntake:
         if not self._ledger.takes_late(client, round_index, rnd):
             rnd.check_accepts(client, round_index)
         return rnd
+
+
+def _retrieve_exception(task: asyncio.Future[UploadOutcome]) -> None:
+    """Mark a commit's error as seen: when its caller was cancelled, nobody awaits it (the
+    error was logged where it arose)."""
+    if not task.cancelled():
+        task.exception()

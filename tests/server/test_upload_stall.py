@@ -60,5 +60,34 @@ def test_a_stalled_upload_is_abandoned_and_its_retry_accepted(tmp_path: Path) ->
             return code, details, reply.status, len(rows)
 
     code, details, status, rows = asyncio.run(scenario())
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no chunk for 0.3s" in details
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no message for 0.3s" in details
     assert status == pb.UPLOAD_STATUS_ACCEPTED and rows == 1
+
+
+def test_a_stream_that_never_sends_its_header_is_abandoned(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice"], rounds=1, upload_stall_s=0.3)
+
+    async def scenario() -> list[grpc.StatusCode]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            client = WireClient(server.address, token_of("alice"))
+            await client.enroll()
+            never = asyncio.Event()
+
+            async def silent() -> AsyncIterator[pb.UploadUpdateRequest]:
+                await never.wait()
+                yield pb.UploadUpdateRequest()  # never reached
+
+            calls = [client.stub.UploadUpdate(silent(), metadata=client.metadata)
+                     for _ in range(5)]  # fmt: skip
+            codes = []
+            for call in calls:
+                try:
+                    await asyncio.wait_for(call, 10)
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+            never.set()
+            await client.close()
+            return codes
+
+    codes = asyncio.run(scenario())
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5

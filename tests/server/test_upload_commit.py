@@ -1,0 +1,151 @@
+"""The commit of an upload: it finishes even when the client gives up waiting for it, and an
+idempotency key names one update only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_server.worker import ThreadedWorker
+from wire import (
+    MIB,
+    WireClient,
+    adapter_of,
+    assert_same,
+    chunk_messages,
+    core_aggregate,
+    encode_update,
+    local_update,
+    make_settings,
+    running_server,
+    synthetic_adapter,
+    token_of,
+    trained_of,
+    upload_header,
+)
+
+
+async def first_round(server, names: list[str]) -> tuple[list[WireClient], list[pb.TrainTask]]:  # noqa: ANN001
+    clients = [WireClient(server.address, token_of(name)) for name in names]
+    for client in clients:
+        await client.enroll()
+    responses = await asyncio.gather(*(client.get_task(10) for client in clients))
+    return clients, [response.train for response in responses]
+
+
+def test_a_commit_the_client_stops_waiting_for_still_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's deadline passes while the worker aggregates its update: the update is still
+    recorded and counted, the retry is answered DUPLICATE, and the round's aggregate is the
+    core's over the recorded uploads."""
+    add = ThreadedWorker._add
+
+    def slow_add(self, client_id, payload, weight):  # noqa: ANN001, ANN202 - a large adapter
+        time.sleep(0.8)
+        return add(self, client_id, payload, weight)
+
+    monkeypatch.setattr(ThreadedWorker, "_add", slow_add)
+    initial = synthetic_adapter()
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=2)
+
+    async def scenario() -> None:
+        async with running_server(settings, initial) as server:
+            (alice, bob), (task_a, task_b) = await first_round(server, ["alice", "bob"])
+            updates = [encode_update(local_update(initial, trained_of(t), seed=i))
+                       for i, t in enumerate((task_a, task_b))]  # fmt: skip
+            header = upload_header(alice.run_id, 0, updates[0], trained_of(task_a),
+                                   sample_count=10, metrics={}, key="alice-0")  # fmt: skip
+            messages = [header, *chunk_messages(updates[0], MIB)]
+
+            async def stream():  # noqa: ANN202
+                for message in messages:
+                    yield message
+
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await alice.stub.UploadUpdate(stream(), metadata=alice.metadata, timeout=0.3)
+            assert cut.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(100):
+                if server.store.uploads(alice.run_id, 0):
+                    break
+                await asyncio.sleep(0.1)
+            assert [u.client for u in server.store.uploads(alice.run_id, 0)] == ["alice"]
+            retry = await alice.upload(0, updates[0], trained_of(task_a), key="alice-0")
+            assert retry.status == pb.UPLOAD_STATUS_DUPLICATE
+            accepted = await bob.upload(0, updates[1], trained_of(task_b), key="bob-0")
+            assert accepted.status == pb.UPLOAD_STATUS_ACCEPTED
+            next_task = (await alice.get_task(10)).train
+            assert next_task.round == 1
+            published = adapter_of(await alice.download(1))
+            expected = core_aggregate("fedrot", 0, initial,
+                                      [("alice", updates[0], 10), ("bob", updates[1], 10)])  # fmt: skip
+            assert_same(published, expected)
+            for client in (alice, bob):
+                await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_idempotency_key_names_one_update(tmp_path: Path) -> None:
+    initial = synthetic_adapter()
+    settings = make_settings(tmp_path, ["alice"], rounds=2, min_clients=1)
+
+    async def scenario() -> None:
+        async with running_server(settings, initial) as server:
+            (alice,), (task,) = await first_round(server, ["alice"])
+            update = encode_update(local_update(initial, trained_of(task), seed=1))
+            first = await alice.upload(0, update, trained_of(task), key="reused")
+            assert first.status == pb.UPLOAD_STATUS_ACCEPTED
+            task = (await alice.get_task(10)).train
+            other = encode_update(local_update(initial, trained_of(task), seed=2))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await alice.upload(1, other, trained_of(task), key="reused")
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "'reused' was used for another update" in (refused.value.details() or "")
+            assert server.store.uploads(alice.run_id, 1) == []
+            replay = await alice.upload(0, update, trained_of(task), key="reused")
+            assert replay.status == pb.UPLOAD_STATUS_DUPLICATE
+            await alice.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_revoked_during_its_upload_is_refused_at_the_commit(tmp_path: Path) -> None:
+    """Sole participant, so the revocation keeps the round waiting for it: the upload that was
+    streaming is refused (PERMISSION_DENIED) and nothing is recorded."""
+    initial = synthetic_adapter()
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=1, min_clients=1,
+                             clients_per_round=1)  # fmt: skip
+
+    async def scenario() -> None:
+        async with running_server(settings, initial) as server:
+            (alice,), (task,) = await first_round(server, ["alice"])
+            update = encode_update(local_update(initial, trained_of(task), seed=1))
+            header = upload_header(alice.run_id, 0, update, trained_of(task), sample_count=10,
+                                   metrics={})  # fmt: skip
+            chunks = chunk_messages(update, 256)
+            gate = asyncio.Event()
+
+            async def stream():  # noqa: ANN202
+                yield header
+                yield chunks[0]
+                await gate.wait()
+                for chunk in chunks[1:]:
+                    yield chunk
+
+            call = alice.stub.UploadUpdate(stream(), metadata=alice.metadata)
+            await asyncio.sleep(0.3)
+            await server.engine.revoke("alice")
+            gate.set()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert server.store.uploads(alice.run_id, 0) == []
+            await alice.close()
+
+    asyncio.run(scenario())
