@@ -29,7 +29,7 @@ import grpc
 
 from fedrot.adapters import BOTH_FACTORS, Factor
 from fedrot.codec import decode_adapter, encode_adapter
-from fedrot_client.errors import Interrupted, RejectedError
+from fedrot_client.errors import Interrupted, RejectedError, TrainingDiverged
 from fedrot_client.lora import (
     PEFT_TASK_TYPES,
     load_adapter,
@@ -50,6 +50,9 @@ DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Statuses of an upload or download that mean "this round is gone for us", not a fault.
 ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+# Statuses of an upload that refuse the update itself (its content, key or size): sending it
+# again cannot help, so it is dropped (and the round not trained again).
+UPDATE_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # Statuses of GetTask that mean the server no longer serves our run (it restarted).
 RUN_GONE = ROUND_GONE
 MAX_REENROLMENTS = 5
@@ -218,7 +221,8 @@ class ClientDaemon:
 
     def _work_on(self, session: Session, task: pb.TrainTask) -> None:
         if task.round in self._state.completed_rounds(session.run_id):
-            logger.info("round %s: update already accepted; waiting for the next", task.round)
+            logger.info("round %s: already done here (update accepted, or given up); waiting "
+                        "for the next", task.round)  # fmt: skip
             if self._stop.wait(self.settings.backoff_initial_s):
                 raise Interrupted("stop requested")
             return
@@ -237,6 +241,9 @@ class ClientDaemon:
                     raise
                 self._rounds.append(RoundRecord(task.round, "dropped"))
                 logger.warning("round %s: no longer available (%s)", task.round, exc)
+                return
+            except TrainingDiverged as exc:
+                self._give_up_round(session.run_id, task.round, f"local training diverged: {exc}")
                 return
             beats.report(pb.CLIENT_PHASE_UPLOADING, 0.0)
             self._upload(session, pending, payload)
@@ -307,6 +314,10 @@ class ClientDaemon:
         try:
             reply = self._transport.upload_update(header, payload, chunk)
         except RejectedError as exc:
+            if exc.code in UPDATE_REFUSED:
+                self._give_up_round(pending.run_id, pending.round_index,
+                                    f"the server refused the update: {exc}")  # fmt: skip
+                return
             if exc.code not in ROUND_GONE:
                 raise
             self._state.clear_pending()
@@ -323,6 +334,15 @@ class ClientDaemon:
         self._rounds.append(record)
         logger.info("round %s: update %s (%s bytes, upload %s)", pending.round_index,
                     record.status, len(payload), reply.upload_id)  # fmt: skip
+
+    def _give_up_round(self, run_id: str, round_index: int, why: str) -> None:
+        """Drop a round whose update cannot be made or sent, for good: the saved update is
+        discarded and the round marked done here, so that neither a retry nor a restart sends
+        or trains it again (it would end the same way)."""
+        self._state.clear_pending()
+        self._state.record_completed(run_id, round_index)
+        self._rounds.append(RoundRecord(round_index, "dropped"))
+        logger.error("round %s: dropped: %s", round_index, why)
 
     def _finish(self, session: Session, done: pb.DoneTask) -> RunOutcome:
         logger.info("run %s done after %s rounds: %s", session.run_id, done.rounds_completed,

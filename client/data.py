@@ -11,8 +11,10 @@ import csv
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from fedrot_client.errors import DataError
 
@@ -178,7 +180,7 @@ def _label_of(
 
 
 def _read_jsonl(path: Path, split: str | None) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as handle:
+    with _utf8_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -192,8 +194,21 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[Row]:
             yield where, row
 
 
+@contextmanager
+def _utf8_text(path: Path) -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text (a byte-order mark, as spreadsheets write, is skipped);
+    bytes that are not UTF-8 are a DataError naming the file."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        try:
+            yield handle
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start : exc.start + 1].hex()
+            raise DataError(f"{path}: not UTF-8 text (byte 0x{bad}: {exc.reason}); save it as "
+                            "UTF-8") from None
+
+
 def _read_csv(path: Path, split: str | None, delimiter: str = ",") -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with _utf8_text(path) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         for row in reader:
             where = f"{path}:{reader.line_num}"

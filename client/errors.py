@@ -31,6 +31,15 @@ class RejectedError(FedRotError):
         self.details = details
 
 
+class StateError(FedRotError):
+    """The state folder cannot be written, or belongs to another client."""
+
+
+class TrainingDiverged(FedRotError, ArithmeticError):
+    """Local training produced a non-finite loss (the round's hyperparameters do not suit this
+    client's data): the round's update cannot be sent."""
+
+
 class TransferError(FedRotError, ValueError):
     """A downloaded payload whose size or SHA-256 differs from what the server announced."""
 

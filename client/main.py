@@ -16,7 +16,13 @@ from typing import Any
 
 from fedrot.errors import FedRotError
 from fedrot_client.daemon import ClientDaemon
-from fedrot_client.errors import DataError, ModelError, RejectedError, ServerUnavailableError
+from fedrot_client.errors import (
+    DataError,
+    ModelError,
+    RejectedError,
+    ServerUnavailableError,
+    StateError,
+)
 from fedrot_client.settings import ClientSettings, SettingsError, load_settings
 from fedrot_client.transport import RetryPolicy, Transport
 
@@ -84,6 +90,9 @@ def run(settings: ClientSettings) -> int:
         outcome = ClientDaemon(settings, transport, stop=stop).run()
     except (ModelError, DataError, SettingsError) as exc:
         logger.error("refusing to start: %s", exc)
+        return EXIT_REFUSED_TO_START
+    except StateError as exc:
+        logger.error("%s", exc)
         return EXIT_REFUSED_TO_START
     except (RejectedError, ServerUnavailableError) as exc:
         logger.error("%s", exc)

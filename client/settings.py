@@ -152,7 +152,10 @@ class ClientSettings(BaseSettings):
                 f"labels {self.labels}: expected a list of {num_labels} names (the run's "
                 f"num_labels), got {size}"
             )
-        return LabelVocabulary(tuple(str(n) for n in names))
+        try:
+            return LabelVocabulary(tuple(str(n) for n in names))
+        except ValueError as exc:
+            raise SettingsError(f"labels {self.labels}: {exc}") from None
 
     def show_progress(self) -> bool:
         """The progress bar: when asked for (the default) and stderr is a terminal."""

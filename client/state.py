@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedrot_client.errors import StateError
 from fedrot_client.transport import sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -45,18 +46,25 @@ class ClientState:
         self.directory = Path(directory)
 
     def client_id(self, run_id: str) -> str | None:
-        record = self._read(STATE_FILE)
+        record = self._state()
         return record.get("client_id") if record.get("run_id") == run_id else None
 
     def completed_rounds(self, run_id: str) -> frozenset[int]:
-        record = self._read(STATE_FILE)
+        record = self._state()
         if record.get("run_id") != run_id:
             return frozenset()
-        return frozenset(int(r) for r in record.get("completed_rounds", []))
+        return frozenset(record.get("completed_rounds", []))
 
     def record_enrolment(self, run_id: str, client_id: str) -> None:
-        """Remember the run and our id; a new run forgets the old run's rounds and upload."""
-        record = self._read(STATE_FILE)
+        """Remember the run and our id; a new run forgets the old run's rounds and upload.
+        StateError when the folder is another client's (each client needs its own)."""
+        record = self._state()
+        owner = record.get("client_id")
+        if owner is not None and owner != client_id:
+            raise StateError(
+                f"state folder {self.directory} belongs to client {owner!r}, but this token "
+                f"enrols as {client_id!r}: give each client its own --state-dir"
+            )
         if record.get("run_id") != run_id:
             record = {"completed_rounds": []}
             self.clear_pending()
@@ -64,7 +72,7 @@ class ClientState:
         self._write(STATE_FILE, record)
 
     def record_completed(self, run_id: str, round_index: int) -> None:
-        record = self._read(STATE_FILE)
+        record = self._state()
         if record.get("run_id") != run_id:
             raise ValueError(f"state is for run {record.get('run_id')!r}, not {run_id!r}")
         rounds = sorted({*record.get("completed_rounds", []), round_index})
@@ -94,7 +102,27 @@ class ClientState:
 
     def clear_pending(self) -> None:
         for name in (PENDING_FILE, PENDING_PAYLOAD_FILE):
-            (self.directory / name).unlink(missing_ok=True)
+            try:
+                (self.directory / name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise StateError(f"state folder {self.directory}: cannot remove {name}: "
+                                 f"{exc.strerror or exc}") from exc
+
+    def _state(self) -> dict:
+        """``state.json``, or an empty record (with a warning) when its fields have the wrong
+        types: forgetting finished rounds is safe (a retrained round's upload reuses its
+        idempotency key, and the server answers it as a duplicate)."""
+        record = self._read(STATE_FILE)
+        rounds = record.get("completed_rounds", [])
+        fine = (
+            all(isinstance(record.get(k), str | None) for k in ("run_id", "client_id"))
+            and isinstance(rounds, list)
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in rounds)
+        )
+        if not fine:
+            logger.warning("ignoring %s: unexpected field types", self.directory / STATE_FILE)
+            return {}
+        return record
 
     def _read(self, name: str) -> dict:
         path = self.directory / name
@@ -111,11 +139,15 @@ class ClientState:
         self._write_bytes(name, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
     def _write_bytes(self, name: str, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / name
         temporary = target.with_name(f".{name}.tmp")
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with temporary.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise StateError(f"state folder {self.directory}: cannot write {name}: "
+                             f"{exc.strerror or exc}") from exc

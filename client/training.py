@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from fedrot.adapters import Factor
 from fedrot_client.batches import encode_batch, shuffled_batches
 from fedrot_client.data import TextDataset
+from fedrot_client.errors import TrainingDiverged
 from fedrot_client.lora import export_adapter, set_trainable_factors, task_of
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def _run_steps(
         batch = encode_batch(tokenizer, dataset, indices, task, config.max_length, device)
         loss = model(**batch).loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
+            raise TrainingDiverged(f"training loss is {loss.item()} at step {steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm is not None:

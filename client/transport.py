@@ -4,7 +4,8 @@ Every call carries ``authorization: Bearer <token>``. Calls that fail with UNAVA
 DEADLINE_EXCEEDED, a server-side CANCELLED (the server is away, restarting, shutting down or
 overloaded) or ABORTED (the server still holds an earlier, broken attempt of the same upload)
 are retried with exponential backoff and jitter until the server has been away for
-``RetryPolicy.give_up_after_s``; any other status becomes a :class:`RejectedError` at once. A
+``RetryPolicy.give_up_after_s`` (a transfer attempt that moved bytes before it broke shows the
+server is there, and starts that count afresh); any other status becomes a :class:`RejectedError` at once. A
 download that breaks off resumes from the bytes already received. An upload resumes from the
 bytes the server holds: each attempt first asks (QueryUpload), then sends the same header,
 idempotency key included, and only the chunks from that offset on (all of them when the server
@@ -163,6 +164,8 @@ class Transport:
         )
         try:
             return self._unary(self._stub.Heartbeat, request)
+        except grpc.FutureCancelledError as exc:  # cancel() during a stop
+            raise Interrupted("Heartbeat: call cancelled") from exc
         except grpc.RpcError as exc:
             raise RejectedError("Heartbeat", exc.code(), exc.details() or "") from exc
 
@@ -191,7 +194,7 @@ class Transport:
                     raise
             return download.finish()
 
-        return self._retrying("DownloadAdapter", attempt)
+        return self._retrying("DownloadAdapter", attempt, moved=lambda: download.received)
 
     def upload_update(
         self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int
@@ -207,6 +210,7 @@ class Transport:
         full.CopyFrom(header)
         full.total_size = len(payload)
         full.sha256 = sha256_hex(payload)
+        sent = [0]  # bytes taken by gRPC over all attempts: progress, for the retry loop
 
         def messages(watch: StallWatch, start: int) -> Iterator[pb.UploadUpdateRequest]:
             yield pb.UploadUpdateRequest(header=full)
@@ -217,6 +221,7 @@ class Transport:
                 watch.progress()
                 data = bytes(view[offset : offset + chunk_bytes])
                 yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+                sent[0] += len(data)
             watch.progress(limit_s=self._rpc_timeout)  # all sent: the server's turn to answer
 
         def stream_from(start: int) -> pb.UploadUpdateResponse:
@@ -250,7 +255,7 @@ class Transport:
                 logger.warning("UploadUpdate: %s; sending the whole update", exc.details())
             return stream_from(0)
 
-        return self._retrying("UploadUpdate", attempt)
+        return self._retrying("UploadUpdate", attempt, moved=lambda: sent[0])
 
     def _held_of(self, header: pb.UploadHeader) -> pb.QueryUploadResponse:
         """What the server has of the update ``header`` announces; nothing from a server that
@@ -297,8 +302,12 @@ class Transport:
             with self._lock:
                 self._inflight.discard(call)
 
-    def _retrying(self, method: str, attempt: Callable[[], T]) -> T:
-        failures = 0
+    def _retrying(
+        self, method: str, attempt: Callable[[], T], moved: Callable[[], int] = lambda: 0
+    ) -> T:
+        """``attempt()`` until it succeeds, retrying the statuses of an absent server; ``moved``
+        counts a transfer's progress, and an attempt that made some resets the away time."""
+        failures, progress = 0, moved()
         away_since: float | None = None
         while True:
             if self._stop.is_set():
@@ -314,6 +323,8 @@ class Transport:
                 if code not in RETRYABLE_CODES:
                     raise RejectedError(method, code, details) from exc
             now = self._clock()
+            if moved() > progress:  # bytes moved before the break: the server is there
+                progress, failures, away_since = moved(), 0, None
             away_since = now if away_since is None else away_since
             limit = self._policy.give_up_after_s
             if limit is not None and now - away_since >= limit:

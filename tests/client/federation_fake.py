@@ -44,6 +44,9 @@ class Script:
     block_polls: bool = False
     restart_after_round: int | None = None  # then a new run starts, as after a restart
     scale_on_accept: float = 1.0  # the next global B factors are the uploaded ones times this
+    learning_rate: float = 0.05
+    refuse_rounds: frozenset[int] = frozenset()  # uploads refused with INVALID_ARGUMENT
+    deadline_polls: int | None = None  # a round offered this often passes its deadline
     log: dict[str, list] = field(default_factory=lambda: {
         "download_offsets": [], "upload_headers": [], "accepted": [],
         "heartbeats": []})  # fmt: skip
@@ -64,6 +67,7 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         self.poll_started = threading.Event()
         self.release = threading.Event()
         self.closed_heartbeat_sent = threading.Event()
+        self.polls: dict[int, int] = {}
 
     # -- helpers -------------------------------------------------------------------------------
     def _authenticate(self, context: grpc.ServicerContext, run_id: str | None = None) -> None:
@@ -111,6 +115,10 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
             self.poll_started.set()
             self.release.wait(WAIT_LIMIT_S)
             return pb.GetTaskResponse(wait=pb.WaitTask(reason="released"))
+        with self.lock:
+            self.polls[self.round] = self.polls.get(self.round, 0) + 1
+            if self.script.deadline_polls and self.polls[self.round] > self.script.deadline_polls:
+                self.round += 1  # the round closed without this client
         if self.round >= self.script.rounds:
             return pb.GetTaskResponse(done=pb.DoneTask(
                 rounds_completed=self.round, reason="all rounds done",
@@ -119,7 +127,8 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
             round=self.round,
             trained_factors=list(self.script.trained[self.round]),
             hyperparameters=pb.TrainingHyperparameters(
-                local_steps=3, batch_size=4, learning_rate=0.05, optimizer="sgd", max_length=24,
+                local_steps=3, batch_size=4, learning_rate=self.script.learning_rate,
+                optimizer="sgd", max_length=24,
                 seed=self.round),  # fmt: skip
             global_adapter=self._ref(self.round),
         )
@@ -156,6 +165,8 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 or size mismatch")
         if self.script.refuse_first_upload and len(self.log["upload_headers"]) == 1:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting (scripted)")
+        if header.round in self.script.refuse_rounds:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a value exceeds the limit (scripted)")
         if header.idempotency_key in self.keys:
             return pb.UploadUpdateResponse(status=pb.UPLOAD_STATUS_DUPLICATE,
                                            bytes_received=len(data))  # fmt: skip

@@ -62,5 +62,8 @@ def test_label_vocabulary_comes_from_the_labels_file(tmp_path: Path, data: Path)
     assert settings.label_vocabulary(2).id_of("pos") == 1
     with pytest.raises(SettingsError, match="list of 3 names"):
         settings.label_vocabulary(3)
+    labels.write_text(json.dumps(["pos", "pos"]))
+    with pytest.raises(SettingsError, match="labels .*duplicate label names"):
+        settings.label_vocabulary(2)
     assert load_settings(["--data", str(data), "--token", "t" * 16]).label_vocabulary(3).names == (
         "0", "1", "2")  # fmt: skip

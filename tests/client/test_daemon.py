@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedrot.codec import encode_adapter
 from fedrot_client.daemon import ClientDaemon, RunOutcome
-from fedrot_client.errors import ModelError, RejectedError
+from fedrot_client.errors import ModelError, RejectedError, StateError
 from fedrot_client.settings import ClientSettings
 from fedrot_client.state import ClientState, PendingUpload
 from fedrot_client.transport import RetryPolicy, Transport, sha256_hex
@@ -207,3 +207,42 @@ def test_a_server_restarted_with_a_new_run_is_joined_again(
     assert runs_and_rounds == [(RUN_ID, 0), (RUN_ID + "-restarted", 0),
                                (RUN_ID + "-restarted", 1)]  # fmt: skip
     assert ClientState(tmp_path / "state").completed_rounds(RUN_ID + "-restarted") == {0, 1}
+
+
+def test_an_update_the_server_refuses_is_dropped_not_resent_forever(
+    start_fake, data_file: Path, tmp_path: Path
+) -> None:
+    """INVALID_ARGUMENT (e.g. a value above the server's limit): sending the same update again
+    cannot help, so it is dropped, the round is not trained again, and the next one is served;
+    a restart does not send it either."""
+    fake = start_fake(rounds=2, refuse_rounds=frozenset({0}), deadline_polls=3)
+    settings = make_settings(fake.address, data_file, tmp_path / "state")
+    outcome = run_daemon(fake, settings)
+
+    assert outcome.finished
+    assert [(r.round_index, r.status) for r in outcome.rounds] == [(0, "dropped"), (1, "accepted")]
+    assert [h.round for h in fake.servicer.log["upload_headers"]] == [0, 1]  # round 0 sent once
+    state = ClientState(tmp_path / "state")
+    assert state.pending(RUN_ID) is None and state.completed_rounds(RUN_ID) == {0, 1}
+
+
+def test_diverging_local_training_drops_the_round(
+    start_fake, data_file: Path, tmp_path: Path
+) -> None:
+    fake = start_fake(rounds=1, learning_rate=1e12, deadline_polls=3)
+    outcome = run_daemon(fake, make_settings(fake.address, data_file, tmp_path / "state"))
+
+    assert outcome.finished
+    assert [(r.round_index, r.status) for r in outcome.rounds] == [(0, "dropped")]
+    assert fake.servicer.log["upload_headers"] == []
+    assert ClientState(tmp_path / "state").completed_rounds(RUN_ID) == {0}
+
+
+def test_a_state_folder_of_another_client_is_refused(
+    start_fake, data_file: Path, tmp_path: Path
+) -> None:
+    fake = start_fake(rounds=1)
+    ClientState(tmp_path / "state").record_enrolment(RUN_ID, "client-b")
+    with pytest.raises(StateError, match="belongs to client 'client-b'"):
+        run_daemon(fake, make_settings(fake.address, data_file, tmp_path / "state"))
+    assert fake.servicer.log["upload_headers"] == []

@@ -128,3 +128,20 @@ def test_subset_keeps_pairs() -> None:
     assert part.texts == ("c", "a") and part.labels == (0, 0)
     with pytest.raises(DataError, match="3 texts but 2 labels"):
         TextDataset(("a", "b", "c"), (0, 1))
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label\r\ncaf\u00e9 ok,positive\r\n".encode("utf-8-sig"))
+    data = load_dataset(path, vocabulary=VOCAB)
+    assert data.texts == ("caf\u00e9 ok",) and data.labels == (1,)
+
+
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.csv"])
+def test_a_file_that_is_not_utf8_is_a_data_error(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    row = json.dumps({"text": "caf\u00e9", "label": 1}, ensure_ascii=False)
+    text = row if name.endswith(".jsonl") else "text,label\ncaf\u00e9,1"
+    path.write_bytes((text + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=f"{name}: not UTF-8 text"):
+        load_dataset(path, vocabulary=VOCAB)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 import threading
+from concurrent import futures
 
+import grpc
 import pytest
 
 from fedrot_client.errors import Interrupted, ServerUnavailableError
 from fedrot_client.transport import MAX_CHUNK_BYTES, RetryPolicy, Transport
 from fedrot_proto.v1 import federation_pb2 as pb
+from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 
 
 def test_backoff_grows_exponentially_up_to_the_cap_with_jitter() -> None:
@@ -68,3 +72,43 @@ def test_upload_chunks_must_be_at_most_4_mib(chunk: int) -> None:
             transport.upload_update(pb.UploadHeader(idempotency_key="k"), b"x", chunk)
     finally:
         transport.close()
+
+
+class CuttingDownloads(pb_grpc.FederationServiceServicer):
+    """Serves a payload in 1000-byte chunks but cuts every attempt after 25 of them; each
+    chunk moves the fake clock on by 10 s (a slow link)."""
+
+    def __init__(self, payload: bytes, now: list[float]) -> None:
+        self.payload, self.now, self.offsets = payload, now, []
+
+    def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        self.offsets.append(request.offset)
+        yield pb.DownloadAdapterResponse(header=pb.TransferHeader(
+            total_size=len(self.payload), sha256=hashlib.sha256(self.payload).hexdigest(),
+            chunk_bytes=1000))  # fmt: skip
+        for i, offset in enumerate(range(request.offset, len(self.payload), 1000)):
+            if i == 25:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            self.now[0] += 10.0
+            yield pb.DownloadAdapterResponse(
+                chunk=pb.Chunk(offset=offset, data=self.payload[offset : offset + 1000])
+            )
+
+
+def test_a_transfer_that_keeps_moving_is_never_given_up() -> None:
+    """Each attempt moves 25 kB over 250 (fake) seconds before the link drops: the give-up
+    after 300 s without the server never comes, since every attempt made progress."""
+    payload, now = random.Random(0).randbytes(200_000), [0.0]
+    service = CuttingDownloads(payload, now)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_FederationServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    transport = Transport(f"127.0.0.1:{port}", "t" * 16, clock=lambda: now[0],
+                          policy=RetryPolicy(0.001, 0.002, give_up_after_s=300.0))  # fmt: skip
+    try:
+        assert transport.download_adapter("run", 0) == payload
+        assert service.offsets == list(range(0, 200_000, 25_000))
+    finally:
+        transport.close()
+        server.stop(None)
