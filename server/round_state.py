@@ -137,6 +137,22 @@ def no_open_round(round_index: int) -> WrongStateError:
     return WrongStateError(f"round {round_index} does not accept updates: no round is open")
 
 
+MAX_INFO_ENTRIES, MAX_INFO_TEXT = 32, 256
+
+
+def check_client_info(info: Mapping[str, str]) -> None:
+    """What a client tells about itself at enrolment (host, versions): at most 32 entries of
+    at most 256 characters each, so that one client cannot grow the database at will."""
+    if len(info) > MAX_INFO_ENTRIES:
+        raise InvalidRequestError(f"{len(info)} info entries; at most {MAX_INFO_ENTRIES}")
+    for key, value in info.items():
+        if len(key) > MAX_INFO_TEXT or len(value) > MAX_INFO_TEXT:
+            raise InvalidRequestError(
+                f"info entry {key[:40]!r}: keys and values may have at most {MAX_INFO_TEXT} "
+                "characters"
+            )
+
+
 def check_metrics(metrics: Mapping[str, float]) -> None:
     """Client metrics: at most 64, names of 1 to 64 characters, finite values."""
     if len(metrics) > MAX_METRICS:

@@ -43,7 +43,7 @@ from fedrot_server.operations import OperatorActions
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.recovery import Resumption, run_record
 from fedrot_server.ledger import RoundLedger
-from fedrot_server.round_state import OpenRound, derive_seed
+from fedrot_server.round_state import OpenRound, check_client_info, derive_seed
 from fedrot_server.round_log import round_summary
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
@@ -155,6 +155,7 @@ class RoundEngine(UploadIntake, OperatorActions):
     # Client-facing calls (the client is already authenticated).
 
     def enroll(self, client: str, info: Mapping[str, str]) -> Enrolment:
+        check_client_info(info)
         self._store.enroll(self.spec.run_id, client, info, self._clock())
         self._roster.touch(client, self._now())
         self._notify()

@@ -157,3 +157,20 @@ def test_health_service_reports_serving(tmp_path: Path) -> None:
                     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("info", [{f"k{i}": "v" for i in range(33)}, {"hostname": "x" * 257}],
+                         ids=["too many entries", "too long"])  # fmt: skip
+def test_oversized_enrolment_info_is_refused(tmp_path: Path, info: dict[str, str]) -> None:
+    settings = make_settings(tmp_path, ["alice"])
+
+    async def scenario() -> None:
+        async with running_server(settings, synthetic_adapter()) as server:
+            client = WireClient(server.address, token_of("alice"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.enroll(**info)
+            assert status_of(refused) is grpc.StatusCode.INVALID_ARGUMENT
+            assert server.store.clients(server.spec.run_id) == []
+            await client.close()
+
+    asyncio.run(scenario())
