@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -95,6 +95,18 @@ def run_inprocess(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, 
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+Aggregate = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def aggregate_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Aggregate:
+    """``fedrot aggregate ARGS`` in-process, in ``tmp_path``: ``(status, stdout, stderr)``."""
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: run_inprocess(capsys, *args)
 
 
 @pytest.fixture
@@ -195,14 +207,10 @@ def test_bad_inputs_end_the_real_process_with_one_line(
 
 
 def test_fedex_writes_the_residual_as_base_deltas(
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    code, out, err = run_inprocess(
-        capsys, "--strategy", "fedex", "--out", "out.safetensors",
+    code, out, err = aggregate_here(
+        "--strategy", "fedex", "--out", "out.safetensors",
         "--base-deltas", "deltas.safetensors", "c0.safetensors", "c1.safetensors:2",
     )
     assert code == 0, err
@@ -222,15 +230,11 @@ def test_fedex_writes_the_residual_as_base_deltas(
 
 
 def test_fedrot_with_lambda_zero_is_fedit(
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     save(tmp_path / "ref.safetensors", random_adapter(99))
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "fedrot", "--lambda", "0", "--reference", "ref.safetensors",
+    code, _, err = aggregate_here(
+        "--strategy", "fedrot", "--lambda", "0", "--reference", "ref.safetensors",
         "--out", "out.safetensors", "c0.safetensors:2", "c1.safetensors", "c2.safetensors",
     )
     assert code == 0, err
@@ -239,13 +243,10 @@ def test_fedrot_with_lambda_zero_is_fedit(
         torch.testing.assert_close(out[key], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_aligning_b_also_undoes_the_rotations(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_aligning_b_also_undoes_the_rotations(tmp_path: Path, aggregate_here: Aggregate) -> None:
     inputs = rotated_clients(tmp_path)
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "fedrot", "--lambda", "1", "--align", "b",
+    code, _, err = aggregate_here(
+        "--strategy", "fedrot", "--lambda", "1", "--align", "b",
         "--reference", "ref.safetensors", "--out", "out.safetensors", "--report", "r.json",
         *inputs,
     )
@@ -257,14 +258,13 @@ def test_aligning_b_also_undoes_the_rotations(
 
 
 def test_output_keeps_the_inputs_dtype_and_paths_may_hold_colons(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     adapters = [random_adapter(seed, torch.bfloat16) for seed in (1, 2)]
     save(tmp_path / "round:1.safetensors", adapters[0])
     save(tmp_path / "b.safetensors", adapters[1])
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "fedrot", "--out", "out.safetensors",
+    code, _, err = aggregate_here(
+        "--strategy", "fedrot", "--out", "out.safetensors",
         "round:1.safetensors", "b.safetensors:1e0",
     )
     assert code == 0, err
@@ -365,18 +365,13 @@ def write_bad_files(tmp_path: Path, good: Tensors) -> None:
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_is_one_error_line_and_status_2(
-    case: str,
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    case: str, tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     write_bad_files(tmp_path, clients[1])
     args, needle = BAD[case]
     defaults = {"--strategy": "fedit", "--out": "out.safetensors"}
     options = [x for flag, value in defaults.items() if flag not in args for x in (flag, value)]
-    code, out, err = run_inprocess(capsys, *options, *args)
+    code, out, err = aggregate_here(*options, *args)
     assert code == 2
     assert out == ""
     assert err.startswith("fedrot: error: ")
@@ -388,14 +383,11 @@ def test_bad_input_is_one_error_line_and_status_2(
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_device_gives_the_cpu_result(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_cuda_device_gives_the_cpu_result(tmp_path: Path, aggregate_here: Aggregate) -> None:
     inputs = rotated_clients(tmp_path)
     for device in ("cpu", "cuda"):
-        code, _, err = run_inprocess(
-            capsys, "--strategy", "fedrot", "--device", device, "--reference", "ref.safetensors",
+        code, _, err = aggregate_here(
+            "--strategy", "fedrot", "--device", device, "--reference", "ref.safetensors",
             "--out", f"{device}.safetensors", *inputs,
         )
         assert code == 0, err
@@ -406,18 +398,17 @@ def test_cuda_device_gives_the_cpu_result(
 
 
 def test_without_a_reference_the_order_of_the_arguments_does_not_matter(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aggregate_here: Aggregate
 ) -> None:
     """The heaviest client (ties: the first path in sort order) is the alignment target."""
-    monkeypatch.chdir(tmp_path)
     inputs = rotated_clients(tmp_path)
     orders = {
         "forward": [inputs[0], f"{inputs[1]}:2", inputs[2], inputs[3]],
         "backward": [inputs[3], inputs[2], f"{inputs[1]}:2", inputs[0]],
     }
     for name, order in orders.items():
-        code, _, err = run_inprocess(
-            capsys, "--strategy", "fedrot", "--lambda", "1", "--out", f"{name}.safetensors", *order
+        code, _, err = aggregate_here(
+            "--strategy", "fedrot", "--lambda", "1", "--out", f"{name}.safetensors", *order
         )
         assert code == 0, err
     forward = load(tmp_path / "forward.safetensors")
@@ -426,8 +417,8 @@ def test_without_a_reference_the_order_of_the_arguments_does_not_matter(
         torch.testing.assert_close(backward[key], tensor, rtol=1e-5, atol=1e-6)
     ties = [list(reversed(inputs)), inputs]
     for i, order in enumerate(ties):
-        code, _, err = run_inprocess(
-            capsys, "--strategy", "fedrot", "--lambda", "1", "--out", f"tie{i}.safetensors", *order
+        code, _, err = aggregate_here(
+            "--strategy", "fedrot", "--lambda", "1", "--out", f"tie{i}.safetensors", *order
         )
         assert code == 0, err
     tie0, tie1 = load(tmp_path / "tie0.safetensors"), load(tmp_path / "tie1.safetensors")
@@ -436,18 +427,14 @@ def test_without_a_reference_the_order_of_the_arguments_does_not_matter(
 
 
 def test_ffa_with_a_reference_keeps_its_a_and_takes_b_only_files(
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     reference = random_adapter(42)
     save(tmp_path / "ref.safetensors", reference)
     b_only = {k: t for k, t in clients[2].items() if not k.endswith(".lora_A.weight")}
     save(tmp_path / "b_only.safetensors", b_only)
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "ffa", "--reference", "ref.safetensors", "--out", "out.safetensors",
+    code, _, err = aggregate_here(
+        "--strategy", "ffa", "--reference", "ref.safetensors", "--out", "out.safetensors",
         "c0.safetensors", "c1.safetensors:2", "b_only.safetensors",
     )
     assert code == 0, err
@@ -460,14 +447,10 @@ def test_ffa_with_a_reference_keeps_its_a_and_takes_b_only_files(
 
 
 def test_huge_weights_are_normalised_before_summing(
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "fedex", "--out", "out.safetensors",
+    code, _, err = aggregate_here(
+        "--strategy", "fedex", "--out", "out.safetensors",
         "--base-deltas", "deltas.safetensors", "c0.safetensors:1e38", "c1.safetensors:3e38",
     )
     assert code == 0, err
@@ -477,15 +460,11 @@ def test_huge_weights_are_normalised_before_summing(
 
 
 def test_an_existing_file_whose_name_ends_in_a_number_is_that_file(
-    tmp_path: Path,
-    clients: list[Tensors],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     save(tmp_path / "run:3", clients[0])
-    code, _, err = run_inprocess(
-        capsys, "--strategy", "fedit", "--out", "out.safetensors", "--report", "r.json",
+    code, _, err = aggregate_here(
+        "--strategy", "fedit", "--out", "out.safetensors", "--report", "r.json",
         "run:3", "c1.safetensors",
     )
     assert code == 0, err
