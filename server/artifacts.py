@@ -8,7 +8,7 @@ Layout, under ``<state_dir>/runs/<run_id>/``::
     rounds/<t>/report.json           the round's aggregation report and summary
     rounds/<t>/base_deltas.safetensors   FedEx-LoRA only: cumulative base-weight deltas
     rounds/<t>/uploads/<client>.safetensors  the spool: every upload aggregated in round t, as
-                                     received (a late one as ``<client>.round-<r>.safetensors``),
+                                     received (a late one as ``<client>@round-<r>.safetensors``),
                                      durable before it is acknowledged; removed when the round
                                      closes unless ``keep_uploads``
 
@@ -64,10 +64,12 @@ def sync_folder(folder: Path) -> None:
 
 
 def spool_name(client: str, trained_round: int, merged_round: int) -> str:
-    """The spool file of ``client``'s update for ``trained_round`` merged into ``merged_round``."""
+    """The spool file of ``client``'s update for ``trained_round`` merged into ``merged_round``.
+    A late one is marked with ``@``, which no client name holds (names may hold dots: a client
+    named ``alice.round-0`` must not share ``alice``'s late file)."""
     if trained_round == merged_round:
         return f"{client}.safetensors"
-    return f"{client}.round-{trained_round}.safetensors"
+    return f"{client}@round-{trained_round}.safetensors"
 
 
 def saved_modules(extra_keys: Iterable[str]) -> list[str]:

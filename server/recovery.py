@@ -22,6 +22,7 @@ from typing import Any
 from fedrot.codec import encode_schema
 from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import SettingsError, StoreError
+from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import InitialModel, RunSpec
 from fedrot_server.state import RoundPhase, RoundRow, RunRow, UploadRow
 from fedrot_server.store import SqliteStore
@@ -29,8 +30,10 @@ from fedrot_server.transfers import sha256_hex
 
 logger = logging.getLogger(__name__)
 
-# What defines a run: a restart may resume it only when none of these changed.
-DEFINING_KEYS = ("model", "lora", "strategy", "training", "rounds", "seed", "schema", "fingerprint")
+# What defines a run: a restart may resume it only when none of these changed. ``intake`` holds
+# the settings that decide how a recorded upload is re-fed (its value limit, its weight when late).
+DEFINING_KEYS = ("model", "lora", "strategy", "training", "rounds", "seed", "schema", "fingerprint",
+                 "intake")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,14 @@ class Resumption:
     clients: tuple[str, ...]
 
 
-def run_record(spec: RunSpec, initial: InitialModel) -> dict[str, Any]:
-    """The JSON stored with a run: its spec, the adapter schema and the base-model fingerprint."""
+def run_record(spec: RunSpec, initial: InitialModel, settings: ServerSettings) -> dict[str, Any]:
+    """The JSON stored with a run: its spec, the adapter schema, the base-model fingerprint and
+    the upload intake settings that a resumed round re-feeds its uploads under."""
+    intake = {"max_upload_value": settings.max_upload_value,
+              "late_updates": settings.late_updates,
+              "staleness_weight": settings.staleness_weight}  # fmt: skip
     return {**spec.to_dict(), "schema": encode_schema(initial.schema),
-            "fingerprint": initial.fingerprint}  # fmt: skip
+            "fingerprint": initial.fingerprint, "intake": intake}  # fmt: skip
 
 
 def find_resumable(store: SqliteStore, settings_resume: bool, run_id: str | None) -> RunRow | None:
@@ -78,7 +85,8 @@ def check_compatible(run: RunRow, record: Mapping[str, Any]) -> None:
     current = json.loads(json.dumps(dict(record), sort_keys=True))  # as stored: lists, not tuples
     differences: list[str] = []
     for key in DEFINING_KEYS:
-        differences += _differences(key, run.spec.get(key), current.get(key))
+        if key in run.spec:  # a run recorded before the key existed is not held to it
+            differences += _differences(key, run.spec.get(key), current.get(key))
     if differences:
         raise SettingsError(
             f"the state directory holds unfinished run {run.run_id} with other settings: "
@@ -117,7 +125,7 @@ def load_resumption(store: SqliteStore, artifacts: RunArtifacts, run: RunRow) ->
         _spooled(artifacts, row) for row in store.merged_uploads(run.run_id, completed)
     )  # fmt: skip
     target = None if open_round is None else store.round_target(run.run_id, completed)
-    clients = tuple(c.name for c in store.clients(run.run_id))
+    clients = tuple(c.name for c in store.clients(run.run_id) if not c.revoked)
     logger.info("resuming run %s: %s rounds closed, round %s %s with %s accepted uploads",
                 run.run_id, completed, completed, "open" if open_round else "not yet open",
                 len(uploads))  # fmt: skip

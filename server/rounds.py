@@ -108,7 +108,7 @@ class RoundEngine(UploadIntake, OperatorActions):
         if self._resumption is not None:
             await self._restore(self._resumption)
         else:
-            record = run_record(self.spec, self._initial)
+            record = run_record(self.spec, self._initial, self.settings)
             self._store.create_run(self.spec.run_id, record, self._clock())
         if self._published is None:
             encoded = await self._worker.encode(self._reference, self._metadata(0))
@@ -120,13 +120,12 @@ class RoundEngine(UploadIntake, OperatorActions):
                     self.spec.strategy.name)  # fmt: skip
 
     async def stop(self) -> None:
-        """Cancel the rounds (a graceful stop keeps what was recorded)."""
+        """Cancel the rounds. What was recorded stays, and so does the run's phase: the next
+        start resumes the run (a restart, a rescheduled pod), unless told ``resume = false``.
+        Clients are not told the run is over; they retry until the server is back."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            self._store.set_run_phase(self.spec.run_id, RunPhase.STOPPED, self._clock())
-            self._phase = RunPhase.STOPPED
-            self._notify()
 
     async def wait_finished(self) -> None:
         """Return when the run ended; re-raise the error that ended it early."""
@@ -223,10 +222,9 @@ class RoundEngine(UploadIntake, OperatorActions):
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("run %s failed", self.spec.run_id)
-            self._phase = RunPhase.STOPPED
-            self._store.set_run_phase(self.spec.run_id, RunPhase.STOPPED, self._clock())
-            self._notify()
+            # Left as recorded, so that a restart resumes the run rather than starting over.
+            logger.exception("run %s failed; it stays resumable from what was recorded",
+                             self.spec.run_id)  # fmt: skip
             raise
         self._phase = RunPhase.FINISHED
         self._store.set_run_phase(self.spec.run_id, RunPhase.FINISHED, self._clock())
@@ -250,13 +248,16 @@ class RoundEngine(UploadIntake, OperatorActions):
         await self._activate(rnd, "opened")
 
     async def _resume_round(self, resumed: Resumption) -> None:
-        """Rebuild the open round a crash interrupted: participants and target as recorded,
-        its uploads re-fed in arrival order, a fresh deadline."""
+        """Rebuild the open round a crash interrupted: participants (less those revoked before
+        they reported, as :meth:`revoke` does) and target as recorded, its uploads re-fed in
+        arrival order, a fresh deadline."""
         row = resumed.open_round
         assert row is not None
         plan = self._strategy.plan(row.round_index)
         target = resumed.target or len(row.participants)
-        rnd = self._new_round(plan, target, row.participants)
+        reported = {u.row.client for u in resumed.uploads}
+        kept = [p for p in row.participants if p in resumed.clients or p in reported]
+        rnd = self._new_round(plan, target, kept or row.participants)
         await self._ledger.refeed(rnd, self._reference, ((u.row, u.payload) for u in resumed.uploads))
         self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
                                  self._clock() + self.settings.round_deadline_s)  # fmt: skip

@@ -27,6 +27,7 @@ from fedrot_server.rounds import RoundEngine
 from fedrot_server.servicer import FederationServicer
 from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
+from fedrot_server.state_lock import StateDirLock
 from fedrot_server.store import SqliteStore, open_reader
 from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
 from fedrot_server.tls import add_port, security_of, server_credentials
@@ -57,6 +58,7 @@ class FederationServer:
     port: int
     telemetry: TelemetryLog | None = None
     dashboard: DashboardServer | None = None
+    lock: StateDirLock | None = None
 
     @property
     def dashboard_port(self) -> int | None:
@@ -80,6 +82,8 @@ class FederationServer:
         self.store.close()
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def check_initial(initial: InitialModel, spec: RunSpec) -> None:
@@ -98,7 +102,24 @@ async def start_server(
     run_id: str | None = None,
 ) -> FederationServer:
     """Build everything, bind ``settings.listen``, start serving and start the run (or resume
-    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`)."""
+    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`).
+    SettingsError when another server holds ``state_dir``."""
+    lock = StateDirLock(settings.state_dir)
+    try:
+        server = await _start_holding(settings, initializer, evaluator, run_id)
+    except BaseException:
+        lock.release()
+        raise
+    server.lock = lock
+    return server
+
+
+async def _start_holding(
+    settings: ServerSettings,
+    initializer: Initializer,
+    evaluator: Evaluator | None,
+    run_id: str | None,
+) -> FederationServer:
     device = resolve_device(settings.device)
     credentials = server_credentials(settings)
     store = SqliteStore(settings.database_path)
@@ -108,7 +129,7 @@ async def start_server(
     initial = await asyncio.to_thread(initializer, spec)
     check_initial(initial, spec)
     if resumable is not None:
-        check_compatible(resumable, run_record(spec, initial))
+        check_compatible(resumable, run_record(spec, initial, settings))
     strategy = build_strategy(spec.strategy.name, spec.strategy_config())
     if spec.strategy.name is StrategyName.FEDEX:
         logger.warning("fedex: the base-weight deltas are saved with each round but protocol "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,16 +173,22 @@ def uncrashed_result(tmp_path: Path, sent: dict[tuple[int, str], bytes]) -> byte
     return asyncio.run(scenario())
 
 
-def refused_and_fresh_starts(settings: ServerSettings, run_id: str) -> None:
-    """While the crashed run waits: changed defining settings are refused; resume = false
-    starts a new run (stopped again here, so the crashed run stays the one to resume)."""
+def refused_and_fresh_starts(settings: ServerSettings, run_id: str, scratch: Path) -> None:
+    """While the crashed run waits: changed defining settings (or the intake's) are refused;
+    resume = false starts a new run (on a copy of the state, which then holds the newer run to
+    resume)."""
     changed = settings.model_copy(update={"strategy": settings.strategy.model_copy(
         update={"alignment_strength": 0.9})})  # fmt: skip
     with pytest.raises(SettingsError, match=rf"{run_id}.*strategy\.alignment_strength was 0\.4"):
         asyncio.run(start_server(changed, initializer=initializer_of(synthetic_adapter())))
+    stricter = settings.model_copy(update={"max_upload_value": 10.0})
+    with pytest.raises(SettingsError, match=r"intake\.max_upload_value was 10000\.0"):
+        asyncio.run(start_server(stricter, initializer=initializer_of(synthetic_adapter())))
+    shutil.copytree(settings.state_dir, scratch)
 
     async def fresh() -> str:
-        server = await start_server(settings.model_copy(update={"resume": False}),
+        server = await start_server(settings.model_copy(update={"resume": False,
+                                                                "state_dir": scratch}),
                                     initializer=initializer_of(synthetic_adapter()))  # fmt: skip
         await server.stop(grace_s=0.1)
         return server.spec.run_id
@@ -195,7 +202,7 @@ def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> N
     first = processes[-1]
     sent, trained = asyncio.run(before_the_crash(first.address))
     first.kill()
-    refused_and_fresh_starts(settings, first.run_id)
+    refused_and_fresh_starts(settings, first.run_id, tmp_path / "copy")
 
     processes.append(ServerProcess(settings, tmp_path / "second.log"))
     second = processes[-1]
@@ -207,7 +214,7 @@ def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> N
     try:
         rows = reader.uploads(first.run_id, 1)
         assert [u.client for u in rows] == ["alice", "bob", "carol"]  # the replay counted once
-        assert [r.run_id for r in reader.runs()][0] == first.run_id  # then the fresh run
+        assert [r.run_id for r in reader.runs()] == [first.run_id]
         assert reader.run(first.run_id).phase is RunPhase.FINISHED
         (_, round1) = reader.rounds(first.run_id)
         assert sorted(round1.reporters) == list(NAMES) and round1.summary["aligned"] == "A"

@@ -1,5 +1,5 @@
-"""The fedrot-server entry point: bad settings exit 2, SIGTERM stops gracefully, a finished
-run exits 0 once every client heard DONE."""
+"""The fedrot-server entry point: bad settings exit 2, SIGTERM stops gracefully (the run stays
+resumable), a finished run exits 0 once every client heard DONE."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def test_sigterm_stops_the_server_gracefully(tmp_path: Path) -> None:
     code, run_id = asyncio.run(scenario())
     assert code == 0
     reader = open_reader(settings.database_path)
-    assert reader.run(run_id).phase is RunPhase.STOPPED
+    assert reader.run(run_id).phase is RunPhase.WAITING  # resumable: the next start takes it up
+    assert reader.latest_unfinished_run().run_id == run_id
     reader.close()
 
 

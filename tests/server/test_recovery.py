@@ -4,6 +4,7 @@ an older database gaining the new columns, FedEx's running base-weight deltas.""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from fedrot.codec import decode_adapter
-from fedrot_server.artifacts import BASE_DELTAS_FILE, RunArtifacts
+from fedrot_server.artifacts import BASE_DELTAS_FILE, RunArtifacts, spool_name
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.recovery import check_compatible, load_resumption
+from fedrot_server.state_lock import StateDirLock
 from fedrot_server.state import RunPhase, UploadRow
 from fedrot_server.store import SqliteStore
 from fedrot_server.transfers import sha256_hex
@@ -63,6 +65,8 @@ def test_the_open_round_is_read_back_in_arrival_order(recorded) -> None:  # noqa
     assert [(u.row.client, u.row.round_index, u.payload) for u in resumed.uploads] == [
         ("alice", 1, PAYLOADS["alice"]), ("bob", 0, PAYLOADS["bob"])]  # fmt: skip
     assert sorted(resumed.clients) == sorted(PAYLOADS)
+    store.revoke_client("carol")
+    assert sorted(load_resumption(store, artifacts, run).clients) == ["alice", "bob"]
     store.set_run_phase("r1", RunPhase.STOPPED, at=5.0)
     assert store.latest_unfinished_run() is None  # a stopped run stays ended
 
@@ -124,3 +128,17 @@ def test_fedex_base_deltas_keep_their_running_total_across_a_restart(tmp_path: P
     after.save_round(1, b"r1", {}, delta)
     saved = decode_adapter((after.round_dir(1) / BASE_DELTAS_FILE).read_bytes()).tensors
     torch.testing.assert_close(saved["encoder.q.weight"], torch.full((3, 2), 4.0))
+
+
+def test_one_server_per_state_folder(tmp_path: Path) -> None:
+    held = StateDirLock(tmp_path / "state")
+    in_use = rf"in use by another fedrot-server \(pid {os.getpid()}\)"
+    with pytest.raises(SettingsError, match=in_use):
+        StateDirLock(tmp_path / "state")
+    held.release()
+    StateDirLock(tmp_path / "state").release()  # free again
+
+
+def test_late_spool_files_cannot_collide_with_a_dotted_client_name() -> None:
+    assert spool_name("alice", 0, 1) != spool_name("alice.round-0", 1, 1)
+    assert spool_name("alice", 1, 1) == "alice.safetensors"
