@@ -221,8 +221,10 @@ class ClientDaemon:
 
     def _work_on(self, session: Session, task: pb.TrainTask) -> None:
         if task.round in self._state.completed_rounds(session.run_id):
+            # Offered again: the server still waits for us (it lost our withdrawal in a restart).
             logger.info("round %s: already done here (update accepted, or given up); waiting "
                         "for the next", task.round)  # fmt: skip
+            self._withdraw(session.run_id, task.round)
             if self._stop.wait(self.settings.backoff_initial_s):
                 raise Interrupted("stop requested")
             return
@@ -343,6 +345,15 @@ class ClientDaemon:
         self._state.record_completed(run_id, round_index)
         self._rounds.append(RoundRecord(round_index, "dropped"))
         logger.error("round %s: dropped: %s", round_index, why)
+        self._withdraw(run_id, round_index)
+
+    def _withdraw(self, run_id: str, round_index: int) -> None:
+        """Tell the server we give up ``round_index`` (so it replaces us rather than waiting);
+        best effort: a server that cannot be told replaces us at the deadline all the same."""
+        try:
+            self._transport.heartbeat(run_id, round_index, pb.CLIENT_PHASE_WITHDRAWN, 0.0)
+        except (RejectedError, Interrupted) as exc:
+            logger.debug("could not withdraw from round %s: %s", round_index, exc)
 
     def _finish(self, session: Session, done: pb.DoneTask) -> RunOutcome:
         logger.info("run %s done after %s rounds: %s", session.run_id, done.rounds_completed,

@@ -110,8 +110,9 @@ class ClientState:
 
     def _state(self) -> dict:
         """``state.json``, or an empty record (with a warning) when its fields have the wrong
-        types: forgetting finished rounds is safe (a retrained round's upload reuses its
-        idempotency key, and the server answers it as a duplicate)."""
+        types. Forgetting finished rounds counts nothing twice: a round trained again uploads
+        under the same idempotency key, which the server answers as a duplicate (the same
+        bytes) or refuses (other bytes; the round is then dropped here)."""
         record = self._read(STATE_FILE)
         rounds = record.get("completed_rounds", [])
         fine = (

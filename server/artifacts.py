@@ -185,7 +185,11 @@ class RunArtifacts:
         return write_atomically(self.spool_path(round_index, client, trained), payload)
 
     def read_upload(self, round_index: int, client: str, *, trained_round: int) -> bytes:
-        return self.spool_path(round_index, client, trained_round).read_bytes()
+        path = self.spool_path(round_index, client, trained_round)
+        legacy = path.with_name(f"{client}.round-{trained_round}.safetensors")
+        if trained_round != round_index and not path.exists() and legacy.exists():
+            path = legacy  # a late upload spooled before the ``@`` naming
+        return path.read_bytes()
 
     def drop_uploads(self, round_index: int) -> None:
         """Remove round ``round_index``'s spool (once the round is closed and recorded)."""

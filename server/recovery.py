@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import InitialModel, RunSpec
-from fedrot_server.state import RoundPhase, RoundRow, RunRow, UploadRow
+from fedrot_server.state import RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
 from fedrot_server.store import SqliteStore
 from fedrot_server.transfers import sha256_hex
 
@@ -70,9 +71,19 @@ def run_record(spec: RunSpec, initial: InitialModel, settings: ServerSettings) -
             "fingerprint": initial.fingerprint, "intake": intake}  # fmt: skip
 
 
-def find_resumable(store: SqliteStore, settings_resume: bool, run_id: str | None) -> RunRow | None:
-    """The run to resume: the latest unfinished one (``run_id``'s, when one is asked for)."""
+def find_resumable(
+    store: SqliteStore,
+    settings_resume: bool,
+    run_id: str | None,
+    clock: Callable[[], float] = time.time,
+) -> RunRow | None:
+    """The run to resume: the latest unfinished one (``run_id``'s, when one is asked for).
+    With ``resume = false`` every unfinished run is marked stopped: the new run replaces them,
+    and no later start takes one of them up again."""
     if not settings_resume:
+        for abandoned in store.unfinished_runs():
+            logger.warning("run %s is left unfinished for good (resume = false)", abandoned.run_id)
+            store.set_run_phase(abandoned.run_id, RunPhase.STOPPED, clock())
         return None
     run = store.latest_unfinished_run()
     if run is None or (run_id is not None and run.run_id != run_id):

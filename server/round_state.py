@@ -40,6 +40,7 @@ class OpenRound:
     deadline: float
     started: float
     reported: dict[str, UploadRow] = field(default_factory=dict)
+    withdrawn: set[str] = field(default_factory=set)  # participants that gave the round up
     late: list[UploadRow] = field(default_factory=list)
     uploading: dict[str, asyncio.Event] = field(default_factory=dict)
     partials: PartialUploads = field(default_factory=PartialUploads)
@@ -53,7 +54,8 @@ class OpenRound:
 
     def expects(self, client: str) -> bool:
         """Whether an update from ``client`` is still wanted."""
-        return not self.closed and client in self.participants and client not in self.reported
+        return (not self.closed and client in self.participants
+                and client not in self.reported and client not in self.withdrawn)  # fmt: skip
 
     @property
     def arrivals(self) -> int:
@@ -72,20 +74,25 @@ class OpenRound:
         return sorted([*self.reported.values(), *self.late], key=lambda row: row.sequence)
 
     def check_complete(self) -> None:
-        """Signal ``complete`` once every participant, or ``target`` clients, reported."""
-        if len(self.reported) >= self.target or self.participants <= self.reported.keys():
+        """Signal ``complete`` once ``target`` clients reported, or every participant that did
+        not withdraw (with at least one update in)."""
+        remaining = self.participants - self.withdrawn
+        everyone = bool(self.arrivals) and remaining <= self.reported.keys()
+        if len(self.reported) >= self.target or everyone:
             self.complete.set()
 
     def extend(
         self, live: Iterable[str], *, seed: int, deadline: float
     ) -> tuple[list[str], list[str]]:
-        """Move the deadline and replace each silent participant (not reported, not live) by
-        a live client not yet in the round, sampled from ``(seed, round, extension)``.
+        """Move the deadline and replace each silent participant (not reported, and not live
+        or withdrawn) by a live client not yet in the round, sampled from ``(seed, round,
+        extension)``.
 
         Returns ``(silent, added)``.
         """
         alive = set(live)
-        silent = sorted(c for c in self.participants - self.reported.keys() if c not in alive)
+        silent = sorted(c for c in self.participants - self.reported.keys()
+                        if c not in alive or c in self.withdrawn)  # fmt: skip
         self.extensions += 1
         added = sample_participants(alive - self.participants, len(silent), seed=seed,
                                     round_index=self.index, attempt=self.extensions)  # fmt: skip

@@ -207,6 +207,19 @@ class RoundEngine(UploadIntake, OperatorActions):
         current = rnd.index if rnd is not None else self._published_round()
         return HeartbeatReply(self._phase, current, is_open, self.spec.heartbeat_interval_s)
 
+    async def withdraw(self, client: str, run_id: str, round_index: int) -> None:
+        """``client`` gives up ``round_index`` (it cannot make or send its update): the round
+        no longer waits for it, and replaces it at the deadline like a silent participant."""
+        self._require_client(client, run_id)
+        async with self._lock:
+            rnd = self._round
+            if rnd is None or rnd.index != round_index or not rnd.expects(client):
+                return
+            rnd.withdrawn.add(client)
+            rnd.check_complete()
+        logger.warning("round %s: %s withdrew (it cannot send an update)", round_index, client)
+        self._notify()
+
     # The rounds.
 
     async def _run(self) -> None:

@@ -72,18 +72,20 @@ class FederationServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving (in-flight calls get ``grace_s``), the dashboard, the rounds, the
-        worker, the store."""
-        if self.dashboard is not None:
-            await self.dashboard.stop()
-        await self.health.enter_graceful_shutdown()
-        await self.engine.stop()
-        await self.grpc_server.stop(grace_s)
-        await self.worker.close()
-        self.store.close()
-        if self.telemetry is not None:
-            self.telemetry.close()
-        if self.lock is not None:
-            self.lock.release()
+        worker, the store; the state folder's lock last, whatever failed before."""
+        try:
+            if self.dashboard is not None:
+                await self.dashboard.stop()
+            await self.health.enter_graceful_shutdown()
+            await self.engine.stop()
+            await self.grpc_server.stop(grace_s)
+            await self.worker.close()
+            self.store.close()
+            if self.telemetry is not None:
+                self.telemetry.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def check_initial(initial: InitialModel, spec: RunSpec) -> None:

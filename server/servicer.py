@@ -229,5 +229,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     @unary_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
-        reply = self._engine.heartbeat(self._client(context), request.run_id, request.round)
+        client = self._client(context)
+        if request.phase == pb.CLIENT_PHASE_WITHDRAWN:
+            await self._engine.withdraw(client, request.run_id, request.round)
+        reply = self._engine.heartbeat(client, request.run_id, request.round)
         return messages.heartbeat_response(reply)

@@ -176,6 +176,14 @@ class SqliteReader:
         )
         return row["target"] if row else None
 
+    def unfinished_runs(self) -> list[RunRow]:
+        """The runs a crash or a stop left waiting or running, oldest first."""
+        rows = self._query(
+            "SELECT * FROM runs WHERE phase IN (?, ?) ORDER BY created_at, run_id",
+            tuple(p.value for p in UNFINISHED_PHASES),
+        )
+        return [_run_row(r) for r in rows]
+
     def latest_unfinished_run(self) -> RunRow | None:
         """The most recent run a crash left waiting or running (None when there is none)."""
         row = self._query_one(

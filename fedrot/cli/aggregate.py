@@ -8,7 +8,7 @@
 
 Inputs and output are PEFT adapter state dicts in safetensors (``<module>.lora_A.weight``
 ``(r, d_in)``, ``<module>.lora_B.weight`` ``(d_out, r)``, extras such as a classifier head).
-Every client is checked against the schema of the reference (or of the first client), then
+Every client is checked against the schema of the reference (or of the heaviest client), then
 added to one streaming aggregator, one file at a time, with its normalised weight. Without
 ``--reference`` the heaviest client (ties: the first path in sort order) is the one the others
 are aligned to, so the result does not depend on the order of the arguments. The output holds
@@ -62,7 +62,7 @@ BASE_DELTA_SUFFIX = ".base_layer.weight"
 DESCRIPTION = (
     "Aggregate client LoRA adapters (safetensors, PEFT key names) with one strategy. Each "
     "client may carry a weight after its last ':' (default 1; weights are normalised). Every "
-    "client is checked against the schema of the reference, or of the first client. The "
+    "client is checked against the schema of the reference, or of the heaviest client. The "
     "rotation strategies align every client to --reference, the adapter the clients started "
     "from; without it, to the heaviest client (ties: the first path in sort order). With "
     "--reference, ffa keeps its lora_A factors and clients may omit them. Bad input ends with "
@@ -232,7 +232,12 @@ def normalised_weights(clients: Sequence[WeightedPath]) -> list[float]:
     largest = max(c.weight for c in clients)
     scaled = [c.weight / largest for c in clients]
     total = math.fsum(scaled)
-    return [w / total for w in scaled]
+    normalised = [w / total for w in scaled]
+    if not all(normalised):
+        lightest = min(clients, key=lambda c: c.weight)
+        raise InputError(f"{lightest.path}: weight {lightest.weight:g} is too small next to "
+                         f"{largest:g} to count at all")  # fmt: skip
+    return normalised
 
 
 def aggregation_order(clients: Sequence[WeightedPath]) -> list[int]:
@@ -289,10 +294,9 @@ def _report_json(
     args: argparse.Namespace, clients: Sequence[WeightedPath], result: AggregationResult
 ) -> str:
     report: dict[str, Any] = result.report.to_dict()
-    total = math.fsum(c.weight for c in clients)
     report["inputs"] = [
-        {"path": str(c.path), "weight": c.weight, "normalised_weight": c.weight / total}
-        for c in clients
+        {"path": str(c.path), "weight": c.weight, "normalised_weight": p}
+        for c, p in zip(clients, normalised_weights(clients), strict=True)
     ]
     report["reference"] = None if args.reference is None else str(args.reference)
     report["output"] = str(args.out)

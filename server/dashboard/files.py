@@ -14,6 +14,7 @@ import re
 import tempfile
 import threading
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +99,17 @@ class RunFiles:
 
 class ZipCache:
     """Zips of adapter folders for download, each made once (named by the adapter and its
-    weights' sha256) in a private temporary folder that goes with the process. A zip that
-    stays, rather than one per request deleted after sending, leaves nothing behind when a
-    response ends early (a refused Range header, a dropped connection)."""
+    weights' sha256) in a private temporary folder that goes with the process; the ``keep``
+    most recently asked for stay. A zip that stays, rather than one per request deleted after
+    sending, leaves nothing behind when a response ends early (a refused Range header, a
+    dropped connection). One evicted while still being sent is read to its end (an unlinked
+    file lives while it is open)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 8) -> None:
         self._lock = threading.Lock()
         self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._kept: OrderedDict[Path, None] = OrderedDict()
+        self._keep = keep
 
     def zip_of(self, files: AdapterFiles, prefix: str) -> Path:
         """The zip of ``files.folder``'s files under ``prefix/``."""
@@ -114,6 +119,11 @@ class ZipCache:
             target = Path(self._folder.name) / f"{prefix}-{files.sha256[:16]}.zip"
             if not target.exists():
                 _write_zip(files.folder, prefix, target)
+            self._kept[target] = None
+            self._kept.move_to_end(target)
+            while len(self._kept) > self._keep:
+                oldest, _ = self._kept.popitem(last=False)
+                oldest.unlink(missing_ok=True)
             return target
 
 

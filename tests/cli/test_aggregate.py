@@ -450,13 +450,18 @@ def test_huge_weights_are_normalised_before_summing(
     tmp_path: Path, clients: list[Tensors], aggregate_here: Aggregate
 ) -> None:
     code, _, err = aggregate_here(
-        "--strategy", "fedex", "--out", "out.safetensors",
-        "--base-deltas", "deltas.safetensors", "c0.safetensors:1e38", "c1.safetensors:3e38",
+        "--strategy", "fedex", "--out", "out.safetensors", "--report", "r.json",
+        "--base-deltas", "deltas.safetensors", "c0.safetensors:1e308", "c1.safetensors:1.5e308",
     )
     assert code == 0, err
-    for key, tensor in weighted_mean(clients[:2], [1.0, 3.0]).items():
+    for key, tensor in weighted_mean(clients[:2], [1.0, 1.5]).items():
         torch.testing.assert_close(load(tmp_path / "out.safetensors")[key], tensor)
     assert all(torch.isfinite(t).all() for t in load(tmp_path / "deltas.safetensors").values())
+    inputs = json.loads((tmp_path / "r.json").read_text())["inputs"]
+    assert [c["normalised_weight"] for c in inputs] == pytest.approx([0.4, 0.6])
+    code, _, err = aggregate_here("--strategy", "fedit", "--out", "tiny.safetensors",
+                                  "c0.safetensors:1e300", "c1.safetensors:1e-30")  # fmt: skip
+    assert code == 2 and "c1.safetensors: weight 1e-30 is too small next to 1e+300" in err
 
 
 def test_an_existing_file_whose_name_ends_in_a_number_is_that_file(

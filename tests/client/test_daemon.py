@@ -224,6 +224,7 @@ def test_an_update_the_server_refuses_is_dropped_not_resent_forever(
     assert [h.round for h in fake.servicer.log["upload_headers"]] == [0, 1]  # round 0 sent once
     state = ClientState(tmp_path / "state")
     assert state.pending(RUN_ID) is None and state.completed_rounds(RUN_ID) == {0, 1}
+    assert (0, pb.CLIENT_PHASE_WITHDRAWN) in fake.servicer.log["heartbeats"]  # not waited for
 
 
 def test_diverging_local_training_drops_the_round(
@@ -236,6 +237,7 @@ def test_diverging_local_training_drops_the_round(
     assert [(r.round_index, r.status) for r in outcome.rounds] == [(0, "dropped")]
     assert fake.servicer.log["upload_headers"] == []
     assert ClientState(tmp_path / "state").completed_rounds(RUN_ID) == {0}
+    assert (0, pb.CLIENT_PHASE_WITHDRAWN) in fake.servicer.log["heartbeats"]
 
 
 def test_a_state_folder_of_another_client_is_refused(

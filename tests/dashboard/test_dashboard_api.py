@@ -19,6 +19,7 @@ from dashboard_state import RUN, T0, FakeControl, RecordedRun, record_run, sha25
 from fedrot_server.control import Activity
 from fedrot_server.dashboard import __main__ as standalone
 from fedrot_server.dashboard import create_app
+from fedrot_server.dashboard.files import AdapterFiles, ZipCache
 from fedrot_server.store import open_reader
 from fedrot_server.telemetry import open_telemetry_reader
 
@@ -275,3 +276,16 @@ def test_standalone_dashboard_over_a_state_folder(recorded: RecordedRun) -> None
         process.terminate()
         process.wait(30)
         process.stderr.close()
+
+
+def test_the_zip_cache_keeps_the_latest_few(tmp_path: Path) -> None:
+    cache = ZipCache(keep=2)
+    made = []
+    for i in range(3):
+        folder = tmp_path / f"adapter{i}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        made.append(cache.zip_of(AdapterFiles(folder, folder / "w", f"{i:064x}", 1), f"round-{i}"))
+    assert [p.exists() for p in made] == [False, True, True]
+    assert cache.zip_of(AdapterFiles(tmp_path / "adapter0", tmp_path / "w", f"{0:064x}", 1),
+                        "round-0").exists()  # made again when asked for again

@@ -14,7 +14,7 @@ import torch
 from fedrot.codec import decode_adapter
 from fedrot_server.artifacts import BASE_DELTAS_FILE, RunArtifacts, spool_name
 from fedrot_server.errors import SettingsError, StoreError
-from fedrot_server.recovery import check_compatible, load_resumption
+from fedrot_server.recovery import check_compatible, find_resumable, load_resumption
 from fedrot_server.state_lock import StateDirLock
 from fedrot_server.state import RunPhase, UploadRow
 from fedrot_server.store import SqliteStore
@@ -142,3 +142,13 @@ def test_one_server_per_state_folder(tmp_path: Path) -> None:
 def test_late_spool_files_cannot_collide_with_a_dotted_client_name() -> None:
     assert spool_name("alice", 0, 1) != spool_name("alice.round-0", 1, 1)
     assert spool_name("alice", 1, 1) == "alice.safetensors"
+
+
+def test_starting_afresh_leaves_the_unfinished_run_for_good(recorded) -> None:  # noqa: ANN001
+    """resume = false: the unfinished run is marked stopped, so a later plain start cannot take
+    it up again behind the new run's back."""
+    store, _ = recorded
+    assert find_resumable(store, True, None).run_id == "r1"
+    assert find_resumable(store, False, None, clock=lambda: 9.0) is None
+    assert store.run("r1").phase is RunPhase.STOPPED and store.run("r1").finished_at == 9.0
+    assert find_resumable(store, True, None) is None

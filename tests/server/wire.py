@@ -139,9 +139,11 @@ class WireClient:
         request.max_wait.FromNanoseconds(int(max_wait_s * 1e9))
         return await self.stub.GetTask(request, metadata=self.metadata)
 
-    async def heartbeat(self, round_index: int) -> pb.HeartbeatResponse:
-        request = pb.HeartbeatRequest(run_id=self.run_id, round=round_index,
-                                      phase=pb.CLIENT_PHASE_TRAINING, progress=0.5)  # fmt: skip
+    async def heartbeat(
+        self, round_index: int, phase: int = pb.CLIENT_PHASE_TRAINING
+    ) -> pb.HeartbeatResponse:
+        request = pb.HeartbeatRequest(run_id=self.run_id, round=round_index, phase=phase,
+                                      progress=0.5)  # fmt: skip
         return await self.stub.Heartbeat(request, metadata=self.metadata)
 
     async def download_parts(

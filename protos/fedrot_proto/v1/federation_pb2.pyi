@@ -37,6 +37,7 @@ class ClientPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_PHASE_DOWNLOADING: _ClassVar[ClientPhase]
     CLIENT_PHASE_TRAINING: _ClassVar[ClientPhase]
     CLIENT_PHASE_UPLOADING: _ClassVar[ClientPhase]
+    CLIENT_PHASE_WITHDRAWN: _ClassVar[ClientPhase]
 
 class UploadStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ CLIENT_PHASE_IDLE: ClientPhase
 CLIENT_PHASE_DOWNLOADING: ClientPhase
 CLIENT_PHASE_TRAINING: ClientPhase
 CLIENT_PHASE_UPLOADING: ClientPhase
+CLIENT_PHASE_WITHDRAWN: ClientPhase
 UPLOAD_STATUS_UNSPECIFIED: UploadStatus
 UPLOAD_STATUS_ACCEPTED: UploadStatus
 UPLOAD_STATUS_DUPLICATE: UploadStatus

@@ -1,0 +1,78 @@
+"""A participant that cannot send its update withdraws (Heartbeat phase WITHDRAWN): the round
+stops waiting for it, and a round left without it replaces it at the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fedrot_proto.v1 import federation_pb2 as pb
+from wire import (
+    WireClient,
+    adapter_of,
+    encode_update,
+    local_update,
+    make_settings,
+    running_server,
+    synthetic_adapter,
+    token_of,
+    trained_of,
+)
+
+
+async def train_and_upload(client: WireClient, task: pb.TrainTask, seed: int) -> int:
+    reference = adapter_of(await client.download(task.round))
+    update = encode_update(local_update(reference, trained_of(task), seed=seed))
+    return (await client.upload(task.round, update, trained_of(task))).status
+
+
+def test_a_withdrawn_participant_is_not_waited_for(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=2, round_deadline_s=600.0)
+
+    async def scenario() -> None:
+        async with running_server(settings, synthetic_adapter()) as server:
+            alice, bob = (WireClient(server.address, token_of(n)) for n in ("alice", "bob"))
+            await asyncio.gather(alice.enroll(), bob.enroll())
+            task_a, task_b = [(await c.get_task(10)).train for c in (alice, bob)]
+            assert await train_and_upload(alice, task_a, 1) == pb.UPLOAD_STATUS_ACCEPTED
+            reply = await bob.heartbeat(task_b.round, pb.CLIENT_PHASE_WITHDRAWN)
+            assert not reply.round_open
+            next_task = (await alice.get_task(10)).train  # round 0 closed without bob, at once
+            assert next_task.round == 1
+            (round0, *_) = server.store.rounds(server.spec.run_id)
+            assert round0.reporters == ("alice",)
+            for client in (alice, bob):
+                await client.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_sole_participant_that_withdraws_is_replaced_at_the_deadline(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=1, clients_per_round=1,
+                             round_deadline_s=1.0)  # fmt: skip
+
+    async def scenario() -> None:
+        async with running_server(settings, synthetic_adapter()) as server:
+            clients = {n: WireClient(server.address, token_of(n)) for n in ("alice", "bob")}
+            await asyncio.gather(*(c.enroll() for c in clients.values()))
+            responses = await asyncio.gather(*(c.get_task(2.0) for c in clients.values()))
+            chosen = next(n for n, r in zip(clients, responses, strict=True)
+                          if r.WhichOneof("task") == "train")  # fmt: skip
+            other = next(n for n in clients if n != chosen)
+            await clients[chosen].heartbeat(0, pb.CLIENT_PHASE_WITHDRAWN)
+            assert (await clients[chosen].get_task(0.5)).WhichOneof("task") != "train"
+            while (response := await clients[other].get_task(2.0)).WhichOneof("task") != "train":
+                pass  # the deadline passes; the withdrawn participant is replaced
+            assert await train_and_upload(clients[other], response.train, 2) == \
+                pb.UPLOAD_STATUS_ACCEPTED  # fmt: skip
+            (round0,) = server.store.rounds(server.spec.run_id)
+            for _ in range(100):
+                (round0,) = server.store.rounds(server.spec.run_id)
+                if round0.phase.value == "closed":
+                    break
+                await asyncio.sleep(0.05)
+            assert round0.reporters == (other,)
+            for client in clients.values():
+                await client.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
