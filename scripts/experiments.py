@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -117,9 +117,22 @@ def run_dir(out: Path, setting: Setting, method: Method, seed: int) -> Path:
     return out / setting.name / slug / f"seed{seed}"
 
 
-def finished(folder: Path) -> bool:
+def finished(folder: Path, config: Mapping[str, object]) -> bool:
+    """Whether ``folder`` holds a complete run of ``config``: every setting the run recorded has
+    the value it would have now (a run with another budget, say a quick one, is run again; a
+    setting added to the simulator since, with its former behaviour, is not recorded)."""
     path = folder / "metrics.json"
-    return path.is_file() and json.loads(path.read_text()).get("summary") is not None
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(dict(config)))
+    return saved.get("summary") is not None and _recorded_in(saved.get("config"), current)
+
+
+def _recorded_in(saved: object, current: object) -> bool:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return all(k in current and _recorded_in(v, current[k]) for k, v in saved.items())
+    return saved == current
 
 
 def run_grid(out: Path, grid: Sequence[Phase], budget: Budget, model: str) -> None:
@@ -150,10 +163,10 @@ def run_grid(out: Path, grid: Sequence[Phase], budget: Budget, model: str) -> No
         )  # fmt: skip
         for method in setting.methods:
             folder = run_dir(out, setting, method, seed)
-            if finished(folder):
-                continue
             config = replace(base, strategy=method.strategy, lam=method.lam,
                              extra={**base.extra, "label": method.label})  # fmt: skip
+            if finished(folder, config.to_dict()):
+                continue
             started = time.perf_counter()
             result = simulate_to(folder, config, data, plot=False)
             summary = result.summary()
@@ -191,8 +204,6 @@ def run_generative(out: Path, budget: Budget, seeds: Sequence[int], model: str) 
                                   generative=True)  # fmt: skip
         for method in setting.methods:
             folder = run_dir(out, setting, method, seed)
-            if finished(folder):
-                continue
             config = SimulationConfig(
                 model=ModelSpec(model, task="causal-lm", seed=seed),
                 lora=LoraSpec(r=8, alpha=16.0, target_modules=("q_proj", "v_proj")),
@@ -202,6 +213,8 @@ def run_generative(out: Path, budget: Budget, seeds: Sequence[int], model: str) 
                 eval_batch_size=30, eval_every=budget.eval_every, seed=seed, num_threads=1,
                 extra={"alpha": setting.alpha, "label": method.label, "setting": "generative"},
             )  # fmt: skip
+            if finished(folder, config.to_dict()):
+                continue
             started = time.perf_counter()
             summary = simulate_to(folder, config, data, plot=False).summary()
             logger.info("generative %s seed %s: best ppl %.2f final %.2f (%.0f s)", method.label,

@@ -50,11 +50,14 @@ def run_command(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise InputError(f"simulate: {exc}") from exc
-    data = wordnet_federation(
-        config.num_clients, alpha=args.alpha, seed=config.seed, eval_size=args.eval_size,
-        per_client=args.per_client, generative=config.task is TaskKind.CAUSAL_LM,
-        directory=args.wordnet_dir,
-    )  # fmt: skip
+    try:
+        data = wordnet_federation(
+            config.num_clients, alpha=args.alpha, seed=config.seed, eval_size=args.eval_size,
+            per_client=args.per_client, generative=config.task is TaskKind.CAUSAL_LM,
+            directory=args.wordnet_dir,
+        )  # fmt: skip
+    except ValueError as exc:  # DataError included: no WordNet, a split it cannot make
+        raise InputError(f"simulate: {exc}") from exc
     result = simulate_to(args.out, config, data, plot=not args.no_plot)
     print(_summary_line(result))
     return 0

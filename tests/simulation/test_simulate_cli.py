@@ -47,6 +47,17 @@ def test_bad_lambda_is_one_line_usage_error(tmp_path, capsys):
     assert "\n" not in err
 
 
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--wordnet-dir", "/nonexistent"], "install Debian's wordnet-base"),
+    (["--alpha", "0"], "alpha must be > 0"),
+])  # fmt: skip
+def test_data_that_cannot_be_made_is_one_line_usage_error(tmp_path, capsys, flags, named):
+    status = main(["simulate", "--out", str(tmp_path), *TINY_FLAGS, *flags])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedrot: error: simulate:") and named in err and "\n" not in err
+
+
 def test_fedrot_cli_does_not_import_transformers():
     code = ("import sys, fedrot.cli; fedrot.cli.build_parser(); "
             "print('transformers' in sys.modules, 'fedrot_client' in sys.modules)")  # fmt: skip
