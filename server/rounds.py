@@ -123,9 +123,12 @@ class RoundEngine(UploadIntake, OperatorActions):
         """Cancel the rounds. What was recorded stays, and so does the run's phase: the next
         start resumes the run (a restart, a rescheduled pod), unless told ``resume = false``.
         Clients are not told the run is over; they retry until the server is back."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        while task is not None and not task.done():
+            task.cancel()  # again, should a wait inside have swallowed the first
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled():
+            task.exception()  # seen here; wait_finished re-raises it
 
     async def wait_finished(self) -> None:
         """Return when the run ended; re-raise the error that ended it early."""
@@ -295,11 +298,8 @@ class RoundEngine(UploadIntake, OperatorActions):
 
     async def _await_reports(self, rnd: OpenRound) -> None:
         while True:
-            try:
-                await asyncio.wait_for(rnd.complete.wait(), max(0.0, rnd.deadline - self._now()))
+            if await _set_within(rnd.complete, rnd.deadline - self._now()):
                 return
-            except TimeoutError:
-                pass
             async with self._lock:
                 if len(rnd.reported) >= rnd.quorum or rnd.complete.is_set():
                     return
@@ -426,7 +426,16 @@ class RoundEngine(UploadIntake, OperatorActions):
 
 async def _changed_or_timeout(changed: asyncio.Event, timeout_s: float) -> None:
     """Wait until ``changed`` is set or ``timeout_s`` passed, whichever comes first."""
+    await _set_within(changed, timeout_s)
+
+
+async def _set_within(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether ``event`` is set within ``timeout_s`` seconds. ``asyncio.timeout``, not
+    ``wait_for``: Python 3.11's ``wait_for`` can swallow a cancellation that arrives as its
+    timeout fires, and the run would then go on after :meth:`RoundEngine.stop` cancelled it."""
     try:
-        await asyncio.wait_for(changed.wait(), max(0.0, timeout_s))
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await event.wait()
     except TimeoutError:
-        pass
+        return False
+    return True

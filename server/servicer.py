@@ -105,17 +105,20 @@ def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
     return wrapper
 
 
+async def _next_within(messages: AsyncIterator[Any], stall_s: float) -> Any:
+    """The next of ``messages`` (None at their end); StalledError once none came for
+    ``stall_s`` seconds (a client gone silent before its header or mid-upload gives its slot
+    back, however large the upload)."""
+    try:
+        async with asyncio.timeout(stall_s):
+            return await anext(messages, None)
+    except TimeoutError:
+        raise StalledError(f"no message for {stall_s:g}s: upload abandoned") from None
+
+
 async def _until_stalled(messages: AsyncIterator[Any], stall_s: float) -> AsyncIterator[Any]:
-    """``messages`` until they end; StalledError once none came for ``stall_s`` seconds (a
-    client gone silent before its header or mid-upload gives its slot back, however large the
-    upload)."""
-    while True:
-        try:
-            message = await asyncio.wait_for(anext(messages, None), stall_s)
-        except TimeoutError:
-            raise StalledError(f"no message for {stall_s:g}s: upload abandoned") from None
-        if message is None:
-            return
+    """``messages`` until they end, each within ``stall_s`` of the last (:func:`_next_within`)."""
+    while (message := await _next_within(messages, stall_s)) is not None:
         yield message
 
 
@@ -169,9 +172,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadUpdateResponse:
         client = self._client(context)
-        stall_s = self._engine.settings.upload_stall_s
-        messages_in = aiter(_until_stalled(aiter(request_iterator), stall_s))
-        first = await anext(messages_in, None)
+        messages_in = aiter(request_iterator)
+        first = await _next_within(messages_in, self._engine.settings.upload_stall_s)
         round_index = first.header.round if first is not None and first.HasField("header") else -1
         try:
             return await self._upload(client, first, messages_in)
@@ -204,8 +206,9 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             return messages.upload_response(opened)
         receiver, concluded = opened.receiver, False
         try:
+            stall_s = self._engine.settings.upload_stall_s
             resumed = False
-            async for message in messages_in:
+            async for message in _until_stalled(messages_in, stall_s):
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidRequestError("only chunks may follow the upload header")
                 if not resumed:

@@ -104,7 +104,8 @@ class UploadIntake:
             if busy is None:
                 return rnd
             try:
-                await asyncio.wait_for(busy.wait(), self.settings.upload_takeover_s)
+                async with asyncio.timeout(self.settings.upload_takeover_s):
+                    await busy.wait()
             except TimeoutError:
                 raise UploadInProgressError(
                     f"an upload from {client!r} for round {rnd.index} is still in progress"

@@ -33,6 +33,7 @@ from wire import (
     local_update,
     make_settings,
     running_server,
+    send_upload,
     synthetic_adapter,
     token_of,
 )
@@ -103,13 +104,8 @@ async def refused(
     client: WireClient, messages: list, metadata: tuple | None = None
 ) -> grpc.aio.AioRpcError:
     """The error an upload of ``messages`` ends with (``metadata``: the client's own)."""
-
-    async def stream():  # noqa: ANN202
-        for message in messages:
-            yield message
-
     with pytest.raises(grpc.aio.AioRpcError) as call:
-        await client.stub.UploadUpdate(stream(), metadata=metadata or client.metadata)
+        await send_upload(client.stub, messages, metadata or client.metadata)
     return call.value
 
 

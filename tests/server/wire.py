@@ -172,11 +172,7 @@ class WireClient:
     async def upload_messages(
         self, messages: Iterable[pb.UploadUpdateRequest]
     ) -> pb.UploadUpdateResponse:
-        async def stream() -> AsyncIterator[pb.UploadUpdateRequest]:
-            for message in messages:
-                yield message
-
-        return await self.stub.UploadUpdate(stream(), metadata=self.metadata)
+        return await send_upload(self.stub, list(messages), self.metadata)
 
     async def upload(
         self,
@@ -194,6 +190,38 @@ class WireClient:
                                sample_count=sample_count, metrics=metrics or {"train_loss": 1.0},
                                key=key, **header_overrides)  # fmt: skip
         return await self.upload_messages([header, *chunk_messages(payload, chunk_bytes)])
+
+
+LATE_WRITE_ATTEMPTS = 5
+
+
+async def send_upload(
+    stub: pb_grpc.FederationServiceStub,
+    messages: Sequence[pb.UploadUpdateRequest],
+    metadata: Sequence[tuple[str, str]],
+) -> pb.UploadUpdateResponse:
+    """One UploadUpdate of ``messages``, as the test clients send it.
+
+    grpc.aio's client can end a call that the server refused before reading every message with
+    an INTERNAL of its own (``Failed "execute_batch"``: a message it was still writing), which
+    hides the server's status. Such a call is sent again (a refused upload changes nothing),
+    a few times at most; the real client's synchronous stub does not have this race.
+    """
+
+    async def stream() -> AsyncIterator[pb.UploadUpdateRequest]:
+        for message in messages:
+            yield message
+
+    attempt = 1
+    while True:
+        try:
+            return await stub.UploadUpdate(stream(), metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            late_write = (error.code() is grpc.StatusCode.INTERNAL
+                          and "execute_batch" in (error.debug_error_string() or ""))  # fmt: skip
+            if not late_write or attempt == LATE_WRITE_ATTEMPTS:
+                raise
+        attempt += 1
 
 
 def upload_header(
