@@ -142,7 +142,7 @@ class RoundEngine(UploadIntake, OperatorActions):
         while not self._told_done >= self._roster.names():
             if loop.time() >= end:
                 return False
-            await _changed_or_timeout(self._changed, end - loop.time())
+            await _set_within(self._changed, end - loop.time())
         return True
 
     @property
@@ -178,7 +178,7 @@ class RoundEngine(UploadIntake, OperatorActions):
                 task = self._task_for(client)
                 if task is not None or loop.time() >= end:
                     return task or WaitTask(reason=self._wait_reason(client))
-                await _changed_or_timeout(changed, end - loop.time())
+                await _set_within(changed, end - loop.time())
         finally:
             self._roster.release(client)
             self._seen(client)
@@ -250,7 +250,7 @@ class RoundEngine(UploadIntake, OperatorActions):
 
     async def _wait_for_clients(self) -> None:
         while self._paused or len(self._live()) < self.settings.min_clients:
-            await _changed_or_timeout(self._changed, self.settings.client_timeout_s)
+            await _set_within(self._changed, self.settings.client_timeout_s)
 
     async def _play_round(self, round_index: int) -> None:
         plan = self._strategy.plan(round_index)
@@ -422,11 +422,6 @@ class RoundEngine(UploadIntake, OperatorActions):
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
-
-
-async def _changed_or_timeout(changed: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``changed`` is set or ``timeout_s`` passed, whichever comes first."""
-    await _set_within(changed, timeout_s)
 
 
 async def _set_within(event: asyncio.Event, timeout_s: float) -> bool:

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     reference = _read_reference(args.reference)
     plan = offline_plan(strategy, reference_given=reference is not None)
     aggregator = strategy.start_round(reference, plan, device=args.device, track_error=True)
-    layout = _add_clients(aggregator, clients, plan, reference)
+    weights = normalised_weights(clients)
+    layout = _add_clients(aggregator, clients, weights, plan, reference)
     try:
         result = aggregator.finalize()
     except torch.linalg.LinAlgError:
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if args.base_deltas is not None:
         outputs[args.base_deltas] = encode_adapter(base_delta_tensors(result), metadata)
     if args.report is not None:
-        outputs[args.report] = _report_json(args, clients, result).encode()
+        outputs[args.report] = _report_json(args, clients, weights, result).encode()
     for path, data in outputs.items():
         write_file(path, data)
     print(summary_line(args, result))
@@ -186,18 +187,18 @@ def _as_adapter(path: Path, tensors: dict[str, Tensor]) -> Adapter:
 def _add_clients(
     aggregator: RoundAggregator,
     clients: Sequence[WeightedPath],
+    weights: Sequence[float],
     plan: RoundPlan,
     reference: Adapter | None,
 ) -> dict[str, torch.dtype]:
     """Decode, check and add each client file in turn (one in memory at a time), with its
-    normalised weight; without a reference the heaviest client goes first (the aggregator
+    normalised weight from ``weights``; without a reference the heaviest client goes first (the aggregator
     aligns to the first update it gets).
 
     Returns the output's keys and dtypes: the first client's, then the reference's for keys
     the clients left out (FFA-LoRA's frozen A).
     """
     schema = None if reference is None else AdapterSchema.of(reference)
-    weights = normalised_weights(clients)
     order = range(len(clients)) if reference is not None else aggregation_order(clients)
     ids = client_ids(clients)
     layout: dict[str, torch.dtype] = {}
@@ -291,12 +292,15 @@ def _metadata(args: argparse.Namespace, plan: RoundPlan, num_clients: int) -> di
 
 
 def _report_json(
-    args: argparse.Namespace, clients: Sequence[WeightedPath], result: AggregationResult
+    args: argparse.Namespace,
+    clients: Sequence[WeightedPath],
+    weights: Sequence[float],
+    result: AggregationResult,
 ) -> str:
     report: dict[str, Any] = result.report.to_dict()
     report["inputs"] = [
         {"path": str(c.path), "weight": c.weight, "normalised_weight": p}
-        for c, p in zip(clients, normalised_weights(clients), strict=True)
+        for c, p in zip(clients, weights, strict=True)
     ]
     report["reference"] = None if args.reference is None else str(args.reference)
     report["output"] = str(args.out)

@@ -9,9 +9,6 @@ from pathlib import Path
 from fedrot_proto.v1 import federation_pb2 as pb
 from wire import (
     WireClient,
-    adapter_of,
-    encode_update,
-    local_update,
     make_settings,
     running_server,
     synthetic_adapter,
@@ -36,8 +33,7 @@ async def participate(client: WireClient, silent: list[str]) -> str:
             silent.append(client.token or "")
             return "silent"
         task = response.train
-        reference = adapter_of(await client.download(task.round))
-        update = encode_update(local_update(reference, trained_of(task), seed=len(client.token or "")))
+        update = await client.update_for(task, seed=len(client.token or ""))
         result = await client.upload(task.round, update, trained_of(task))
         assert result.status == pb.UPLOAD_STATUS_ACCEPTED
 

@@ -10,10 +10,7 @@ from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.service import FederationServer, start_server
 from wire import (
     WireClient,
-    adapter_of,
-    encode_update,
     initializer_of,
-    local_update,
     make_settings,
     synthetic_adapter,
     token_of,
@@ -41,8 +38,7 @@ async def killed(server: FederationServer) -> None:
 async def upload_once(client: WireClient, seed: int) -> int:
     response = await client.get_task(5.0)
     task = response.train
-    reference = adapter_of(await client.download(task.round))
-    update = encode_update(local_update(reference, trained_of(task), seed=seed))
+    update = await client.update_for(task, seed)
     return (await client.upload(task.round, update, trained_of(task))).status
 
 

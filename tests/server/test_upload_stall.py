@@ -12,10 +12,7 @@ import grpc
 from fedrot_proto.v1 import federation_pb2 as pb
 from wire import (
     WireClient,
-    adapter_of,
     chunk_messages,
-    encode_update,
-    local_update,
     make_settings,
     running_server,
     synthetic_adapter,
@@ -33,8 +30,7 @@ def test_a_stalled_upload_is_abandoned_and_its_retry_accepted(tmp_path: Path) ->
             client = WireClient(server.address, token_of("alice"))
             await client.enroll()
             task = (await client.get_task()).train
-            update = encode_update(local_update(adapter_of(await client.download(task.round)),
-                                                trained_of(task), seed=1))  # fmt: skip
+            update = await client.update_for(task, seed=1)
             header = upload_header(client.run_id, task.round, update, trained_of(task),
                                    sample_count=5, metrics={}, key="key-1")  # fmt: skip
             chunks = chunk_messages(update, 256)

@@ -9,9 +9,6 @@ from pathlib import Path
 from fedrot_proto.v1 import federation_pb2 as pb
 from wire import (
     WireClient,
-    adapter_of,
-    encode_update,
-    local_update,
     make_settings,
     running_server,
     synthetic_adapter,
@@ -21,8 +18,7 @@ from wire import (
 
 
 async def train_and_upload(client: WireClient, task: pb.TrainTask, seed: int) -> int:
-    reference = adapter_of(await client.download(task.round))
-    update = encode_update(local_update(reference, trained_of(task), seed=seed))
+    update = await client.update_for(task, seed)
     return (await client.upload(task.round, update, trained_of(task))).status
 
 

@@ -169,6 +169,12 @@ class WireClient:
         assert hashlib.sha256(payload).hexdigest() == header.sha256
         return payload
 
+    async def update_for(self, task: pb.TrainTask, seed: int) -> bytes:
+        """An encoded update for ``task``: its global adapter, downloaded, moved by
+        :func:`local_update` on the factors the task trains."""
+        reference = adapter_of(await self.download(task.round))
+        return encode_update(local_update(reference, trained_of(task), seed=seed))
+
     async def upload_messages(
         self, messages: Iterable[pb.UploadUpdateRequest]
     ) -> pb.UploadUpdateResponse:
