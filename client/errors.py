@@ -46,3 +46,47 @@ class TransferError(FedRotError, ValueError):
 
 class Interrupted(Exception):
     """The daemon's current step was abandoned: it was asked to stop, or its round closed."""
+
+
+class UsageError(FedRotError, RuntimeError):
+    """The SDK was used in a way it cannot serve: a task submitted twice, a federation used
+    outside its ``with`` block, an update of the wrong type. The message names the problem."""
+
+
+class FrozenFactorError(FedRotError, ValueError):
+    """An update changed a LoRA factor its round keeps frozen (FFA-LoRA trains only B; RoLoRA
+    alternates); ``key`` names the first such tensor."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RoundLostError(FedRotError):
+    """This client's update for ``round_index`` will not count: see the two subclasses."""
+
+    def __init__(self, message: str, round_index: int) -> None:
+        super().__init__(message)
+        self.round_index = round_index
+
+
+class RoundClosedError(RoundLostError):
+    """The round closed for this client (its deadline passed, or the run moved on) before its
+    update was accepted."""
+
+
+class UpdateRefusedError(RoundLostError):
+    """The server refused the update's content (e.g. a value above its limit); sending the same
+    update again cannot help, so the round is given up."""
+
+
+class RunChangedError(FedRotError):
+    """The server restarted with a run whose model, LoRA or adapter shapes differ from the one
+    this federation joined: connect again (and build the model again) to join it."""
+
+
+class Stopped(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """The process was asked to stop (SIGTERM or SIGINT) while working for a federation.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that ``except Exception`` in training
+    code does not swallow it; the federation's ``with`` block ends quietly on it."""

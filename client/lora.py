@@ -59,6 +59,11 @@ class LoraSpec:
         if not self.target_modules:
             raise ValueError("LoRA needs at least one target module")
 
+    @property
+    def rank(self) -> int:
+        """The LoRA rank (``r``)."""
+        return self.r
+
 
 def peft_adapter_config(
     lora_spec: LoraSpec,

@@ -8,11 +8,9 @@ settings, data, or a base model that differs from the run's; 1 when the server r
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from fedrot.errors import FedRotError
 from fedrot_client.daemon import ClientDaemon
@@ -23,69 +21,27 @@ from fedrot_client.errors import (
     ServerUnavailableError,
     StateError,
 )
+from fedrot_client.federation import open_transport
 from fedrot_client.settings import ClientSettings, SettingsError, load_settings
-from fedrot_client.transport import RetryPolicy, Transport
+from fedrot_client.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED_TO_START = 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def build_transport(settings: ClientSettings, stop: threading.Event) -> Transport:
-    policy = RetryPolicy(
-        initial_s=settings.backoff_initial_s,
-        max_s=settings.backoff_max_s,
-        multiplier=settings.backoff_multiplier,
-        give_up_after_s=settings.reconnect_timeout_s or None,
-    )
-    return Transport(
-        settings.server,
-        settings.read_token(),
-        policy=policy,
-        stop=stop,
-        tls=settings.tls_config(),
-        rpc_timeout_s=settings.rpc_timeout_s,
-        transfer_timeout_s=settings.transfer_timeout_s,
-    )
-
-
-def install_stop_handlers(stop: threading.Event, transport: Transport) -> dict[int, Any]:
-    """SIGTERM and SIGINT set ``stop``; a watcher thread then cancels the call in flight.
-
-    Returns the handlers replaced, for :func:`restore_handlers`.
-    """
-
-    def on_signal(number: int, _frame: object) -> None:
-        logger.info("received %s; stopping", signal.Signals(number).name)
-        stop.set()
-
-    previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
-
-    def watch() -> None:
-        stop.wait()
-        transport.cancel()
-
-    threading.Thread(target=watch, name="stop-watcher", daemon=True).start()
-    return previous
-
-
-def restore_handlers(previous: dict[int, Any]) -> None:
-    for number, handler in previous.items():
-        signal.signal(number, handler)
 
 
 def run(settings: ClientSettings) -> int:
     """Run the daemon to its end; returns the exit status."""
     stop = threading.Event()
     try:
-        transport = build_transport(settings, stop)
+        transport = open_transport(settings, stop)
     except (SettingsError, OSError) as exc:
         logger.error("refusing to start: %s", exc)
         return EXIT_REFUSED_TO_START
-    previous = install_stop_handlers(stop, transport)
+    signals = StopSignals(stop, transport)
+    signals.install()
     try:
         outcome = ClientDaemon(settings, transport, stop=stop).run()
     except (ModelError, DataError, SettingsError) as exc:
@@ -103,7 +59,7 @@ def run(settings: ClientSettings) -> int:
     finally:
         stop.set()
         transport.close()
-        restore_handlers(previous)
+        signals.restore()
     if outcome.finished:
         folder = outcome.final_adapter_dir
         where = f"; final adapter in {folder}" if folder else ""

@@ -2,7 +2,7 @@
 
 The server describes the run in ``fedrot.v1`` messages; local training speaks
 :class:`~fedrot_client.models.ModelSpec`, :class:`~fedrot_client.lora.LoraSpec`,
-:class:`~fedrot.adapters.AdapterSchema` and :class:`~fedrot_client.training.TrainConfig`.
+:class:`~fedrot.adapters.AdapterSchema` and :class:`~fedrot_client.plan.TrainingPlan`.
 Each conversion checks the message and raises ``ValueError`` naming the bad field.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from fedrot.adapters import AdapterSchema, Factor
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
-from fedrot_client.training import TrainConfig
+from fedrot_client.plan import TrainingPlan
 from fedrot_proto.v1 import federation_pb2 as pb
 
 TASK_KINDS: dict[int, TaskKind] = {
@@ -74,19 +74,15 @@ def factor_messages(factors: Iterable[Factor]) -> list[int]:
     return sorted(FACTOR_MESSAGES[Factor(f)] for f in factors)
 
 
-def train_config_of(
-    message: pb.TrainingHyperparameters, *, num_threads: int | None, progress: bool
-) -> TrainConfig:
-    """Local training of one round: ``local_steps`` batches, or ``epochs`` passes when 0."""
-    return TrainConfig(
-        steps=message.local_steps or None,
+def training_plan_of(message: pb.TrainingHyperparameters) -> TrainingPlan:
+    """The round's training settings: ``local_steps`` batches, or ``epochs`` passes when 0."""
+    return TrainingPlan(
+        local_steps=message.local_steps or None,
         epochs=None if message.local_steps else (message.epochs or 1),
         batch_size=message.batch_size or 16,
-        lr=message.learning_rate,
+        learning_rate=message.learning_rate,
         optimizer=message.optimizer or "sgd",
         weight_decay=message.weight_decay,
         max_length=message.max_length or 64,
         seed=message.seed,
-        num_threads=num_threads,
-        progress=progress,
     )

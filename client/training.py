@@ -26,6 +26,7 @@ from fedrot_client.batches import encode_batch, shuffled_batches
 from fedrot_client.data import TextDataset
 from fedrot_client.errors import TrainingDiverged
 from fedrot_client.lora import export_adapter, set_trainable_factors, task_of
+from fedrot_client.plan import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,24 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def of_plan(
+        cls, plan: TrainingPlan, *, num_threads: int | None = None, progress: bool = False
+    ) -> TrainConfig:
+        """The built-in trainer's config for a round's :class:`TrainingPlan`."""
+        return cls(
+            steps=plan.local_steps,
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            lr=plan.learning_rate,
+            optimizer=OptimizerName(plan.optimizer),
+            weight_decay=plan.weight_decay,
+            max_length=plan.max_length,
+            seed=plan.seed,
+            num_threads=num_threads,
+            progress=progress,
+        )
 
 
 @dataclass(frozen=True)

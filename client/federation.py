@@ -1,0 +1,509 @@
+"""The client SDK: join a federation, receive each round's task, hand in the update.
+
+::
+
+    import fedrot_client
+
+    with fedrot_client.connect("server:50051", token="...", state_dir="state") as fed:
+        model = fed.build_model()
+        for task in fed.tasks():
+            task.load_into(model)
+            ...  # your own training
+            task.submit(model, num_samples=n, metrics={"train_loss": loss})
+        fed.save_final("final-adapter/")
+
+A :class:`Federation` enrols when its ``with`` block starts (re-sending an update that a
+previous process saved but could not deliver), long-polls ``GetTask`` in :meth:`tasks`,
+downloads each round's global adapter with resumable, SHA-256-checked transfers, and uploads
+updates under the round's idempotency key. A state folder remembers the rounds done, so a
+restarted client neither trains a round twice nor loses an update. A server that restarted
+with a new run of the same configuration is joined again transparently. SIGTERM and SIGINT
+(handled in the main thread) end the ``with`` block quietly: ``fed.stopped`` is then true.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedrot.adapters import BOTH_FACTORS, AdapterSchema
+from fedrot.codec import decode_adapter, validate_tensors
+from fedrot.errors import SchemaError
+from fedrot_client.errors import (
+    Interrupted,
+    ModelError,
+    RejectedError,
+    RoundClosedError,
+    RunChangedError,
+    Stopped,
+    UpdateRefusedError,
+    UsageError,
+)
+from fedrot_client.heartbeats import Heartbeats
+from fedrot_client.lora import (
+    PEFT_TASK_TYPES,
+    attach_lora,
+    export_adapter,
+    peft_adapter_config,
+    save_peft_directory,
+)
+from fedrot_client.messages import factor_messages, factors_of, model_spec_of, training_plan_of
+from fedrot_client.models import BaseModel, check_fingerprint, load_base_model, resolve_device
+from fedrot_client.run_info import RoundRecord, RunInfo
+from fedrot_client.settings import ConnectionSettings, connection_settings
+from fedrot_client.signals import StopSignals
+from fedrot_client.state import ClientState, PendingUpload
+from fedrot_client.task import Submission, Task
+from fedrot_client.transport import MAX_CHUNK_BYTES, RetryPolicy, Transport
+from fedrot_proto.v1 import federation_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE = "fedrot-client 0.1.0"
+DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+# Statuses that mean "this round (or run) is gone for us", not a fault.
+ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+# Statuses of an upload that refuse the update itself: sending it again cannot help.
+UPDATE_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+MAX_REENROLMENTS = 5
+
+
+def connect(
+    server: str | None = None,
+    *,
+    token: str | None = None,
+    state_dir: str | Path | None = None,
+    info: Mapping[str, str] | None = None,
+    handle_signals: bool = True,
+    **settings: object,
+) -> Federation:
+    """A :class:`Federation` with the server at ``server`` (``host:port``), to use in a
+    ``with`` block. ``settings`` are the daemon's connection flags as keywords: ``token_file``,
+    ``tls``, ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``, ``tls_server_name``, ``model``
+    (a local copy of the base model), ``device``, ``max_wait_s``, ``rpc_timeout_s``,
+    ``transfer_timeout_s``, ``backoff_*``, ``reconnect_timeout_s``. Whatever is not given comes
+    from the ``FEDROT_CLIENT_*`` environment, then the defaults. Bad values raise
+    :class:`~fedrot_client.settings.SettingsError` naming each one.
+    """
+    given = {"server": server, "token": token, "state_dir": state_dir, **settings}
+    checked = connection_settings(**{k: v for k, v in given.items() if v is not None})
+    stop = threading.Event()
+    transport = open_transport(checked, stop)
+    return Federation(checked, transport, stop=stop, info=info, owns_transport=True,
+                      handle_signals=handle_signals)  # fmt: skip
+
+
+def open_transport(settings: ConnectionSettings, stop: threading.Event) -> Transport:
+    """The gRPC transport ``settings`` describe (retries, TLS, timeouts)."""
+    policy = RetryPolicy(
+        initial_s=settings.backoff_initial_s,
+        max_s=settings.backoff_max_s,
+        multiplier=settings.backoff_multiplier,
+        give_up_after_s=settings.reconnect_timeout_s or None,
+    )
+    return Transport(
+        settings.server,
+        settings.read_token(),
+        policy=policy,
+        stop=stop,
+        tls=settings.tls_config(),
+        rpc_timeout_s=settings.rpc_timeout_s,
+        transfer_timeout_s=settings.transfer_timeout_s,
+    )
+
+
+def describe_host(device: str) -> dict[str, str]:
+    """What the client tells the server about itself at enrolment (logged, stored)."""
+    import torch
+
+    return {"hostname": socket.gethostname(), "software": SOFTWARE,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "device": device}  # fmt: skip
+
+
+class Federation:
+    """One client's membership of one run; see the module docstring. Use it in a ``with``
+    block (it enrols on entry and closes its connection on exit); every method needs that."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        transport: Transport,
+        *,
+        stop: threading.Event | None = None,
+        info: Mapping[str, str] | None = None,
+        owns_transport: bool = False,
+        handle_signals: bool = False,
+    ) -> None:
+        self._settings = settings
+        self._transport = transport
+        self._stop = stop or threading.Event()
+        self._state = ClientState(settings.state_dir)
+        self._info = dict(info) if info is not None else describe_host(settings.device)
+        self._owns_transport = owns_transport
+        self._signals = (StopSignals(self._stop, transport, raise_now=lambda: self._in_user_code)
+                         if handle_signals else None)  # fmt: skip
+        self._in_user_code = False
+        self._phase = "new"
+        self._enrolment: pb.EnrollResponse | None = None
+        self._run: RunInfo | None = None
+        self._records: list[RoundRecord] = []
+        self._current: Task | None = None
+        self._done: pb.DoneTask | None = None
+        self._base: BaseModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.stopped = False
+
+    # -- the with block ----------------------------------------------------------------------
+    def __enter__(self) -> Federation:
+        if self._phase != "new":
+            raise UsageError("a Federation is entered once; connect() again for a new one")
+        if self._signals is not None:
+            self._signals.install()
+        try:
+            self._join(self._enroll())
+            self._phase = "open"
+            self._send_pending()
+        except BaseException as exc:
+            self._shutdown()
+            if isinstance(exc, Interrupted) and self._stop.is_set():
+                raise Stopped("stop requested while joining") from exc
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
+                 ) -> bool:  # fmt: skip
+        try:
+            task = self._current
+            if task is not None and not task.ended:
+                if exc is None:
+                    task.withdraw("the client left the federation without submitting")
+                elif isinstance(exc, Exception):
+                    task.withdraw(f"{type(exc).__name__}: {exc}")
+                else:  # stopping: the round may be trained again after a restart
+                    task.abandon()
+        finally:
+            self._shutdown()
+        if isinstance(exc, Stopped):
+            self.stopped = True
+            logger.info("stopped (%s)", exc)
+            return True
+        return False
+
+    def _shutdown(self) -> None:
+        if self._current is not None:
+            self._current.abandon()
+        if self._signals is not None:
+            self._signals.restore()
+        if self._owns_transport:
+            self._transport.close()
+        self._phase = "closed"
+
+    def require_open(self) -> None:
+        """Raise :class:`UsageError` outside the ``with`` block."""
+        if self._phase != "open":
+            raise UsageError("the federation is not open: use it inside "
+                             "`with fedrot_client.connect(...) as fed:`")  # fmt: skip
+
+    # -- what the run is ---------------------------------------------------------------------
+    @property
+    def run(self) -> RunInfo:
+        """The run joined: id, rounds, task, base model and fingerprint, LoRA, strategy."""
+        if self._run is None:
+            raise UsageError("not enrolled yet: use fed.run inside the with block")
+        return self._run
+
+    @property
+    def schema(self) -> AdapterSchema:
+        return self.run.schema
+
+    @property
+    def rounds(self) -> tuple[RoundRecord, ...]:
+        """The rounds this federation worked on, in order, with their outcome."""
+        return tuple(self._records)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the server said the run is done (:meth:`tasks` ended)."""
+        return self._done is not None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop (SIGTERM, SIGINT) was asked for."""
+        return self._stop.is_set()
+
+    # -- the model ---------------------------------------------------------------------------
+    def build_model(self) -> PeftModel:
+        """The run's base model (or the local ``model`` setting's copy of it, checked against
+        the run's fingerprint) with the run's LoRA attached, on the configured device. LoRA's
+        A starts from the run's seed, as on every client; load each round's adapter with
+        ``task.load_into``. Raises :class:`~fedrot_client.errors.ModelError` on a mismatch."""
+        self.require_open()
+        base, self._base = self._base or self._load_base(), None
+        model = attach_lora(base, self.run.lora, seed=self._enrolment.run.strategy.seed)
+        try:
+            validate_tensors(export_adapter(model), self.run.schema)
+        except SchemaError as exc:
+            raise ModelError(f"base model {base.spec.name!r} does not fit the run's adapter: "
+                             f"{exc}") from exc  # fmt: skip
+        return model.to(resolve_device(self._settings.device))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer (padding set; loads the base model if not built yet)."""
+        self.require_open()
+        if self._tokenizer is None:
+            self._base = self._load_base()
+        return self._tokenizer
+
+    def _load_base(self) -> BaseModel:
+        spec = model_spec_of(self._enrolment.run.model, self._settings.model)
+        base = load_base_model(spec)
+        if self.run.fingerprint:
+            check_fingerprint(base, self.run.fingerprint)
+        else:
+            logger.warning("the run names no base-model fingerprint; not checking %s", spec.name)
+        self._tokenizer = base.tokenizer
+        return base
+
+    # -- rounds ------------------------------------------------------------------------------
+    def tasks(self) -> Iterator[Task]:
+        """The run's rounds for this client, one :class:`Task` at a time, until the server says
+        the run is done. Long-polls between rounds. Each task must end (``submit`` or
+        ``withdraw``) inside the loop body; a body that moves on without either withdraws it,
+        and an exception escaping the body withdraws it too (a stop does not)."""
+        self.require_open()
+        if self._current is not None and not self._current.ended:
+            raise UsageError(f"round {self._current.round_index} is still open: end it before "
+                             "asking for tasks again")  # fmt: skip
+        failures = 0
+        while self._done is None:
+            response = self._next_task(failures)
+            if response is None:
+                failures += 1
+                continue
+            kind = response.WhichOneof("task")
+            if kind == "done":
+                self._done = response.done
+                logger.info("run %s done after %s rounds: %s", self.run.run_id,
+                            response.done.rounds_completed, response.done.reason)  # fmt: skip
+            elif kind == "train":
+                task = self._open_task(response.train)
+                if task is None:
+                    continue
+                failures = 0
+                yield from self._hand_out(task)
+            else:
+                delay = response.wait.retry_after.ToNanoseconds() / 1e9 if kind else 1.0
+                logger.debug("waiting (%s)", response.wait.reason or "no task")
+                self._pause(delay)
+
+    def _hand_out(self, task: Task) -> Iterator[Task]:
+        self._current = task
+        self._in_user_code = True
+        try:
+            yield task
+        finally:
+            self._in_user_code = False
+        if not task.ended:
+            logger.warning("round %s: the loop body ended without submit() or withdraw()",
+                           task.round_index)  # fmt: skip
+            task.withdraw("the client's loop moved on without submitting")
+        self._current = None
+
+    def _next_task(self, failures: int) -> pb.GetTaskResponse | None:
+        """The server's answer to GetTask; None after joining a restarted server's new run."""
+        try:
+            return self._transport.get_task(self.run.run_id, self._settings.max_wait_s)
+        except Interrupted as exc:
+            self._raise_stopped(exc)
+        except RejectedError as exc:
+            if exc.code not in ROUND_GONE or failures >= MAX_REENROLMENTS:
+                raise
+            logger.warning("the server no longer serves run %s (%s); enrolling again",
+                           self.run.run_id, exc.details)  # fmt: skip
+        self._pause(self._settings.backoff_initial_s)
+        self._rejoin()
+        return None
+
+    def _open_task(self, message: pb.TrainTask) -> Task | None:
+        """Download the round's adapter and start its heartbeats; None when the round is done
+        here already or went away during the download."""
+        run = self.run
+        if message.round in self._state.completed_rounds(run.run_id):
+            # Offered again: the server still waits for us (it lost our withdrawal).
+            logger.info("round %s: already done here; waiting for the next", message.round)
+            self._withdraw(message.round)
+            self._pause(self._settings.backoff_initial_s)
+            return None
+        interval = run.heartbeat_interval_s or DEFAULT_HEARTBEAT_S
+        beats = Heartbeats(self._transport, run.run_id, message.round, interval).start()
+        try:
+            data = self._transport.download_adapter(run.run_id, message.round,
+                                                    message.global_adapter)  # fmt: skip
+            tensors = decode_adapter(data, run.schema, BOTH_FACTORS).tensors
+            task = Task(self, message, factors_of(message.trained_factors),
+                        training_plan_of(message.hyperparameters), tensors, beats)  # fmt: skip
+        except Interrupted as exc:
+            beats.stop()
+            self._raise_stopped(exc)
+        except RejectedError as exc:
+            beats.stop()
+            if exc.code not in ROUND_GONE:
+                raise
+            self._records.append(RoundRecord(message.round, "dropped"))
+            logger.warning("round %s: no longer available (%s)", message.round, exc)
+            return None
+        except BaseException:
+            beats.stop()
+            raise
+        return task
+
+    # -- what a Task calls back --------------------------------------------------------------
+    def save_pending(self, pending: PendingUpload, payload: bytes) -> None:
+        self._state.save_pending(pending, payload)
+
+    def send_update(self, pending: PendingUpload, payload: bytes) -> Submission:
+        """Upload a saved update; on success the round is done here for good."""
+        header = pb.UploadHeader(
+            run_id=pending.run_id, round=pending.round_index, sample_count=pending.sample_count,
+            metrics=dict(pending.metrics), idempotency_key=pending.idempotency_key,
+            factors=factor_messages(pending.factors),
+        )  # fmt: skip
+        try:
+            reply = self._transport.upload_update(header, payload, self._chunk_bytes())
+        except Interrupted as exc:
+            self._raise_stopped(exc)  # the saved update goes out after a restart
+        except RejectedError as exc:
+            self._refused(pending, exc)
+        duplicate = reply.status == pb.UPLOAD_STATUS_DUPLICATE
+        self._state.record_completed(pending.run_id, pending.round_index)
+        self._state.clear_pending()
+        status = "duplicate" if duplicate else "accepted"
+        self._records.append(RoundRecord(pending.round_index, status, pending.sample_count,
+                                         pending.metrics.get("train_loss"), len(payload)))
+        logger.info("round %s: update %s (%s bytes, upload %s)", pending.round_index, status,
+                    len(payload), reply.upload_id)  # fmt: skip
+        return Submission(pending.round_index, status, reply.upload_id, len(payload))
+
+    def _refused(self, pending: PendingUpload, exc: RejectedError) -> NoReturn:
+        """Book a refused upload and raise the matching :class:`RoundLostError`."""
+        round_index = pending.round_index
+        if exc.code in UPDATE_REFUSED:
+            self.give_up_round(round_index, f"the server refused the update: {exc}")
+            raise UpdateRefusedError(f"round {round_index}: the server refused the update: "
+                                     f"{exc.details}", round_index) from exc  # fmt: skip
+        if exc.code not in ROUND_GONE:
+            raise exc
+        self._state.clear_pending()
+        self._records.append(RoundRecord(round_index, "dropped"))
+        logger.warning("round %s: the server no longer takes it (%s); dropped", round_index,
+                       exc.details)  # fmt: skip
+        raise RoundClosedError(f"round {round_index} closed before the update was accepted: "
+                               f"{exc.details}", round_index) from exc  # fmt: skip
+
+    def give_up_round(self, round_index: int, why: str, *, tell_server: bool = True) -> None:
+        """Drop a round for good: its saved update is discarded and the round marked done here,
+        so neither a retry nor a restart works on it again; the server is told (withdrawal)."""
+        self._state.clear_pending()
+        self._state.record_completed(self.run.run_id, round_index)
+        self._records.append(RoundRecord(round_index, "dropped"))
+        logger.warning("round %s: dropped: %s", round_index, why)
+        if tell_server:
+            self._withdraw(round_index)
+
+    # -- the end -----------------------------------------------------------------------------
+    def save_final(self, directory: str | Path) -> Path:
+        """Save the run's final global adapter as a PEFT folder (``adapter_config.json`` and
+        ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads; call it once
+        :meth:`tasks` has ended. Returns the folder."""
+        self.require_open()
+        if self._done is None:
+            raise UsageError("the run has not finished: call save_final after fed.tasks() ends")
+        run = self.run
+        data = self._transport.download_adapter(run.run_id, self._done.rounds_completed,
+                                                self._done.final_adapter)  # fmt: skip
+        tensors = decode_adapter(data, run.schema, BOTH_FACTORS).tensors
+        name = self._settings.model or run.model.name
+        config = peft_adapter_config(run.lora, name, PEFT_TASK_TYPES[run.task],
+                                     modules_to_save=self._saved_modules())  # fmt: skip
+        return save_peft_directory(directory, tensors, config)
+
+    def _saved_modules(self) -> tuple[str, ...]:
+        """PEFT ``modules_to_save``: the run's, else the head modules the schema's extra keys
+        name (``base_model.model.classifier.weight`` -> ``classifier``)."""
+        if self.run.lora.modules_to_save:
+            return tuple(self.run.lora.modules_to_save)
+        names = (key.removeprefix("base_model.model.").split(".")[0]
+                 for key in self.run.schema.extra)  # fmt: skip
+        return tuple(sorted(set(names)))
+
+    # -- enrolment ---------------------------------------------------------------------------
+    def _enroll(self) -> pb.EnrollResponse:
+        enrolment = self._transport.enroll(self._info)
+        run = enrolment.run
+        logger.info("enrolled in run %s as %s (%s rounds, strategy %s)", run.run_id,
+                    enrolment.client_id, run.rounds, run.strategy.name)  # fmt: skip
+        return enrolment
+
+    def _join(self, enrolment: pb.EnrollResponse) -> None:
+        self._state.record_enrolment(enrolment.run.run_id, enrolment.client_id)
+        self._enrolment, self._run = enrolment, RunInfo.of(enrolment)
+
+    def _rejoin(self) -> None:
+        """Enrol again after the server forgot our run; the new run must fit the model."""
+        try:
+            enrolment = self._enroll()
+        except Interrupted as exc:
+            self._raise_stopped(exc)
+        old, new = self._enrolment.run, enrolment.run
+        if (new.model, new.lora, new.schema) != (old.model, old.lora, old.schema):
+            raise RunChangedError(
+                f"the server now runs {new.run_id} with another base model, LoRA or adapter "
+                f"schema than {old.run_id}: connect again to join it"
+            )
+        self._join(enrolment)
+
+    def _send_pending(self) -> None:
+        """Re-send an update saved before a restart and not yet accepted."""
+        found = self._state.pending(self.run.run_id)
+        if found is None:
+            return
+        logger.info("round %s: re-sending the update saved before a restart",
+                    found[0].round_index)  # fmt: skip
+        try:
+            self.send_update(*found)
+        except (RoundClosedError, UpdateRefusedError) as exc:
+            logger.warning("%s", exc)
+
+    def _withdraw(self, round_index: int) -> None:
+        """Tell the server we give up ``round_index`` (best effort)."""
+        try:
+            self._transport.heartbeat(self.run.run_id, round_index, pb.CLIENT_PHASE_WITHDRAWN, 0)
+        except (RejectedError, Interrupted) as exc:
+            logger.debug("could not withdraw from round %s: %s", round_index, exc)
+
+    def _chunk_bytes(self) -> int:
+        limits = self._enrolment.run.limits
+        return min(limits.chunk_bytes or DEFAULT_CHUNK_BYTES,
+                   limits.max_chunk_bytes or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)  # fmt: skip
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0 and self._stop.wait(seconds):
+            raise Stopped("stop requested while waiting")
+
+    def _raise_stopped(self, cause: Interrupted) -> NoReturn:
+        """A stop turns into :class:`Stopped`; an interruption without one stays itself."""
+        if self._stop.is_set():
+            raise Stopped(str(cause)) from cause
+        raise cause
