@@ -15,6 +15,7 @@ The upload holds the round's trained factors and every extra tensor (the head), 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +31,8 @@ from fedrot_client.lora import export_adapter
 Update = PeftModel | Mapping[str, Tensor]
 """What ``Task.submit`` takes: the trained model, or its adapter state dict."""
 
+# A module's key as nn.Module.state_dict() names it, with the adapter's name: ".lora_A.default.weight".
+ADAPTER_NAMED_KEY = re.compile(r"\.lora_[AB]\.[^.]+\.weight$|\.modules_to_save\.")
 ADAPTER_NAME_HINT = (
     " (keys name the adapter, e.g. '.lora_A.default.weight': pass "
     "peft.get_peft_model_state_dict(model), or the model itself)"
@@ -101,7 +104,7 @@ def update_tensors(
     try:
         validate_tensors(upload, schema, trained)
     except SchemaError as exc:
-        hint = ADAPTER_NAME_HINT if exc.key and ".default." in exc.key else ""
+        hint = ADAPTER_NAME_HINT if any(ADAPTER_NAMED_KEY.search(k) for k in upload) else ""
         raise SchemaError(f"{exc}{hint}", key=exc.key) from None
     return {key: t.detach().to(device="cpu", dtype=torch.float32).clone()
             for key, t in upload.items()}  # fmt: skip

@@ -1,0 +1,122 @@
+"""Federated rounds with a Hugging Face ``Trainer`` or TRL's ``SFTTrainer``.
+
+::
+
+    from fedrot_client import hf
+
+    for task in fed.tasks():
+        args = hf.training_arguments(task, "out/round", args_class=SFTConfig)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        hf.run_task(task, trainer)   # load_into, train with FedRotCallback, submit
+
+:func:`training_arguments` maps the server's training settings onto ``TrainingArguments``
+where they mean the same thing; :class:`FedRotCallback` reports progress in the task's
+heartbeats and stops the trainer once the round closed or a stop was asked for;
+:func:`run_task` does one round end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from fedrot_client.errors import Stopped
+from fedrot_client.task import Submission, Task
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = {"sgd": "sgd", "adamw": "adamw_torch"}
+"""The server's optimizer names -> ``TrainingArguments.optim``."""
+
+
+def training_arguments(
+    task: Task,
+    output_dir: str | Path,
+    *,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    **overrides: Any,
+) -> TrainingArguments:
+    """``args_class`` (``TrainingArguments``, or a subclass such as TRL's ``SFTConfig``) for
+    ``task``: ``max_steps`` (or ``num_train_epochs``), ``per_device_train_batch_size``,
+    ``learning_rate`` (constant within the round, no warmup, as the built-in trainer),
+    ``optim`` (``sgd`` or ``adamw_torch``), ``weight_decay``, ``seed`` and ``data_seed``, and
+    ``max_length`` when ``args_class`` has it. float32 (no ``bf16``/``fp16``), no checkpoints,
+    no reporting. ``overrides``
+    win over all of these."""
+    plan = task.training
+    values: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": plan.local_steps or -1,
+        "num_train_epochs": plan.epochs or 1,
+        "per_device_train_batch_size": plan.batch_size,
+        "learning_rate": plan.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "optim": OPTIMIZERS.get(plan.optimizer, plan.optimizer),
+        "weight_decay": plan.weight_decay,
+        "seed": plan.seed,
+        "data_seed": plan.seed,
+        "save_strategy": "no",
+        "report_to": "none",
+        "logging_steps": 1,
+        "bf16": False,  # float32 like the built-in trainer (TRL's configs default to bf16)
+        "fp16": False,
+    }
+    if "max_length" in {field.name for field in dataclasses.fields(args_class)}:
+        values["max_length"] = plan.max_length
+    values.update(overrides)
+    return args_class(**values)
+
+
+class FedRotCallback(TrainerCallback):
+    """Reports each optimiser step to the task (the dashboard sees the progress) and ends
+    training early when the round closed for this client or a stop was asked for."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> Any:
+        if not self.task.progress(state.global_step, state.max_steps):
+            logger.warning("round %s: closed or stopping; ending local training",
+                           self.task.round_index)  # fmt: skip
+            control.should_training_stop = True
+        return control
+
+
+def samples_trained(trainer: Trainer) -> int:
+    """Examples the trainer went through: steps x effective batch size, at most the dataset
+    times the epochs begun (the last batch of an epoch may be short)."""
+    args, state = trainer.args, trainer.state
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    count = state.global_step * per_step
+    dataset = trainer.train_dataset
+    if dataset is not None and hasattr(dataset, "__len__") and state.epoch:
+        count = min(count, len(dataset) * math.ceil(state.epoch))
+    return max(count, 1)
+
+
+def run_task(task: Task, trainer: Trainer) -> Submission | None:
+    """One round with ``trainer``: load the round's adapter into ``trainer.model`` (freezing
+    the factors the round does not train), train with a :class:`FedRotCallback`, submit the
+    model with ``train_loss``. Returns None when the round closed during training (the task
+    is then withdrawn); raises :class:`~fedrot_client.errors.Stopped` on a stop."""
+    task.load_into(trainer.model)
+    callback = FedRotCallback(task)
+    trainer.add_callback(callback)
+    try:
+        output = trainer.train()
+    finally:
+        trainer.remove_callback(callback)
+    if task.is_open:
+        metrics = {"train_loss": float(output.training_loss),
+                   "train_steps": float(trainer.state.global_step)}  # fmt: skip
+        return task.submit(trainer.model, num_samples=samples_trained(trainer), metrics=metrics)
+    if task.closed:
+        task.withdraw("the server closed the round during local training")
+        return None
+    raise Stopped("stop requested during local training")
