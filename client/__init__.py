@@ -37,17 +37,18 @@ if TYPE_CHECKING:
         UpdateRefusedError,
         UsageError,
     )
-    from fedrot_client.federation import Federation, connect
+    from fedrot_client.connection import connect
+    from fedrot_client.federation import Federation
     from fedrot_client.plan import TrainingPlan
-    from fedrot_client.run_info import RoundRecord, RunInfo
+    from fedrot_client.run_info import RoundRecord, RunInfo, Submission
     from fedrot_client.settings import SettingsError
-    from fedrot_client.task import Submission, Task
+    from fedrot_client.task import Task
 
 _EXPORTS = {
-    "connect": "fedrot_client.federation",
+    "connect": "fedrot_client.connection",
     "Federation": "fedrot_client.federation",
     "Task": "fedrot_client.task",
-    "Submission": "fedrot_client.task",
+    "Submission": "fedrot_client.run_info",
     "TrainingPlan": "fedrot_client.plan",
     "RunInfo": "fedrot_client.run_info",
     "RoundRecord": "fedrot_client.run_info",

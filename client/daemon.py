@@ -30,7 +30,8 @@ from fedrot_client.errors import (
     Stopped,
     TrainingDiverged,
 )
-from fedrot_client.federation import Federation, describe_host
+from fedrot_client.connection import describe_host
+from fedrot_client.federation import Federation
 from fedrot_client.models import TaskKind
 from fedrot_client.run_info import RoundRecord
 from fedrot_client.settings import ClientSettings

@@ -24,14 +24,10 @@ with a new run of the same configuration is joined again transparently. SIGTERM 
 from __future__ import annotations
 
 import logging
-import platform
-import socket
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NoReturn
 
-import grpc
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -42,10 +38,8 @@ from fedrot_client.errors import (
     Interrupted,
     ModelError,
     RejectedError,
-    RoundClosedError,
     RunChangedError,
     Stopped,
-    UpdateRefusedError,
     UsageError,
 )
 from fedrot_client.heartbeats import Heartbeats
@@ -56,79 +50,21 @@ from fedrot_client.lora import (
     peft_adapter_config,
     save_peft_directory,
 )
-from fedrot_client.messages import factor_messages, factors_of, model_spec_of, training_plan_of
+from fedrot_client.messages import factors_of, model_spec_of, training_plan_of
 from fedrot_client.models import BaseModel, check_fingerprint, load_base_model, resolve_device
 from fedrot_client.run_info import RoundRecord, RunInfo
-from fedrot_client.settings import ConnectionSettings, connection_settings
-from fedrot_client.signals import StopSignals
-from fedrot_client.state import ClientState, PendingUpload
-from fedrot_client.task import Submission, Task
-from fedrot_client.transport import MAX_CHUNK_BYTES, RetryPolicy, Transport
+from fedrot_client.settings import ConnectionSettings
+from fedrot_client.signals import StopSignals, raise_stopped
+from fedrot_client.ledger import ROUND_GONE, RoundLedger
+from fedrot_client.state import ClientState
+from fedrot_client.task import Task
+from fedrot_client.transport import Transport
 from fedrot_proto.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-SOFTWARE = "fedrot-client 0.1.0"
 DEFAULT_HEARTBEAT_S = 10.0
-DEFAULT_CHUNK_BYTES = 1024 * 1024
-# Statuses that mean "this round (or run) is gone for us", not a fault.
-ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
-# Statuses of an upload that refuse the update itself: sending it again cannot help.
-UPDATE_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
 MAX_REENROLMENTS = 5
-
-
-def connect(
-    server: str | None = None,
-    *,
-    token: str | None = None,
-    state_dir: str | Path | None = None,
-    info: Mapping[str, str] | None = None,
-    handle_signals: bool = True,
-    **settings: object,
-) -> Federation:
-    """A :class:`Federation` with the server at ``server`` (``host:port``), to use in a
-    ``with`` block. ``settings`` are the daemon's connection flags as keywords: ``token_file``,
-    ``tls``, ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``, ``tls_server_name``, ``model``
-    (a local copy of the base model), ``device``, ``max_wait_s``, ``rpc_timeout_s``,
-    ``transfer_timeout_s``, ``backoff_*``, ``reconnect_timeout_s``. Whatever is not given comes
-    from the ``FEDROT_CLIENT_*`` environment, then the defaults. Bad values raise
-    :class:`~fedrot_client.settings.SettingsError` naming each one.
-    """
-    given = {"server": server, "token": token, "state_dir": state_dir, **settings}
-    checked = connection_settings(**{k: v for k, v in given.items() if v is not None})
-    stop = threading.Event()
-    transport = open_transport(checked, stop)
-    return Federation(checked, transport, stop=stop, info=info, owns_transport=True,
-                      handle_signals=handle_signals)  # fmt: skip
-
-
-def open_transport(settings: ConnectionSettings, stop: threading.Event) -> Transport:
-    """The gRPC transport ``settings`` describe (retries, TLS, timeouts)."""
-    policy = RetryPolicy(
-        initial_s=settings.backoff_initial_s,
-        max_s=settings.backoff_max_s,
-        multiplier=settings.backoff_multiplier,
-        give_up_after_s=settings.reconnect_timeout_s or None,
-    )
-    return Transport(
-        settings.server,
-        settings.read_token(),
-        policy=policy,
-        stop=stop,
-        tls=settings.tls_config(),
-        rpc_timeout_s=settings.rpc_timeout_s,
-        transfer_timeout_s=settings.transfer_timeout_s,
-    )
-
-
-def describe_host(device: str) -> dict[str, str]:
-    """What the client tells the server about itself at enrolment (logged, stored)."""
-    import torch
-
-    return {"hostname": socket.gethostname(), "software": SOFTWARE,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "device": device}  # fmt: skip
 
 
 class Federation:
@@ -148,8 +84,8 @@ class Federation:
         self._settings = settings
         self._transport = transport
         self._stop = stop or threading.Event()
-        self._state = ClientState(settings.state_dir)
-        self._info = dict(info) if info is not None else describe_host(settings.device)
+        self.ledger = RoundLedger(transport, ClientState(settings.state_dir), self._stop)
+        self._info = dict(info or {})
         self._owns_transport = owns_transport
         self._signals = (StopSignals(self._stop, transport, raise_now=lambda: self._in_user_code)
                          if handle_signals else None)  # fmt: skip
@@ -157,7 +93,6 @@ class Federation:
         self._phase = "new"
         self._enrolment: pb.EnrollResponse | None = None
         self._run: RunInfo | None = None
-        self._records: list[RoundRecord] = []
         self._current: Task | None = None
         self._done: pb.DoneTask | None = None
         self._base: BaseModel | None = None
@@ -173,7 +108,7 @@ class Federation:
         try:
             self._join(self._enroll())
             self._phase = "open"
-            self._send_pending()
+            self.ledger.send_pending()
         except BaseException as exc:
             self._shutdown()
             if isinstance(exc, Interrupted) and self._stop.is_set():
@@ -230,7 +165,7 @@ class Federation:
     @property
     def rounds(self) -> tuple[RoundRecord, ...]:
         """The rounds this federation worked on, in order, with their outcome."""
-        return tuple(self._records)
+        return tuple(self.ledger.records)
 
     @property
     def finished(self) -> bool:
@@ -326,7 +261,7 @@ class Federation:
         try:
             return self._transport.get_task(self.run.run_id, self._settings.max_wait_s)
         except Interrupted as exc:
-            self._raise_stopped(exc)
+            raise_stopped(self._stop, exc)
         except RejectedError as exc:
             if exc.code not in ROUND_GONE or failures >= MAX_REENROLMENTS:
                 raise
@@ -340,10 +275,10 @@ class Federation:
         """Download the round's adapter and start its heartbeats; None when the round is done
         here already or went away during the download."""
         run = self.run
-        if message.round in self._state.completed_rounds(run.run_id):
+        if self.ledger.is_done(message.round):
             # Offered again: the server still waits for us (it lost our withdrawal).
             logger.info("round %s: already done here; waiting for the next", message.round)
-            self._withdraw(message.round)
+            self.ledger.withdraw(message.round)
             self._pause(self._settings.backoff_initial_s)
             return None
         interval = run.heartbeat_interval_s or DEFAULT_HEARTBEAT_S
@@ -356,71 +291,18 @@ class Federation:
                         training_plan_of(message.hyperparameters), tensors, beats)  # fmt: skip
         except Interrupted as exc:
             beats.stop()
-            self._raise_stopped(exc)
+            raise_stopped(self._stop, exc)
         except RejectedError as exc:
             beats.stop()
             if exc.code not in ROUND_GONE:
                 raise
-            self._records.append(RoundRecord(message.round, "dropped"))
+            self.ledger.record(RoundRecord(message.round, "dropped"))
             logger.warning("round %s: no longer available (%s)", message.round, exc)
             return None
         except BaseException:
             beats.stop()
             raise
         return task
-
-    # -- what a Task calls back --------------------------------------------------------------
-    def save_pending(self, pending: PendingUpload, payload: bytes) -> None:
-        self._state.save_pending(pending, payload)
-
-    def send_update(self, pending: PendingUpload, payload: bytes) -> Submission:
-        """Upload a saved update; on success the round is done here for good."""
-        header = pb.UploadHeader(
-            run_id=pending.run_id, round=pending.round_index, sample_count=pending.sample_count,
-            metrics=dict(pending.metrics), idempotency_key=pending.idempotency_key,
-            factors=factor_messages(pending.factors),
-        )  # fmt: skip
-        try:
-            reply = self._transport.upload_update(header, payload, self._chunk_bytes())
-        except Interrupted as exc:
-            self._raise_stopped(exc)  # the saved update goes out after a restart
-        except RejectedError as exc:
-            self._refused(pending, exc)
-        duplicate = reply.status == pb.UPLOAD_STATUS_DUPLICATE
-        self._state.record_completed(pending.run_id, pending.round_index)
-        self._state.clear_pending()
-        status = "duplicate" if duplicate else "accepted"
-        self._records.append(RoundRecord(pending.round_index, status, pending.sample_count,
-                                         pending.metrics.get("train_loss"), len(payload)))
-        logger.info("round %s: update %s (%s bytes, upload %s)", pending.round_index, status,
-                    len(payload), reply.upload_id)  # fmt: skip
-        return Submission(pending.round_index, status, reply.upload_id, len(payload))
-
-    def _refused(self, pending: PendingUpload, exc: RejectedError) -> NoReturn:
-        """Book a refused upload and raise the matching :class:`RoundLostError`."""
-        round_index = pending.round_index
-        if exc.code in UPDATE_REFUSED:
-            self.give_up_round(round_index, f"the server refused the update: {exc}")
-            raise UpdateRefusedError(f"round {round_index}: the server refused the update: "
-                                     f"{exc.details}", round_index) from exc  # fmt: skip
-        if exc.code not in ROUND_GONE:
-            raise exc
-        self._state.clear_pending()
-        self._records.append(RoundRecord(round_index, "dropped"))
-        logger.warning("round %s: the server no longer takes it (%s); dropped", round_index,
-                       exc.details)  # fmt: skip
-        raise RoundClosedError(f"round {round_index} closed before the update was accepted: "
-                               f"{exc.details}", round_index) from exc  # fmt: skip
-
-    def give_up_round(self, round_index: int, why: str, *, tell_server: bool = True) -> None:
-        """Drop a round for good: its saved update is discarded and the round marked done here,
-        so neither a retry nor a restart works on it again; the server is told (withdrawal)."""
-        self._state.clear_pending()
-        self._state.record_completed(self.run.run_id, round_index)
-        self._records.append(RoundRecord(round_index, "dropped"))
-        logger.warning("round %s: dropped: %s", round_index, why)
-        if tell_server:
-            self._withdraw(round_index)
 
     # -- the end -----------------------------------------------------------------------------
     def save_final(self, directory: str | Path) -> Path:
@@ -457,7 +339,7 @@ class Federation:
         return enrolment
 
     def _join(self, enrolment: pb.EnrollResponse) -> None:
-        self._state.record_enrolment(enrolment.run.run_id, enrolment.client_id)
+        self.ledger.join(enrolment.run.run_id, enrolment.client_id, enrolment.run.limits)
         self._enrolment, self._run = enrolment, RunInfo.of(enrolment)
 
     def _rejoin(self) -> None:
@@ -465,7 +347,7 @@ class Federation:
         try:
             enrolment = self._enroll()
         except Interrupted as exc:
-            self._raise_stopped(exc)
+            raise_stopped(self._stop, exc)
         old, new = self._enrolment.run, enrolment.run
         if (new.model, new.lora, new.schema) != (old.model, old.lora, old.schema):
             raise RunChangedError(
@@ -474,36 +356,6 @@ class Federation:
             )
         self._join(enrolment)
 
-    def _send_pending(self) -> None:
-        """Re-send an update saved before a restart and not yet accepted."""
-        found = self._state.pending(self.run.run_id)
-        if found is None:
-            return
-        logger.info("round %s: re-sending the update saved before a restart",
-                    found[0].round_index)  # fmt: skip
-        try:
-            self.send_update(*found)
-        except (RoundClosedError, UpdateRefusedError) as exc:
-            logger.warning("%s", exc)
-
-    def _withdraw(self, round_index: int) -> None:
-        """Tell the server we give up ``round_index`` (best effort)."""
-        try:
-            self._transport.heartbeat(self.run.run_id, round_index, pb.CLIENT_PHASE_WITHDRAWN, 0)
-        except (RejectedError, Interrupted) as exc:
-            logger.debug("could not withdraw from round %s: %s", round_index, exc)
-
-    def _chunk_bytes(self) -> int:
-        limits = self._enrolment.run.limits
-        return min(limits.chunk_bytes or DEFAULT_CHUNK_BYTES,
-                   limits.max_chunk_bytes or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)  # fmt: skip
-
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self._stop.wait(seconds):
             raise Stopped("stop requested while waiting")
-
-    def _raise_stopped(self, cause: Interrupted) -> NoReturn:
-        """A stop turns into :class:`Stopped`; an interruption without one stays itself."""
-        if self._stop.is_set():
-            raise Stopped(str(cause)) from cause
-        raise cause

@@ -21,7 +21,7 @@ from fedrot_client.errors import (
     ServerUnavailableError,
     StateError,
 )
-from fedrot_client.federation import open_transport
+from fedrot_client.connection import open_transport
 from fedrot_client.settings import ClientSettings, SettingsError, load_settings
 from fedrot_client.signals import StopSignals
 

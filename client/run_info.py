@@ -64,3 +64,15 @@ class RoundRecord:
     num_samples: int = 0
     train_loss: float | None = None
     upload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :meth:`Task.submit` returns: ``status`` is ``"accepted"`` (counted in the round)
+    or ``"duplicate"`` (the server had accepted this very update already, e.g. before a
+    restart); ``size_bytes`` is the encoded update's size."""
+
+    round_index: int
+    status: str
+    upload_id: str
+    size_bytes: int

@@ -14,9 +14,9 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from fedrot_client.errors import Stopped
+from fedrot_client.errors import Interrupted, Stopped
 from fedrot_client.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -64,3 +64,10 @@ class StopSignals:
     def _watch(self) -> None:
         self._stop.wait()
         self._transport.cancel()
+
+
+def raise_stopped(stop: threading.Event, cause: Interrupted) -> NoReturn:
+    """An interrupted call during a stop becomes :class:`Stopped`; otherwise ``cause``."""
+    if stop.is_set():
+        raise Stopped(str(cause)) from cause
+    raise cause

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peft import PeftModel
@@ -27,6 +26,7 @@ from fedrot_client.errors import RoundClosedError, UsageError
 from fedrot_client.heartbeats import Heartbeats
 from fedrot_client.lora import load_adapter, set_trainable_factors
 from fedrot_client.plan import TrainingPlan
+from fedrot_client.run_info import Submission
 from fedrot_client.state import PendingUpload
 from fedrot_client.transport import sha256_hex
 from fedrot_client.updates import Update, update_tensors
@@ -36,18 +36,6 @@ if TYPE_CHECKING:
     from fedrot_client.federation import Federation
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Submission:
-    """What :meth:`Task.submit` returns: ``status`` is ``"accepted"`` (counted in the round)
-    or ``"duplicate"`` (the server had accepted this very update already, e.g. before a
-    restart); ``size_bytes`` is the encoded update's size."""
-
-    round_index: int
-    status: str
-    upload_id: str
-    size_bytes: int
 
 
 class Task:
@@ -155,7 +143,7 @@ class Task:
         try:
             pending, payload = self._save(tensors, count, values)
             self._heartbeats.report(pb.CLIENT_PHASE_UPLOADING, 0.0)
-            return self._federation.send_update(pending, payload)
+            return self._federation.ledger.send_update(pending, payload)
         finally:
             self._heartbeats.stop()
 
@@ -165,7 +153,7 @@ class Task:
         self._check_can_end("withdraw")
         self._ended = "withdrawn"
         self._heartbeats.stop()
-        self._federation.give_up_round(self.round_index, reason, tell_server=not self.closed)
+        self._federation.ledger.give_up_round(self.round_index, reason, tell_server=not self.closed)
 
     def abandon(self) -> None:
         """End the task without a word to the server (the process is stopping): the round is
@@ -198,7 +186,7 @@ class Task:
             sha256=sha256_hex(payload),
             metrics=dict(metrics),
         )
-        federation.save_pending(pending, payload)
+        federation.ledger.save_pending(pending, payload)
         return pending, payload
 
 
