@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import fedrot_client
-from fedrot_client.federation import Federation
+from fedrot_client.ledger import RoundLedger
 from fedrot_client.state import ClientState
 
 STATE = Path(os.environ["FEDROT_CLIENT_STATE_DIR"])
@@ -37,7 +37,7 @@ def die_after(function):
 
 
 if FIRST_LIFE and FAULT == "saved":
-    Federation.save_pending = die_after(Federation.save_pending)
+    RoundLedger.save_pending = die_after(RoundLedger.save_pending)
 if FIRST_LIFE and FAULT == "accepted":
     ClientState.record_completed = die_after(ClientState.record_completed)
 
