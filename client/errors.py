@@ -85,8 +85,16 @@ class RunChangedError(FedRotError):
     this federation joined: connect again (and build the model again) to join it."""
 
 
-class Stopped(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+class Stopped(SystemExit):  # noqa: N818 - a way to exit, not an error
     """The process was asked to stop (SIGTERM or SIGINT) while working for a federation.
 
-    A ``BaseException`` like ``KeyboardInterrupt``, so that ``except Exception`` in training
-    code does not swallow it; the federation's ``with`` block ends quietly on it."""
+    A ``SystemExit`` with status 0, so that ``except Exception`` in training code does not
+    swallow it and, should it escape, the process ends quietly as a stopped program should. The
+    federation's ``with`` block ends quietly on it (``fed.stopped``). ``reason`` says why."""
+
+    def __init__(self, reason: str = "stop requested") -> None:
+        super().__init__(0)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason

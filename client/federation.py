@@ -55,10 +55,10 @@ from fedrot_client.models import BaseModel, check_fingerprint, load_base_model, 
 from fedrot_client.run_info import RoundRecord, RunInfo
 from fedrot_client.settings import ConnectionSettings
 from fedrot_client.signals import StopSignals, raise_stopped
-from fedrot_client.ledger import ROUND_GONE, RoundLedger
+from fedrot_client.ledger import RoundLedger
 from fedrot_client.state import ClientState
 from fedrot_client.task import Task
-from fedrot_client.transport import Transport
+from fedrot_client.transport import ROUND_GONE, Transport
 from fedrot_proto.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,8 @@ class Federation:
         self.ledger = RoundLedger(transport, ClientState(settings.state_dir), self._stop)
         self._info = dict(info or {})
         self._owns_transport = owns_transport
-        self._signals = (StopSignals(self._stop, transport, raise_now=lambda: self._in_user_code)
+        self._signals = (StopSignals(self._stop, transport, raise_now=lambda: True)
                          if handle_signals else None)  # fmt: skip
-        self._in_user_code = False
         self._phase = "new"
         self._enrolment: pb.EnrollResponse | None = None
         self._run: RunInfo | None = None
@@ -121,12 +120,12 @@ class Federation:
         try:
             task = self._current
             if task is not None and not task.ended:
-                if exc is None:
+                if task.has_saved_update or not isinstance(exc, Exception | None):
+                    task.abandon()  # a stop, or an update saved to send after a restart
+                elif exc is None:
                     task.withdraw("the client left the federation without submitting")
-                elif isinstance(exc, Exception):
+                else:
                     task.withdraw(f"{type(exc).__name__}: {exc}")
-                else:  # stopping: the round may be trained again after a restart
-                    task.abandon()
         finally:
             self._shutdown()
         if isinstance(exc, Stopped):
@@ -245,12 +244,12 @@ class Federation:
 
     def _hand_out(self, task: Task) -> Iterator[Task]:
         self._current = task
-        self._in_user_code = True
-        try:
-            yield task
-        finally:
-            self._in_user_code = False
-        if not task.ended:
+        yield task
+        if task.ended:
+            pass
+        elif task.has_saved_update:  # its upload failed: it goes out when offered again
+            task.abandon()
+        else:
             logger.warning("round %s: the loop body ended without submit() or withdraw()",
                            task.round_index)  # fmt: skip
             task.withdraw("the client's loop moved on without submitting")
@@ -275,6 +274,11 @@ class Federation:
         """Download the round's adapter and start its heartbeats; None when the round is done
         here already or went away during the download."""
         run = self.run
+        if self.ledger.saved_round() == message.round:
+            # An update of this round was saved but not delivered (the server was away or
+            # refused the call): send it rather than training the round again.
+            self.ledger.send_pending()
+            return None
         if self.ledger.is_done(message.round):
             # Offered again: the server still waits for us (it lost our withdrawal).
             logger.info("round %s: already done here; waiting for the next", message.round)
@@ -313,8 +317,11 @@ class Federation:
         if self._done is None:
             raise UsageError("the run has not finished: call save_final after fed.tasks() ends")
         run = self.run
-        data = self._transport.download_adapter(run.run_id, self._done.rounds_completed,
-                                                self._done.final_adapter)  # fmt: skip
+        try:
+            data = self._transport.download_adapter(run.run_id, self._done.rounds_completed,
+                                                    self._done.final_adapter)  # fmt: skip
+        except Interrupted as exc:
+            raise_stopped(self._stop, exc)
         tensors = decode_adapter(data, run.schema, BOTH_FACTORS).tensors
         name = self._settings.model or run.model.name
         config = peft_adapter_config(run.lora, name, PEFT_TASK_TYPES[run.task],

@@ -13,10 +13,12 @@ import logging
 import threading
 
 from fedrot_client.errors import Interrupted, RejectedError
-from fedrot_client.transport import Transport
+from fedrot_client.transport import ROUND_GONE, Transport
 from fedrot_proto.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+STOP_WAIT_S = 1.0
 
 
 class Heartbeats:
@@ -50,9 +52,11 @@ class Heartbeats:
         return self
 
     def stop(self) -> None:
+        """Stop beating; waits at most ``STOP_WAIT_S`` for a heartbeat in flight (the thread
+        is a daemon: a slow call ends on its own deadline, its answer unused)."""
         self._done.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(STOP_WAIT_S)
 
     def __enter__(self) -> Heartbeats:
         return self.start()
@@ -70,12 +74,21 @@ class Heartbeats:
         try:
             reply = self._transport.heartbeat(self._run_id, self._round, self._phase,
                                               self._progress)  # fmt: skip
-        except (RejectedError, Interrupted) as exc:
+        except RejectedError as exc:
+            if exc.code in ROUND_GONE:  # the run or round is gone (a restarted server)
+                self._close(f"the server no longer knows it: {exc.details}")
+            logger.debug("heartbeat for round %s failed: %s", self._round, exc)
+            return
+        except Interrupted as exc:
             logger.debug("heartbeat for round %s failed: %s", self._round, exc)
             return
         interval = reply.heartbeat_interval.ToNanoseconds() / 1e9
         if interval > 0:
             self._interval = interval
-        if not reply.round_open and not self._closed.is_set():
-            logger.warning("the server closed round %s for this client", self._round)
+        if not reply.round_open:
+            self._close("the server closed it for this client")
+
+    def _close(self, why: str) -> None:
+        if not self._closed.is_set():
+            logger.warning("round %s: %s", self._round, why)
             self._closed.set()

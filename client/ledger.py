@@ -14,8 +14,6 @@ import logging
 import threading
 from typing import NoReturn
 
-import grpc
-
 from fedrot_client.errors import (
     Interrupted,
     RejectedError,
@@ -26,16 +24,12 @@ from fedrot_client.messages import factor_messages
 from fedrot_client.run_info import RoundRecord, Submission
 from fedrot_client.signals import raise_stopped
 from fedrot_client.state import ClientState, PendingUpload
-from fedrot_client.transport import MAX_CHUNK_BYTES, Transport
+from fedrot_client.transport import MAX_CHUNK_BYTES, ROUND_GONE, UPDATE_REFUSED, Transport
 from fedrot_proto.v1 import federation_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
-# Statuses that mean "this round (or run) is gone for us", not a fault.
-ROUND_GONE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
-# Statuses of an upload that refuse the update itself: sending it again cannot help.
-UPDATE_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class RoundLedger:
@@ -59,6 +53,11 @@ class RoundLedger:
 
     def is_done(self, round_index: int) -> bool:
         return round_index in self._state.completed_rounds(self._run_id)
+
+    def saved_round(self) -> int | None:
+        """The round of the update saved but not yet accepted, if any."""
+        found = self._state.pending(self._run_id)
+        return None if found is None else found[0].round_index
 
     def record(self, record: RoundRecord) -> None:
         self.records.append(record)

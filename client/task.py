@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import operator
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from fedrot.adapters import Factor
 from fedrot.codec import encode_adapter
-from fedrot_client.errors import RoundClosedError, UsageError
+from fedrot_client.errors import RoundClosedError, RoundLostError, UsageError
 from fedrot_client.heartbeats import Heartbeats
 from fedrot_client.lora import load_adapter, set_trainable_factors
 from fedrot_client.plan import TrainingPlan
@@ -58,7 +59,8 @@ class Task:
         self._federation = federation
         self._global = dict(global_tensors)
         self._heartbeats = heartbeats
-        self._ended: str | None = None  # "submitted" or "withdrawn"
+        self._ended: str | None = None  # "submitted", "withdrawn", "lost", "abandoned"
+        self.has_saved_update = False  # submit saved an update (not yet accepted, maybe)
 
     def __repr__(self) -> str:
         factors = "+".join(sorted(self.factors))
@@ -139,28 +141,33 @@ class Task:
         count = _checked_sample_count(num_samples)
         values = _checked_metrics(metrics or {})
         tensors = update_tensors(update, self._global, self.factors, self._federation.schema)
-        self._ended = "submitted"
+        pending, payload = self._save(tensors, count, values)
+        self.has_saved_update = True
+        self._heartbeats.report(pb.CLIENT_PHASE_UPLOADING, 0.0)
         try:
-            pending, payload = self._save(tensors, count, values)
-            self._heartbeats.report(pb.CLIENT_PHASE_UPLOADING, 0.0)
-            return self._federation.ledger.send_update(pending, payload)
-        finally:
-            self._heartbeats.stop()
+            submission = self._federation.ledger.send_update(pending, payload)
+        except RoundLostError:
+            self._end("lost")
+            raise
+        self._end("submitted")
+        return submission
 
     def withdraw(self, reason: str) -> None:
         """Give the round up: the server stops waiting for this client (it is not offered the
         round again, also after a restart). ``reason`` goes to the log."""
         self._check_can_end("withdraw")
-        self._ended = "withdrawn"
-        self._heartbeats.stop()
+        self._end("withdrawn")
         self._federation.ledger.give_up_round(self.round_index, reason, tell_server=not self.closed)
 
     def abandon(self) -> None:
         """End the task without a word to the server (the process is stopping): the round is
         trained again after a restart if it is still open then."""
         if not self.ended:
-            self._ended = "abandoned"
-            self._heartbeats.stop()
+            self._end("abandoned")
+
+    def _end(self, how: str) -> None:
+        self._ended = how
+        self._heartbeats.stop()
 
     def _check_can_end(self, verb: str) -> None:
         self._federation.require_open()
@@ -196,10 +203,15 @@ def idempotency_key(run_id: str, client_id: str, round_index: int) -> str:
 
 
 def _checked_sample_count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A positive integer (a numpy or 0-d tensor integer too), not a bool or a float."""
+    try:
+        count = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        count = 0
+    if isinstance(value, bool) or count < 1:
         raise UsageError(f"num_samples must be a positive int (examples trained on), got "
                          f"{value!r}")  # fmt: skip
-    return value
+    return count
 
 
 def _checked_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

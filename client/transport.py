@@ -52,6 +52,14 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
      grpc.StatusCode.ABORTED}
 )
+# Statuses that mean "this round (or run) is gone for us", not a fault.
+ROUND_GONE: frozenset[grpc.StatusCode] = frozenset(
+    {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+)
+# Statuses of an upload that refuse the update itself: sending it again cannot help.
+UPDATE_REFUSED: frozenset[grpc.StatusCode] = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 USER_AGENT = "fedrot-client/0.1"
 
 T = TypeVar("T")

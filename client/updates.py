@@ -19,14 +19,13 @@ import re
 from collections.abc import Mapping
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from torch import Tensor
 
-from fedrot.adapters import BOTH_FACTORS, AdapterSchema, Factor
+from fedrot.adapters import AdapterSchema, Factor
 from fedrot.codec import validate_tensors
 from fedrot.errors import SchemaError
 from fedrot_client.errors import FrozenFactorError, UsageError
-from fedrot_client.lora import export_adapter
 
 Update = PeftModel | Mapping[str, Tensor]
 """What ``Task.submit`` takes: the trained model, or its adapter state dict."""
@@ -40,9 +39,10 @@ ADAPTER_NAME_HINT = (
 
 
 def adapter_state_dict(update: Update) -> dict[str, Tensor]:
-    """The adapter tensors of ``update`` by PEFT key (a model's are exported as float32)."""
-    if isinstance(update, PeftModel):
-        return export_adapter(update, BOTH_FACTORS)
+    """The adapter tensors of ``update`` by PEFT key, detached CPU copies in their dtype."""
+    if isinstance(update, PeftModel):  # in the model's own dtype (the frozen check needs it)
+        return {key: tensor.detach().to("cpu").clone()
+                for key, tensor in get_peft_model_state_dict(update).items()}  # fmt: skip
     if not isinstance(update, Mapping):
         raise UsageError(
             f"submit takes a peft.PeftModel or a state dict of tensors, not "

@@ -16,6 +16,9 @@ import torch
 import fedrot_client
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}  # the server's names
+
+
 def encode(tokenizer, rows, max_length, device):
     """Prompt + completion + EOS, right-padded; labels -100 on the prompt and the padding."""
     ids, labels = [], []
@@ -49,7 +52,8 @@ def main():
             plan = task.training
             steps = plan.local_steps or plan.epochs * -(-len(rows) // plan.batch_size)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate)
+            optimizer = OPTIMIZERS[plan.optimizer](trainable, lr=plan.learning_rate,
+                                                   weight_decay=plan.weight_decay)
             order = torch.Generator().manual_seed(plan.seed)
             model.train()
             seen, losses = 0, []

@@ -40,6 +40,7 @@ class Script:
     chunk_bytes: int = 2048
     break_first_download: bool = False
     refuse_first_upload: bool = False
+    internal_first_upload: bool = False  # INTERNAL (not retried) once all its bytes arrived
     close_rounds: frozenset[int] = frozenset()
     block_polls: bool = False
     restart_after_round: int | None = None  # then a new run starts, as after a restart
@@ -165,6 +166,8 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 or size mismatch")
         if self.script.refuse_first_upload and len(self.log["upload_headers"]) == 1:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting (scripted)")
+        if self.script.internal_first_upload and len(self.log["upload_headers"]) == 1:
+            context.abort(grpc.StatusCode.INTERNAL, "a server fault (scripted)")
         if header.round in self.script.refuse_rounds:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a value exceeds the limit (scripted)")
         if header.idempotency_key in self.keys:

@@ -248,3 +248,50 @@ def test_a_stop_abandons_the_round_without_withdrawing(start_fake, tmp_path: Pat
     assert federation.stopped
     assert (0, pb.CLIENT_PHASE_WITHDRAWN) not in fake.servicer.log["heartbeats"]
     assert ClientState(tmp_path / "state").completed_rounds(RUN_ID) == frozenset()
+
+
+def test_a_half_precision_model_passes_the_frozen_factor_check(
+    start_fake, tmp_path: Path
+) -> None:
+    fake = start_fake(rounds=2)
+    with connect(fake, tmp_path / "state") as fed:
+        model = fed.build_model().to(torch.bfloat16)
+        for task in fed.tasks():  # round 1 trains only B: A is frozen, held in bfloat16
+            task.load_into(model)
+            nudge(model)
+            task.submit(model, num_samples=3)
+    (_, _), (header1, tensors1) = fake.servicer.log["accepted"]
+    assert list(header1.factors) == [pb.FACTOR_B]
+    assert all(t.dtype == torch.float32 for t in tensors1.values())
+
+
+def test_a_failed_upload_keeps_the_update_for_the_next_offer(start_fake, tmp_path: Path) -> None:
+    """INTERNAL is not retried: submit raises, the task stays open with its update saved, and
+    the round offered again sends that update instead of being trained again."""
+    fake = start_fake(rounds=2, internal_first_upload=True)
+    trained = []
+    with connect(fake, tmp_path / "state") as fed:
+        model = fed.build_model()
+        for task in fed.tasks():
+            task.load_into(model)
+            nudge(model)
+            trained.append(task.round_index)
+            with pytest.raises(fedrot_client.RejectedError, match="INTERNAL"):
+                if task.round_index == 0:
+                    task.submit(model, num_samples=3)
+                raise fedrot_client.RejectedError("test", "INTERNAL", "only round 0 fails")
+            if task.round_index == 0:
+                assert task.is_open and task.has_saved_update
+            else:
+                task.submit(model, num_samples=3)
+    assert trained == [0, 1]  # round 0 was not handed out (nor trained) again
+    headers = fake.servicer.log["upload_headers"]
+    assert [h.round for h in headers] == [0, 0, 1] and headers[0].sha256 == headers[1].sha256
+    assert (0, pb.CLIENT_PHASE_WITHDRAWN) not in fake.servicer.log["heartbeats"]
+    assert [(r.round_index, r.status) for r in fed.rounds] == [(0, "accepted"), (1, "accepted")]
+
+
+def test_stopped_is_a_quiet_exit() -> None:
+    stop = fedrot_client.Stopped("SIGTERM")
+    assert isinstance(stop, SystemExit) and stop.code == 0 and str(stop) == "SIGTERM"
+    assert not isinstance(stop, Exception)

@@ -10,6 +10,7 @@ in the first life only (a ``died`` marker in the state folder remembers it):
   (for a signal).
 """
 
+import logging
 import os
 import sys
 import time
@@ -43,6 +44,7 @@ if FIRST_LIFE and FAULT == "accepted":
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with fedrot_client.connect() as fed:
         model, tokenizer = fed.build_model(), fed.tokenizer
         batch = tokenizer(["1+1=2", "2+2=4"], return_tensors="pt", padding=True)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,6 +112,24 @@ def test_an_example_client_runs_a_federation(example: str, tmp_path: Path) -> No
         assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > 4
     finally:
         server.stop()
+
+
+def test_sigterm_while_joining_an_absent_server_exits_quietly(tmp_path: Path) -> None:
+    """A stop during enrolment (the server is away: backoff) ends the process with status 0 and
+    no traceback, although the with block never started."""
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    absent = SimpleNamespace(address=f"127.0.0.1:{port}")
+    client = start_client(SDK_CLIENT, "alice", absent, tmp_path)  # type: ignore[arg-type]
+    log = tmp_path / "alice.log"
+    deadline = time.monotonic() + WAIT_S
+    while "Enroll: UNAVAILABLE" not in log.read_text() and time.monotonic() < deadline:
+        assert client.poll() is None, log.read_text()
+        time.sleep(0.1)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(60) == 0
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def one_client_settings(tmp_path: Path):
