@@ -10,6 +10,7 @@ import pytest
 from fedrot_client.data import TextDataset
 from fedrot_client.lora import LoraSpec, attach_lora
 from fedrot_client.models import ModelSpec, load_base_model
+from federation_fake import RunningFake, Script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,3 +48,18 @@ def sentiment() -> TextDataset:
     texts = tuple(positive * 3 + negative * 3)
     labels = tuple([1] * 12 + [0] * 12)
     return TextDataset(texts, labels, source="sentiment")
+
+
+@pytest.fixture
+def start_fake():
+    """A factory: ``start_fake(rounds=2, ...)`` -> a started scripted FederationService
+    (:mod:`federation_fake`) on port 0, stopped after the test."""
+    started: list[RunningFake] = []
+
+    def start(**script: object) -> RunningFake:
+        started.append(RunningFake(Script(**script)))
+        return started[-1]
+
+    yield start
+    for fake in started:
+        fake.stop()

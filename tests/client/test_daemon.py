@@ -18,7 +18,7 @@ from fedrot_client.settings import ClientSettings
 from fedrot_client.state import ClientState, PendingUpload
 from fedrot_client.transport import RetryPolicy, Transport, sha256_hex
 from fedrot_proto.v1 import federation_pb2 as pb
-from federation_fake import CLIENT_ID, RUN_ID, TOKEN, RunningFake, Script
+from federation_fake import CLIENT_ID, RUN_ID, TOKEN, RunningFake
 
 TEXTS = ["good fine great", "nice good day", "bad awful poor", "sad bad day"] * 4
 LABELS = [1, 1, 0, 0] * 4
@@ -49,19 +49,6 @@ def run_daemon(
         return ClientDaemon(settings, transport, stop=stop, info={"test": "yes"}).run()
     finally:
         transport.close()
-
-
-@pytest.fixture
-def start_fake():
-    started: list[RunningFake] = []
-
-    def start(**script: object) -> RunningFake:
-        started.append(RunningFake(Script(**script)))
-        return started[-1]
-
-    yield start
-    for fake in started:
-        fake.stop()
 
 
 def test_daemon_trains_every_round_and_uploads_only_the_task_factors(

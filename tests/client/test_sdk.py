@@ -18,20 +18,7 @@ from fedrot_client.errors import FrozenFactorError, RoundClosedError, UsageError
 from fedrot_client.settings import SettingsError
 from fedrot_client.state import ClientState
 from fedrot_proto.v1 import federation_pb2 as pb
-from federation_fake import CLIENT_ID, RUN_ID, TOKEN, RunningFake, Script
-
-
-@pytest.fixture
-def start_fake():
-    started: list[RunningFake] = []
-
-    def start(**script: object) -> RunningFake:
-        started.append(RunningFake(Script(**script)))
-        return started[-1]
-
-    yield start
-    for fake in started:
-        fake.stop()
+from federation_fake import CLIENT_ID, RUN_ID, TOKEN, RunningFake
 
 
 def connect(fake: RunningFake, state: Path, **options: object) -> fedrot_client.Federation:
