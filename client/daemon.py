@@ -2,8 +2,9 @@
 
 :class:`ClientDaemon` is one user of :class:`fedrot_client.Federation` among others: it joins
 the federation, builds the run's model, loads its data, and for every task loads the round's
-global adapter, trains only the task's factors (and the head) with
-:func:`fedrot_client.training.train_locally` and submits the result. Everything else (enrolment,
+global adapter, trains only the task's factors (and the head) and submits the result, with
+one of :mod:`fedrot_client.trainers`: TRL's ``SFTTrainer`` for causal-LM instruction data
+(prompt/completion, chat, Alpaca), the built-in loop for classification and plain text. Everything else (enrolment,
 resumable transfers, idempotent uploads, heartbeats, withdrawal, the state folder, backoff,
 re-joining a restarted server) is the SDK's. A server that restarted with a run of another
 configuration is joined afresh (a new model). Setting the ``stop`` event (SIGTERM, SIGINT)
@@ -15,28 +16,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
-
-from fedrot_client.data import TextDataset, load_dataset
-from fedrot_client.errors import (
-    RoundLostError,
-    RunChangedError,
-    Stopped,
-    TrainingDiverged,
-)
+from fedrot_client.data import load_dataset
+from fedrot_client.errors import RunChangedError, Stopped
 from fedrot_client.connection import describe_host
 from fedrot_client.federation import Federation
 from fedrot_client.models import TaskKind
 from fedrot_client.run_info import RoundRecord
 from fedrot_client.settings import ClientSettings
-from fedrot_client.task import Task
-from fedrot_client.training import TrainConfig, train_locally
+from fedrot_client.instructions import is_instruction_data, load_instructions, use_chat_template
+from fedrot_client.trainers import InstructionTrainer, LocalLoopTrainer, RoundTrainer
 from fedrot_client.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -57,10 +49,6 @@ class RunOutcome:
     rounds: tuple[RoundRecord, ...] = ()
     final_adapter_dir: Path | None = None
     reason: str = ""
-
-
-class _RoundClosed(Exception):
-    """Raised from a training step once the server closed the task's round."""
 
 
 class ClientDaemon:
@@ -107,55 +95,29 @@ class ClientDaemon:
     def _serve(self, fed: Federation) -> Path | None:
         """Train every task; the final adapter's folder when one is configured."""
         model = fed.build_model()
-        dataset = self._load_data(fed)
+        trainer = self._trainer(fed)
         for task in fed.tasks():
-            self._work_on(task, model, fed.tokenizer, dataset)
+            trainer.work_on(task, model)
         if self.settings.final_adapter_dir is None:
             return None
         return fed.save_final(self.settings.final_adapter_dir)
 
-    def _load_data(self, fed: Federation) -> TextDataset:
-        model = fed.run.model
+    def _trainer(self, fed: Federation) -> RoundTrainer:
+        """Instruction tuning (TRL) for causal-LM instruction data; the built-in loop for
+        classification and plain text."""
+        settings, model = self.settings, fed.run.model
+        progress = settings.show_progress()
+        if model.task is TaskKind.CAUSAL_LM and is_instruction_data(settings.data,
+                                                                     settings.data_split):
+            data = load_instructions(settings.data, split=settings.data_split)
+            if data.is_chat:
+                template = settings.chat_template.read_text() if settings.chat_template else None
+                use_chat_template(fed.tokenizer, template, data.source)
+            return InstructionTrainer(fed.tokenizer, data, progress=progress)
         classification = model.task is TaskKind.CLASSIFICATION
-        vocabulary = self.settings.label_vocabulary(model.num_labels) if classification else None
-        return load_dataset(self.settings.data, vocabulary=vocabulary,
-                            fields=self.settings.field_names(classification),
-                            split=self.settings.data_split)  # fmt: skip
-
-    def _work_on(
-        self,
-        task: Task,
-        model: PeftModel,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: TextDataset,
-    ) -> None:
-        task.load_into(model)
-        config = TrainConfig.of_plan(task.training, num_threads=self.settings.num_threads,
-                                     progress=self.settings.show_progress())  # fmt: skip
-
-        def on_step(done: int, total: int, _loss: float) -> None:
-            if not task.progress(done, total):
-                if self._stop.is_set():
-                    raise Stopped("stop requested during local training")
-                raise _RoundClosed()
-
-        started = time.monotonic()
-        try:
-            result = train_locally(model, tokenizer, dataset, task.factors, config,
-                                   on_step=on_step)  # fmt: skip
-        except _RoundClosed:
-            task.withdraw("the server closed the round during local training")
-            return
-        except TrainingDiverged as exc:
-            task.withdraw(f"local training diverged: {exc}")
-            return
-        elapsed = time.monotonic() - started
-        logger.info("round %s: trained %s on %s samples in %s steps (%.1fs), loss %.4f",
-                    task.round_index, "+".join(sorted(task.factors)), result.num_samples,
-                    result.steps, elapsed, result.mean_loss)  # fmt: skip
-        metrics = {"train_loss": result.mean_loss, "train_steps": float(result.steps),
-                   "train_seconds": elapsed}  # fmt: skip
-        try:
-            task.submit(result.tensors, num_samples=result.num_samples, metrics=metrics)
-        except RoundLostError as exc:
-            logger.warning("%s", exc)
+        vocabulary = settings.label_vocabulary(model.num_labels) if classification else None
+        dataset = load_dataset(settings.data, vocabulary=vocabulary,
+                               fields=settings.field_names(classification),
+                               split=settings.data_split)  # fmt: skip
+        return LocalLoopTrainer(fed.tokenizer, dataset, self._stop,
+                                num_threads=settings.num_threads, progress=progress)

@@ -123,7 +123,7 @@ def load_dataset(
     path = Path(path)
     if fields.label is not None and vocabulary is None:
         raise ValueError(f"{path}: a label vocabulary is needed to read labels")
-    rows = _read_rows(path, split)
+    rows = read_rows(path, split)
     dataset = rows_to_dataset(rows, fields=fields, vocabulary=vocabulary, source=str(path))
     logger.info("loaded %s examples from %s", len(dataset), path)
     return dataset
@@ -270,7 +270,8 @@ _READERS: Mapping[str, Callable[[Path, str | None], Iterator[Row]]] = {
 }
 
 
-def _read_rows(path: Path, split: str | None) -> Iterator[Row]:
+def read_rows(path: Path, split: str | None) -> Iterator[Row]:
+    """The rows of a JSONL, CSV/TSV file or saved Hugging Face dataset, with where each is."""
     if path.is_dir():
         return _read_saved_hf(path, split)
     if not path.is_file():

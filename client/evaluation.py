@@ -61,7 +61,7 @@ def evaluate(
             correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
             count += len(indices)
         else:
-            batch_loss, tokens = _token_loss(logits, batch["labels"])
+            batch_loss, tokens = token_loss(logits, batch["labels"])
             loss_sum += batch_loss
             count += tokens
     loss = loss_sum / max(count, 1)
@@ -70,7 +70,7 @@ def evaluate(
     return EvaluationResult(len(dataset), loss, perplexity=math.exp(loss))
 
 
-def _token_loss(logits: Tensor, labels: Tensor) -> tuple[float, int]:
+def token_loss(logits: Tensor, labels: Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy and the number of predicted tokens.
 
     ``logits``: ``(batch, seq, vocab)``; ``labels``: ``(batch, seq)`` with ``IGNORE_INDEX``.

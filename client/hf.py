@@ -23,9 +23,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fedrot_client.errors import Stopped
+from fedrot_client.plan import check_precision_supported
 from fedrot_client.task import Submission, Task
 
 logger = logging.getLogger(__name__)
@@ -43,29 +45,35 @@ def training_arguments(
 ) -> TrainingArguments:
     """``args_class`` (``TrainingArguments``, or a subclass such as TRL's ``SFTConfig``) for
     ``task``: ``max_steps`` (or ``num_train_epochs``), ``per_device_train_batch_size``,
-    ``learning_rate`` (constant within the round, no warmup, as the built-in trainer),
-    ``optim`` (``sgd`` or ``adamw_torch``), ``weight_decay``, ``seed`` and ``data_seed``, and
-    ``max_length`` when ``args_class`` has it. float32 (no ``bf16``/``fp16``), no checkpoints,
-    no reporting. ``overrides``
-    win over all of these."""
+    ``gradient_accumulation_steps``, ``learning_rate`` (the round's, the server having applied
+    its schedule across rounds) with ``lr_scheduler_type`` and ``warmup_steps`` (the plan's warmup ratio, within
+    the round), ``optim`` (``sgd`` or ``adamw_torch``), ``weight_decay``, ``max_grad_norm`` (0: no
+    clipping), ``activation_checkpointing`` (gradient checkpointing), ``bf16``/``fp16`` from ``mixed_precision`` (float32
+    otherwise, although TRL's configs default to bf16), ``seed`` and ``data_seed``, and
+    ``max_length`` when ``args_class`` has it. No checkpoints, no reporting. ``overrides`` win.
+    Mixed precision on a client without CUDA raises ``ValueError`` in one line."""
     plan = task.training
+    check_precision_supported(plan, torch.cuda.is_available())
     values: dict[str, Any] = {
         "output_dir": str(output_dir),
         "max_steps": plan.local_steps or -1,
         "num_train_epochs": plan.epochs or 1,
         "per_device_train_batch_size": plan.batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "learning_rate": plan.learning_rate,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
+        "lr_scheduler_type": plan.lr_scheduler,
+        "warmup_steps": plan.warmup_ratio,  # a float in [0, 1) is a fraction of the steps
         "optim": OPTIMIZERS.get(plan.optimizer, plan.optimizer),
         "weight_decay": plan.weight_decay,
+        "max_grad_norm": plan.max_grad_norm or 0.0,
+        "activation_checkpointing": plan.gradient_checkpointing,  # transformers 5's name
+        "bf16": plan.mixed_precision == "bf16",
+        "fp16": plan.mixed_precision == "fp16",
         "seed": plan.seed,
         "data_seed": plan.seed,
         "save_strategy": "no",
         "report_to": "none",
         "logging_steps": 1,
-        "bf16": False,  # float32 like the built-in trainer (TRL's configs default to bf16)
-        "fp16": False,
     }
     if "max_length" in {field.name for field in dataclasses.fields(args_class)}:
         values["max_length"] = plan.max_length

@@ -85,4 +85,10 @@ def training_plan_of(message: pb.TrainingHyperparameters) -> TrainingPlan:
         weight_decay=message.weight_decay,
         max_length=message.max_length or 64,
         seed=message.seed,
+        gradient_accumulation_steps=max(message.gradient_accumulation_steps, 1),
+        lr_scheduler=message.lr_scheduler or "constant",
+        warmup_ratio=message.warmup_ratio,
+        max_grad_norm=message.max_grad_norm or None,
+        gradient_checkpointing=message.gradient_checkpointing,
+        mixed_precision=message.mixed_precision or "no",
     )

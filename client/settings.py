@@ -131,7 +131,7 @@ class ClientSettings(ConnectionSettings):
     variable: FEDROT_CLIENT_ and the name in capitals (--max-wait-s is FEDROT_CLIENT_MAX_WAIT_S)."""
 
     FILE_SETTINGS: ClassVar[tuple[str, ...]] = (
-        *ConnectionSettings.FILE_SETTINGS, "data", "labels"
+        *ConnectionSettings.FILE_SETTINGS, "data", "labels", "chat_template"
     )
 
     data: Path = Field(description="training data: .jsonl, .csv/.tsv or a saved HF dataset")
@@ -140,6 +140,9 @@ class ClientSettings(ConnectionSettings):
     label_field: str = Field("label", min_length=1)
     labels: Path | None = Field(
         None, description="JSON list of label names in id order (default: integer labels)"
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template for chat data (default: the tokenizer's own)"
     )
     final_adapter_dir: Path | None = Field(
         None, description="save the run's final adapter here as a PEFT folder when it ends"

@@ -8,6 +8,7 @@ default.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from fedrot_client.batches import encode_batch, shuffled_batches
 from fedrot_client.data import TextDataset
 from fedrot_client.errors import TrainingDiverged
 from fedrot_client.lora import export_adapter, set_trainable_factors, task_of
-from fedrot_client.plan import TrainingPlan
+from fedrot_client.plan import TrainingPlan, check_precision_supported
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,17 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None
     progress: bool = True
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"  # or "cosine": down to 0 at the last step
+    warmup_ratio: float = 0.0
+    mixed_precision: str = "no"  # "bf16" / "fp16": autocast on CUDA
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of steps ({self.steps}) and epochs ({self.epochs})")
-        for name in ("steps", "epochs", "batch_size", "max_length", "num_threads"):
+        for name in ("steps", "epochs", "batch_size", "max_length", "num_threads",
+                     "gradient_accumulation_steps"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
@@ -74,7 +80,9 @@ class TrainConfig:
     def of_plan(
         cls, plan: TrainingPlan, *, num_threads: int | None = None, progress: bool = False
     ) -> TrainConfig:
-        """The built-in trainer's config for a round's :class:`TrainingPlan`."""
+        """The built-in trainer's config for a round's :class:`TrainingPlan` (``ValueError`` in
+        one line for mixed precision without CUDA)."""
+        check_precision_supported(plan, torch.cuda.is_available())
         return cls(
             steps=plan.local_steps,
             epochs=plan.epochs,
@@ -86,6 +94,11 @@ class TrainConfig:
             seed=plan.seed,
             num_threads=num_threads,
             progress=progress,
+            max_grad_norm=plan.max_grad_norm,
+            gradient_accumulation_steps=plan.gradient_accumulation_steps,
+            lr_scheduler=plan.lr_scheduler,
+            warmup_ratio=plan.warmup_ratio,
+            mixed_precision=plan.mixed_precision,
         )
 
 
@@ -155,33 +168,68 @@ def _run_steps(
     config: TrainConfig,
     on_step: StepCallback | None = None,
 ) -> tuple[int, float, int]:
+    """Optimiser steps of ``gradient_accumulation_steps`` batches each; returns the samples
+    seen, their summed loss and the optimiser steps taken."""
     task = task_of(model)
     device = next(model.parameters()).device
+    accumulate = config.gradient_accumulation_steps
     batches = shuffled_batches(len(dataset), config.batch_size, seed=config.seed,
-                               steps=config.steps, epochs=config.epochs)  # fmt: skip
-    total = config.steps or math.ceil(len(dataset) * (config.epochs or 0) / config.batch_size)
-    samples, loss_sum, steps = 0, 0.0, 0
+                               steps=config.steps * accumulate if config.steps else None,
+                               epochs=config.epochs)  # fmt: skip
+    num_batches = math.ceil(len(dataset) * (config.epochs or 0) / config.batch_size)
+    total = config.steps or math.ceil(num_batches / accumulate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    samples, loss_sum, steps, pending = 0, 0.0, 0, 0
     model.train()
-    bar = tqdm(batches, total=total, desc="local training", disable=not config.progress)
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(batches, total=total * accumulate, desc="local training",
+               disable=not config.progress)  # fmt: skip
     for indices in bar:
         batch = encode_batch(tokenizer, dataset, indices, task, config.max_length, device)
-        loss = model(**batch).loss
+        with _autocast(config.mixed_precision, device):
+            loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training loss is {loss.item()} at step {steps}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
-            )
-        optimizer.step()
+        (loss / accumulate).backward()
         samples += len(indices)
         loss_sum += loss.item() * len(indices)
-        steps += 1
+        pending += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if pending < accumulate and samples < len(dataset) * (config.epochs or math.inf):
+            continue
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps, pending = steps + 1, 0
         if on_step is not None:
             on_step(steps, total, loss.item())
     return samples, loss_sum, steps
+
+
+def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of optimiser step ``k`` within a round: a linear warmup over
+    ``warmup_ratio`` of the steps, then constant, or cosine down to 0 at the last step."""
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler != "cosine":
+            return 1.0
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "no" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def _build_optimizer(

@@ -9,7 +9,7 @@ transformers. :func:`load_initial_model` is the default :data:`~fedrot_server.sp
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedrot.adapters import Adapter
@@ -44,21 +44,59 @@ def load_initial_model(spec: RunSpec) -> InitialModel:
 
 
 class HeldOutEvaluator:
-    """Evaluates a global adapter on the held-out data (the model is built on first use)."""
+    """Evaluates a global adapter on the held-out data (the model is built on first use).
+
+    Classification: accuracy and loss. Causal LM on instruction data (prompt/completion, chat,
+    Alpaca): greedy generation of at most ``max_new_tokens`` per prompt, the ``exact_match`` of
+    the extracted answer (``extractor``), and completion-only ``perplexity``. Causal LM on plain
+    text: perplexity.
+    """
 
     def __init__(self, spec: RunSpec, settings: EvaluationSettings) -> None:
         if settings.data is None:
             raise ValueError("evaluation.data is not set")
         self._spec = spec
         self._settings = settings
-        self._state: tuple[Any, Any, Any] | None = None
+        self._state: tuple[Any, Callable[[Any], Mapping[str, float]]] | None = None
 
-    def _build(self) -> tuple[Any, Any, Any]:
-        from fedrot_client.data import FieldNames, LabelVocabulary, load_dataset
+    def _build(self) -> tuple[Any, Callable[[Any], Mapping[str, float]]]:
+        from fedrot_client.instructions import is_instruction_data
         from fedrot_client.lora import attach_lora
         from fedrot_client.models import load_base_model
 
         model_spec, lora_spec = _client_specs(self._spec)
+        base = load_base_model(model_spec)
+        model = attach_lora(base, lora_spec, self._spec.seed)
+        s = self._settings
+        assert s.data is not None
+        if self._spec.model.task == "causal-lm" and is_instruction_data(s.data, s.split):
+            return model, self._generation(base.tokenizer)
+        return model, self._likelihood(base.tokenizer)
+
+    def _generation(self, tokenizer: Any) -> Callable[[Any], Mapping[str, float]]:
+        from fedrot_client.answers import extractor_named
+        from fedrot_client.generation import evaluate_generation
+        from fedrot_client.instructions import evaluation_examples, load_instructions
+
+        s = self._settings
+        assert s.data is not None
+        data = load_instructions(s.data, split=s.split)
+        examples = evaluation_examples(data, tokenizer)
+        extractor = extractor_named(s.extractor)
+        max_length = self._spec.training.max_length
+
+        def run(model: Any) -> Mapping[str, float]:
+            result = evaluate_generation(model, tokenizer, examples, extractor=extractor,
+                                         max_new_tokens=s.max_new_tokens,
+                                         batch_size=s.batch_size, max_length=max_length)
+            return result.to_dict()
+
+        return run
+
+    def _likelihood(self, tokenizer: Any) -> Callable[[Any], Mapping[str, float]]:
+        from fedrot_client.data import FieldNames, LabelVocabulary, load_dataset
+        from fedrot_client.evaluation import evaluate
+
         s = self._settings
         classification = self._spec.model.task == "classification"
         vocabulary = None
@@ -68,18 +106,20 @@ class HeldOutEvaluator:
         fields = FieldNames(text=s.text_field, label=s.label_field if classification else None)
         assert s.data is not None
         dataset = load_dataset(s.data, vocabulary=vocabulary, fields=fields, split=s.split)
-        base = load_base_model(model_spec)
-        model = attach_lora(base, lora_spec, self._spec.seed)
-        return model, base.tokenizer, dataset
+        max_length = self._spec.training.max_length
+
+        def run(model: Any) -> Mapping[str, float]:
+            result = evaluate(model, tokenizer, dataset, batch_size=s.batch_size,
+                              max_length=max_length)
+            return {k: float(v) for k, v in result.to_dict().items() if v is not None}
+
+        return run
 
     def __call__(self, adapter: Adapter) -> Mapping[str, float]:
-        from fedrot_client.evaluation import evaluate
         from fedrot_client.lora import load_adapter
 
         if self._state is None:
             self._state = self._build()
-        model, tokenizer, dataset = self._state
+        model, run = self._state
         load_adapter(model, adapter.to_state_dict())
-        result = evaluate(model, tokenizer, dataset, batch_size=self._settings.batch_size,
-                          max_length=self._spec.training.max_length)  # fmt: skip
-        return {k: float(v) for k, v in result.to_dict().items() if v is not None}
+        return {key: float(value) for key, value in run(model).items()}

@@ -123,6 +123,9 @@ def train_message(task: TrainTask) -> pb.TrainTask:
         local_steps=t.local_steps, epochs=t.epochs, batch_size=t.batch_size,
         learning_rate=t.learning_rate, optimizer=t.optimizer, weight_decay=t.weight_decay,
         max_length=t.max_length, seed=task.seed,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler=t.lr_scheduler,
+        warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
     )  # fmt: skip
     return pb.TrainTask(
         round=task.round_index,

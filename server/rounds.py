@@ -365,7 +365,8 @@ class RoundEngine(UploadIntake, OperatorActions):
             return None
         left = max(0.0, rnd.deadline - self._now())
         seed = derive_seed(self.spec.seed, rnd.index, client)
-        return TrainTask(rnd.index, rnd.plan.trained, self.spec.training, seed,
+        training = self.spec.training.for_round(rnd.index, self.spec.rounds)
+        return TrainTask(rnd.index, rnd.plan.trained, training, seed,
                          self._clock() + left, left, ref)  # fmt: skip
 
     def _wait_reason(self, client: str) -> str:

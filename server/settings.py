@@ -151,6 +151,18 @@ class TrainingSettings(BaseModel):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    # Within a round: constant, or cosine from the round's rate down to 0 at its last step.
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    # Across rounds (FlowerTune's schedule): round t trains at learning_rate (constant) or at
+    # min + (learning_rate - min) * (1 + cos(pi * t / (rounds - 1))) / 2 (cosine).
+    round_lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_learning_rate: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(0.0, ge=0, description="0: no clipping")
+    gradient_checkpointing: bool = False
+    # bf16/fp16 need CUDA on the client: a CPU client refuses the run in one line.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingSettings:
@@ -158,7 +170,24 @@ class TrainingSettings(BaseModel):
             raise ValueError(
                 f"give exactly one of local_steps ({self.local_steps}) and epochs ({self.epochs})"
             )
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate {self.min_learning_rate} is above "
+                             f"learning_rate {self.learning_rate}")  # fmt: skip
         return self
+
+    def learning_rate_of_round(self, round_index: int, rounds: int) -> float:
+        """The peak learning rate of round ``round_index`` of ``rounds`` under
+        ``round_lr_schedule`` (cosine: learning_rate at round 0, min_learning_rate at the last)."""
+        if self.round_lr_schedule == "constant" or rounds < 2:
+            return self.learning_rate
+        progress = min(max(round_index / (rounds - 1), 0.0), 1.0)
+        span = self.learning_rate - self.min_learning_rate
+        return self.min_learning_rate + span * (1 + math.cos(math.pi * progress)) / 2
+
+    def for_round(self, round_index: int, rounds: int) -> TrainingSettings:
+        """These settings with the round's learning rate (what the round's task carries)."""
+        rate = self.learning_rate_of_round(round_index, rounds)
+        return self.model_copy(update={"learning_rate": rate})
 
 
 class EvaluationSettings(BaseModel):
@@ -174,6 +203,19 @@ class EvaluationSettings(BaseModel):
     # Label names in id order; empty: the ids 0 .. num_labels - 1.
     labels: list[str] = Field(default_factory=list)
     batch_size: int = Field(64, ge=1)
+    # Causal LM on instruction data: greedy generation of at most max_new_tokens per prompt,
+    # then exact match of the answer the extractor finds ("exact", "last-number", "gsm8k",
+    # "answer-is" or "regex:<pattern>").
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    extractor: str = "exact"
+
+    @field_validator("extractor")
+    @classmethod
+    def _known_extractor(cls, value: str) -> str:
+        from fedrot_client.answers import extractor_named
+
+        extractor_named(value)  # ValueError naming the valid ones
+        return value
 
 
 class ServerSettings(BaseSettings):

@@ -90,7 +90,8 @@ def add_operations(app: FastAPI, registry) -> None:  # noqa: ANN001 - CollectorR
     @app.get("/metrics", tags=["operations"], response_class=Response,
              dependencies=[Depends(api.require_read)])  # fmt: skip
     def metrics() -> Response:
-        """Prometheus text format: rounds, clients, bytes, errors, refusals, round durations."""
+        """Prometheus text format: rounds, clients, bytes, errors, held-out metrics, refusals,
+        round durations."""
         return Response(metrics_text(registry), media_type=PROMETHEUS_TEXT)
 
     @app.get("/favicon.ico", include_in_schema=False)

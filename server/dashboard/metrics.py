@@ -1,7 +1,9 @@
 """Prometheus metrics of the current run, read from the state at each scrape.
 
 A custom collector (no counters kept in memory: a restarted dashboard reports the same
-numbers). Labelled by ``run``; refused uploads also by ``reason`` (the status name).
+numbers). Labelled by ``run``; refused uploads also by ``reason`` (the status name). The
+latest closed round's aggregation errors and held-out metrics (``fedrot_eval_*``) are exported
+when that round has them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from fedrot_server.dashboard.sources import CURRENT, Sources
 from fedrot_server.state import RoundPhase
 
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+# The held-out metrics of the global adapter exported from a round summary's ``evaluation``
+# (key: what the help text calls it); each gauge is ``fedrot_eval_<key>``.
+EVALUATION_METRICS = {
+    "accuracy": "accuracy (fraction in [0, 1]; classification)",
+    "exact_match": "exact match (fraction in [0, 1]; greedy generation, instruction tuning)",
+    "perplexity": "perplexity (causal LM; completion tokens only for instruction tuning)",
+    "loss": "loss (mean cross-entropy; per completion token for instruction tuning)",
+}
 
 
 class RunCollector(Collector):
@@ -46,6 +56,7 @@ class RunCollector(Collector):
                 if value is not None:
                     yield _gauge(f"fedrot_{name}", f"{name.replace('_', ' ')} of the latest "
                                  "closed round (Frobenius norm)", run, value)  # fmt: skip
+            yield from _evaluation(last.evaluation, run)
         yield self._refusals(run)
         yield _durations(closed, run)
 
@@ -85,6 +96,14 @@ def _gauge(name: str, documentation: str, run: str, value: float) -> GaugeMetric
     family = GaugeMetricFamily(name, documentation, labels=["run"])
     family.add_metric([run], value)
     return family
+
+
+def _evaluation(evaluation: dict[str, float], run: str) -> Iterator[GaugeMetricFamily]:
+    """``fedrot_eval_<key>`` for each held-out metric in ``evaluation`` (absent ones: none)."""
+    for key, what in EVALUATION_METRICS.items():
+        if key in evaluation:
+            yield _gauge(f"fedrot_eval_{key}", f"Held-out {what} of the global adapter of the "
+                         "latest closed round", run, evaluation[key])  # fmt: skip
 
 
 def _durations(closed: list, run: str) -> HistogramMetricFamily:

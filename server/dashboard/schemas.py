@@ -85,8 +85,15 @@ class RoundInfo(BaseModel):
     reporters: list[str]
     samples: int
     train_loss: float | None
-    accuracy: float | None
-    evaluation: dict[str, float]
+    accuracy: float | None = Field(description="held-out accuracy (classification)")
+    exact_match: float | None = Field(
+        description="held-out exact match in [0, 1] (instruction tuning: greedy generation, "
+        "answers compared after extraction)"
+    )
+    perplexity: float | None = Field(description="held-out completion-only perplexity (causal LM)")
+    evaluation: dict[str, float] = Field(
+        description="every held-out metric the server's evaluator reported after the round"
+    )
     aggregation_error: float | None
     relative_aggregation_error: float | None
     bytes_in: int

@@ -25,6 +25,8 @@ from fedrot_server.telemetry import RefusalRow
 
 TRAIN_LOSS = "train_loss"
 ACCURACY = "accuracy"
+EXACT_MATCH = "exact_match"
+PERPLEXITY = "perplexity"
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def round_info(row: RoundRow, uploads: Sequence[UploadRow]) -> RoundInfo:
         closed_at=row.closed_at, deadline=row.deadline, participants=list(row.participants),
         reporters=list(row.reporters) if closed else [u.client for u in uploads],
         samples=summary.get("samples", sum(u.sample_count for u in uploads)),
-        train_loss=loss, accuracy=evaluation.get(ACCURACY), evaluation=evaluation,
+        train_loss=loss, accuracy=evaluation.get(ACCURACY),
+        exact_match=evaluation.get(EXACT_MATCH), perplexity=evaluation.get(PERPLEXITY),
+        evaluation=evaluation,
         aggregation_error=summary.get("aggregation_error"),
         relative_aggregation_error=summary.get("relative_aggregation_error"),
         bytes_in=summary.get("bytes_in", sum(u.size_bytes for u in uploads)),

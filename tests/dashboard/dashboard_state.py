@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedrot_server.control import Activity, LiveStatus
 from fedrot_server.errors import NotFoundError, WrongStateError
-from fedrot_server.state import UploadRow
+from fedrot_server.state import RunPhase, UploadRow
 from fedrot_server.store import SqliteStore
 from fedrot_server.telemetry import TelemetryLog
 
@@ -25,6 +26,14 @@ SPEC = {
     "model": {"name": "tiny-bert", "task": "classification", "num_labels": 2},
     "lora": {"rank": 2, "alpha": 4.0}, "strategy": {"name": "fedrot", "alignment_strength": 0.4},
 }  # fmt: skip
+INSTRUCT_RUN = "run-instruct0123"
+INSTRUCT_SPEC = {
+    "run_id": INSTRUCT_RUN, "rounds": 3, "seed": 0,
+    "model": {"name": "tiny-llama", "task": "causal-lm"},
+    "lora": {"rank": 2, "alpha": 4.0}, "strategy": {"name": "fedrot", "alignment_strength": 0.4},
+}  # fmt: skip
+# Held-out metrics of the instruction-tuning run's rounds 0, 1, 2: (exact match, perplexity).
+INSTRUCT_EVALUATION = ((0.125, 12.5), (0.25, 8.0), (0.5, 6.25))
 
 
 @dataclass
@@ -41,8 +50,9 @@ class RecordedRun:
         return self.state_dir / "runs"
 
 
-def upload(round_index: int, client: str, samples: int, size: int, loss: float, at: float) -> UploadRow:
-    return UploadRow(run_id=RUN, round_index=round_index, client=client,
+def upload(round_index: int, client: str, samples: int, size: int, loss: float, at: float,
+           run_id: str = RUN) -> UploadRow:  # fmt: skip
+    return UploadRow(run_id=run_id, round_index=round_index, client=client,
                      idempotency_key=f"{client}-{round_index}", sample_count=samples,
                      size_bytes=size, sha256="0" * 64, received_at=at, sequence=0,
                      metrics={"train_loss": loss})  # fmt: skip
@@ -112,6 +122,39 @@ def record_run(state_dir: Path) -> RecordedRun:
     write_adapter(run, 0, b"round-0-weights-" * 8)
     path = run.runs_root / RUN / "rounds" / "0" / "report.json"
     path.write_text(json.dumps(report(0)))
+    return run
+
+
+def record_instruction_run(state_dir: Path) -> RecordedRun:
+    """Run INSTRUCT_RUN, instruction tuning of a causal LM: alice and bob, three closed rounds
+    whose summaries report held-out exact match, completion perplexity and loss
+    (INSTRUCT_EVALUATION); the run is finished."""
+    run = RecordedRun(state_dir)
+    store = SqliteStore(run.db)
+    store.set_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob")})
+    store.create_run(INSTRUCT_RUN, INSTRUCT_SPEC, T0)
+    for i, name in enumerate(("alice", "bob")):
+        store.enroll(INSTRUCT_RUN, name, {"host": f"h{i}"}, T0 + i)
+    for t, (exact_match, perplexity) in enumerate(INSTRUCT_EVALUATION):
+        start = T0 + 100 * t
+        store.open_round(INSTRUCT_RUN, t, ["alice", "bob"], start + 10, start + 70)
+        for j, name in enumerate(("alice", "bob")):
+            store.record_upload(upload(t, name, 20, 1000, 2.0 - 0.5 * t, start + 20 + j,
+                                       run_id=INSTRUCT_RUN))  # fmt: skip
+        evaluation = {"exact_match": exact_match, "perplexity": perplexity,
+                      "loss": math.log(perplexity)}  # fmt: skip
+        store.close_round(INSTRUCT_RUN, t, at=start + 40, reporters=["alice", "bob"],
+                          adapter_sha256=f"{t:02x}" * 32,
+                          summary={"samples": 40, "bytes_in": 2000, "bytes_out": 2000,
+                                   "aggregation_error": 0.02 / (t + 1),
+                                   "relative_aggregation_error": 0.01 / (t + 1),
+                                   "client_metrics": {"train_loss": 2.0 - 0.5 * t},
+                                   "evaluation": evaluation, "duration_s": 30.0,
+                                   "extensions": 0})  # fmt: skip
+        store.record_metrics(INSTRUCT_RUN, t, "server", evaluation)
+    store.set_run_phase(INSTRUCT_RUN, RunPhase.FINISHED, at=T0 + 400)
+    store.close()
+    TelemetryLog(run.db).close()  # its (empty) tables, as a server leaves them
     return run
 
 

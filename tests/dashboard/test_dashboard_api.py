@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import subprocess
 import sys
@@ -15,7 +16,17 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from dashboard_state import RUN, T0, FakeControl, RecordedRun, record_run, sha256
+from dashboard_state import (
+    INSTRUCT_EVALUATION,
+    INSTRUCT_RUN,
+    RUN,
+    T0,
+    FakeControl,
+    RecordedRun,
+    record_instruction_run,
+    record_run,
+    sha256,
+)
 from fedrot_server.control import Activity
 from fedrot_server.dashboard import __main__ as standalone
 from fedrot_server.dashboard import create_app
@@ -82,10 +93,24 @@ def test_rounds_closed_and_open(client: TestClient) -> None:
     closed, live = rounds
     assert closed["phase"] == "closed" and closed["train_loss"] == 0.75
     assert closed["accuracy"] == 0.625 and closed["aggregation_error"] == 0.02
+    assert closed["exact_match"] is None and closed["perplexity"] is None  # classification
     assert (closed["bytes_in"], closed["bytes_out"], closed["duration_s"]) == (4000, 2500, 30.0)
     assert live["phase"] == "open" and live["reporters"] == ["alice"]
     assert live["train_loss"] == 0.9 and live["bytes_in"] == 1100 and live["accuracy"] is None
     assert client.get(f"/api/v1/runs/{RUN}/rounds/1").json() == live
+
+
+def test_rounds_of_an_instruction_run_carry_exact_match_and_perplexity(tmp_path: Path) -> None:
+    for client in make_client(record_instruction_run(tmp_path / "state")):
+        rounds = client.get(f"/api/v1/runs/{INSTRUCT_RUN}/rounds").json()
+        assert [(r["exact_match"], r["perplexity"]) for r in rounds] == list(INSTRUCT_EVALUATION)
+        assert all(r["accuracy"] is None for r in rounds)
+        last = rounds[-1]
+        assert last["evaluation"] == {"exact_match": 0.5, "perplexity": 6.25,
+                                      "loss": pytest.approx(math.log(6.25))}  # fmt: skip
+        assert client.get(f"/api/v1/runs/{INSTRUCT_RUN}/rounds/2").json() == last
+        schema = client.get("/api/v1/openapi.json").json()["components"]["schemas"]["RoundInfo"]
+        assert {"exact_match", "perplexity"} <= set(schema["required"])
 
 
 def test_per_module_view_of_the_latest_closed_round(client: TestClient) -> None:
@@ -195,9 +220,23 @@ def test_prometheus_metrics(client: TestClient) -> None:
     assert f'fedrot_transfer_bytes_total{{direction="down",run="{RUN}"}} 3750.0' in text
     assert f'fedrot_refused_uploads_total{{reason="INVALID_ARGUMENT",run="{RUN}"}} 2.0' in text
     assert f'fedrot_aggregation_error{{run="{RUN}"}} 0.02' in text
+    assert f'fedrot_eval_accuracy{{run="{RUN}"}} 0.625' in text
+    assert "fedrot_eval_exact_match" not in text and "fedrot_eval_perplexity" not in text
     assert f'fedrot_round_duration_seconds_count{{run="{RUN}"}} 1.0' in text
     assert f'fedrot_round_duration_seconds_bucket{{le="15.0",run="{RUN}"}} 0.0' in text
     assert f'fedrot_round_duration_seconds_bucket{{le="60.0",run="{RUN}"}} 1.0' in text
+
+
+def test_prometheus_metrics_of_an_instruction_run(tmp_path: Path) -> None:
+    """The latest closed round's held-out exact match, perplexity and loss; no accuracy."""
+    for client in make_client(record_instruction_run(tmp_path / "state")):
+        text = client.get("/metrics").text
+    assert f'fedrot_eval_exact_match{{run="{INSTRUCT_RUN}"}} 0.5' in text
+    assert f'fedrot_eval_perplexity{{run="{INSTRUCT_RUN}"}} 6.25' in text
+    assert f'fedrot_eval_loss{{run="{INSTRUCT_RUN}"}} {math.log(6.25)!r}' in text
+    assert "fedrot_eval_accuracy" not in text
+    assert "# HELP fedrot_eval_exact_match Held-out exact match (fraction in [0, 1]" in text
+    assert "# TYPE fedrot_eval_perplexity gauge" in text
 
 
 def test_page_and_offline_chart_library_are_served(client: TestClient) -> None:

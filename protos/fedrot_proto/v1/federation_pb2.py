@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedrot_proto/v1/federation.proto\x12\tfedrot.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.fedrot.v1.ModelTask\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"k\n\nLoraConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x05 \x03(\t\"`\n\x0cStrategySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x61lignment_strength\x18\x02 \x01(\x01\x12\x18\n\x10odd_round_factor\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"8\n\x0bModuleShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64_out\x18\x02 \x01(\x04\x12\x0c\n\x04\x64_in\x18\x03 \x01(\x04\"(\n\nExtraShape\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"l\n\rAdapterSchema\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\'\n\x07modules\x18\x02 \x03(\x0b\x32\x16.fedrot.v1.ModuleShape\x12$\n\x05\x65xtra\x18\x03 \x03(\x0b\x32\x15.fedrot.v1.ExtraShape\"X\n\x0eTransferLimits\x12\x17\n\x0fmax_chunk_bytes\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x03 \x01(\x04\"\xaa\x02\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.fedrot.v1.ModelSpec\x12#\n\x04lora\x18\x03 \x01(\x0b\x32\x15.fedrot.v1.LoraConfig\x12)\n\x08strategy\x18\x04 \x01(\x0b\x32\x17.fedrot.v1.StrategySpec\x12(\n\x06schema\x18\x05 \x01(\x0b\x32\x18.fedrot.v1.AdapterSchema\x12)\n\x06limits\x18\x06 \x01(\x0b\x32\x19.fedrot.v1.TransferLimits\x12\x0e\n\x06rounds\x18\x07 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"n\n\rEnrollRequest\x12\x30\n\x04info\x18\x01 \x03(\x0b\x32\".fedrot.v1.EnrollRequest.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x1f\n\x03run\x18\x02 \x01(\x0b\x32\x12.fedrot.v1.RunSpec\x12(\n\nrun_status\x18\x03 \x01(\x0e\x32\x14.fedrot.v1.RunStatus\"M\n\x0eGetTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x08max_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x08WaitTask\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb4\x01\n\x17TrainingHyperparameters\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"?\n\nAdapterRef\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x8e\x02\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\r\x12*\n\x0ftrained_factors\x18\x02 \x03(\x0e\x32\x11.fedrot.v1.Factor\x12;\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\".fedrot.v1.TrainingHyperparameters\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\ttime_left\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x0eglobal_adapter\x18\x06 \x01(\x0b\x32\x15.fedrot.v1.AdapterRef\"b\n\x08\x44oneTask\x12\x18\n\x10rounds_completed\x18\x01 \x01(\r\x12,\n\rfinal_adapter\x18\x02 \x01(\x0b\x32\x15.fedrot.v1.AdapterRef\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8a\x01\n\x0fGetTaskResponse\x12#\n\x04wait\x18\x01 \x01(\x0b\x32\x13.fedrot.v1.WaitTaskH\x00\x12%\n\x05train\x18\x02 \x01(\x0b\x32\x14.fedrot.v1.TrainTaskH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.fedrot.v1.DoneTaskH\x00\x42\x06\n\x04task\"G\n\x16\x44ownloadAdapterRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"I\n\x0eTransferHeader\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"q\n\x17\x44ownloadAdapterResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedrot.v1.TransferHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedrot.v1.ChunkH\x00\x42\x06\n\x04part\"\x8b\x02\n\x0cUploadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0csample_count\x18\x03 \x01(\x04\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.fedrot.v1.UploadHeader.MetricsEntry\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\"\n\x07\x66\x61\x63tors\x18\x08 \x03(\x0e\x32\x11.fedrot.v1.Factor\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"k\n\x13UploadUpdateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedrot.v1.UploadHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedrot.v1.ChunkH\x00\x42\x06\n\x04part\"j\n\x14UploadUpdateResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.fedrot.v1.UploadStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x11\n\tupload_id\x18\x03 \x01(\t\"j\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.fedrot.v1.ClientPhase\x12\x10\n\x08progress\x18\x04 \x01(\x01\"\x9f\x01\n\x11HeartbeatResponse\x12(\n\nrun_status\x18\x01 \x01(\x0e\x32\x14.fedrot.v1.RunStatus\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\x12\x12\n\nround_open\x18\x03 \x01(\x08\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"p\n\x12QueryUploadRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"i\n\x13QueryUploadResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.fedrot.v1.UploadStatus\x12\x11\n\tupload_id\x18\x03 \x01(\t*<\n\x06\x46\x61\x63tor\x12\x16\n\x12\x46\x41\x43TOR_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46\x41\x43TOR_A\x10\x01\x12\x0c\n\x08\x46\x41\x43TOR_B\x10\x02*`\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_TASK_CLASSIFICATION\x10\x01\x12\x18\n\x14MODEL_TASK_CAUSAL_LM\x10\x02*|\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\"\n\x1eRUN_STATUS_WAITING_FOR_CLIENTS\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x17\n\x13RUN_STATUS_FINISHED\x10\x03*\xb3\x01\n\x0b\x43lientPhase\x12\x1c\n\x18\x43LIENT_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LIENT_PHASE_IDLE\x10\x01\x12\x1c\n\x18\x43LIENT_PHASE_DOWNLOADING\x10\x02\x12\x19\n\x15\x43LIENT_PHASE_TRAINING\x10\x03\x12\x1a\n\x16\x43LIENT_PHASE_UPLOADING\x10\x04\x12\x1a\n\x16\x43LIENT_PHASE_WITHDRAWN\x10\x05*f\n\x0cUploadStatus\x12\x1d\n\x19UPLOAD_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPLOAD_STATUS_ACCEPTED\x10\x01\x12\x1b\n\x17UPLOAD_STATUS_DUPLICATE\x10\x02\x32\xd9\x03\n\x11\x46\x65\x64\x65rationService\x12=\n\x06\x45nroll\x12\x18.fedrot.v1.EnrollRequest\x1a\x19.fedrot.v1.EnrollResponse\x12@\n\x07GetTask\x12\x19.fedrot.v1.GetTaskRequest\x1a\x1a.fedrot.v1.GetTaskResponse\x12Z\n\x0f\x44ownloadAdapter\x12!.fedrot.v1.DownloadAdapterRequest\x1a\".fedrot.v1.DownloadAdapterResponse0\x01\x12Q\n\x0cUploadUpdate\x12\x1e.fedrot.v1.UploadUpdateRequest\x1a\x1f.fedrot.v1.UploadUpdateResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.fedrot.v1.HeartbeatRequest\x1a\x1c.fedrot.v1.HeartbeatResponse\x12L\n\x0bQueryUpload\x12\x1d.fedrot.v1.QueryUploadRequest\x1a\x1e.fedrot.v1.QueryUploadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedrot_proto/v1/federation.proto\x12\tfedrot.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.fedrot.v1.ModelTask\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"k\n\nLoraConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x05 \x03(\t\"`\n\x0cStrategySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x61lignment_strength\x18\x02 \x01(\x01\x12\x18\n\x10odd_round_factor\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"8\n\x0bModuleShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64_out\x18\x02 \x01(\x04\x12\x0c\n\x04\x64_in\x18\x03 \x01(\x04\"(\n\nExtraShape\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"l\n\rAdapterSchema\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\'\n\x07modules\x18\x02 \x03(\x0b\x32\x16.fedrot.v1.ModuleShape\x12$\n\x05\x65xtra\x18\x03 \x03(\x0b\x32\x15.fedrot.v1.ExtraShape\"X\n\x0eTransferLimits\x12\x17\n\x0fmax_chunk_bytes\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x03 \x01(\x04\"\xaa\x02\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.fedrot.v1.ModelSpec\x12#\n\x04lora\x18\x03 \x01(\x0b\x32\x15.fedrot.v1.LoraConfig\x12)\n\x08strategy\x18\x04 \x01(\x0b\x32\x17.fedrot.v1.StrategySpec\x12(\n\x06schema\x18\x05 \x01(\x0b\x32\x18.fedrot.v1.AdapterSchema\x12)\n\x06limits\x18\x06 \x01(\x0b\x32\x19.fedrot.v1.TransferLimits\x12\x0e\n\x06rounds\x18\x07 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"n\n\rEnrollRequest\x12\x30\n\x04info\x18\x01 \x03(\x0b\x32\".fedrot.v1.EnrollRequest.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x1f\n\x03run\x18\x02 \x01(\x0b\x32\x12.fedrot.v1.RunSpec\x12(\n\nrun_status\x18\x03 \x01(\x0e\x32\x14.fedrot.v1.RunStatus\"M\n\x0eGetTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x08max_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x08WaitTask\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd5\x02\n\x17TrainingHyperparameters\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12#\n\x1bgradient_accumulation_steps\x18\t \x01(\r\x12\x14\n\x0clr_scheduler\x18\n \x01(\t\x12\x14\n\x0cwarmup_ratio\x18\x0b \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x0c \x01(\x01\x12\x1e\n\x16gradient_checkpointing\x18\r \x01(\x08\x12\x17\n\x0fmixed_precision\x18\x0e \x01(\t\"?\n\nAdapterRef\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x8e\x02\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\r\x12*\n\x0ftrained_factors\x18\x02 \x03(\x0e\x32\x11.fedrot.v1.Factor\x12;\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\".fedrot.v1.TrainingHyperparameters\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\ttime_left\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x0eglobal_adapter\x18\x06 \x01(\x0b\x32\x15.fedrot.v1.AdapterRef\"b\n\x08\x44oneTask\x12\x18\n\x10rounds_completed\x18\x01 \x01(\r\x12,\n\rfinal_adapter\x18\x02 \x01(\x0b\x32\x15.fedrot.v1.AdapterRef\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8a\x01\n\x0fGetTaskResponse\x12#\n\x04wait\x18\x01 \x01(\x0b\x32\x13.fedrot.v1.WaitTaskH\x00\x12%\n\x05train\x18\x02 \x01(\x0b\x32\x14.fedrot.v1.TrainTaskH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.fedrot.v1.DoneTaskH\x00\x42\x06\n\x04task\"G\n\x16\x44ownloadAdapterRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"I\n\x0eTransferHeader\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"q\n\x17\x44ownloadAdapterResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedrot.v1.TransferHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedrot.v1.ChunkH\x00\x42\x06\n\x04part\"\x8b\x02\n\x0cUploadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0csample_count\x18\x03 \x01(\x04\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.fedrot.v1.UploadHeader.MetricsEntry\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\"\n\x07\x66\x61\x63tors\x18\x08 \x03(\x0e\x32\x11.fedrot.v1.Factor\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"k\n\x13UploadUpdateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedrot.v1.UploadHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedrot.v1.ChunkH\x00\x42\x06\n\x04part\"j\n\x14UploadUpdateResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.fedrot.v1.UploadStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x11\n\tupload_id\x18\x03 \x01(\t\"j\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.fedrot.v1.ClientPhase\x12\x10\n\x08progress\x18\x04 \x01(\x01\"\x9f\x01\n\x11HeartbeatResponse\x12(\n\nrun_status\x18\x01 \x01(\x0e\x32\x14.fedrot.v1.RunStatus\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\x12\x12\n\nround_open\x18\x03 \x01(\x08\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"p\n\x12QueryUploadRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"i\n\x13QueryUploadResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.fedrot.v1.UploadStatus\x12\x11\n\tupload_id\x18\x03 \x01(\t*<\n\x06\x46\x61\x63tor\x12\x16\n\x12\x46\x41\x43TOR_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46\x41\x43TOR_A\x10\x01\x12\x0c\n\x08\x46\x41\x43TOR_B\x10\x02*`\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_TASK_CLASSIFICATION\x10\x01\x12\x18\n\x14MODEL_TASK_CAUSAL_LM\x10\x02*|\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\"\n\x1eRUN_STATUS_WAITING_FOR_CLIENTS\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x17\n\x13RUN_STATUS_FINISHED\x10\x03*\xb3\x01\n\x0b\x43lientPhase\x12\x1c\n\x18\x43LIENT_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LIENT_PHASE_IDLE\x10\x01\x12\x1c\n\x18\x43LIENT_PHASE_DOWNLOADING\x10\x02\x12\x19\n\x15\x43LIENT_PHASE_TRAINING\x10\x03\x12\x1a\n\x16\x43LIENT_PHASE_UPLOADING\x10\x04\x12\x1a\n\x16\x43LIENT_PHASE_WITHDRAWN\x10\x05*f\n\x0cUploadStatus\x12\x1d\n\x19UPLOAD_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPLOAD_STATUS_ACCEPTED\x10\x01\x12\x1b\n\x17UPLOAD_STATUS_DUPLICATE\x10\x02\x32\xd9\x03\n\x11\x46\x65\x64\x65rationService\x12=\n\x06\x45nroll\x12\x18.fedrot.v1.EnrollRequest\x1a\x19.fedrot.v1.EnrollResponse\x12@\n\x07GetTask\x12\x19.fedrot.v1.GetTaskRequest\x1a\x1a.fedrot.v1.GetTaskResponse\x12Z\n\x0f\x44ownloadAdapter\x12!.fedrot.v1.DownloadAdapterRequest\x1a\".fedrot.v1.DownloadAdapterResponse0\x01\x12Q\n\x0cUploadUpdate\x12\x1e.fedrot.v1.UploadUpdateRequest\x1a\x1f.fedrot.v1.UploadUpdateResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.fedrot.v1.HeartbeatRequest\x1a\x1c.fedrot.v1.HeartbeatResponse\x12L\n\x0bQueryUpload\x12\x1d.fedrot.v1.QueryUploadRequest\x1a\x1e.fedrot.v1.QueryUploadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_INFOENTRY']._serialized_options = b'8\001'
   _globals['_UPLOADHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPLOADHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_FACTOR']._serialized_start=3459
-  _globals['_FACTOR']._serialized_end=3519
-  _globals['_MODELTASK']._serialized_start=3521
-  _globals['_MODELTASK']._serialized_end=3617
-  _globals['_RUNSTATUS']._serialized_start=3619
-  _globals['_RUNSTATUS']._serialized_end=3743
-  _globals['_CLIENTPHASE']._serialized_start=3746
-  _globals['_CLIENTPHASE']._serialized_end=3925
-  _globals['_UPLOADSTATUS']._serialized_start=3927
-  _globals['_UPLOADSTATUS']._serialized_end=4029
+  _globals['_FACTOR']._serialized_start=3620
+  _globals['_FACTOR']._serialized_end=3680
+  _globals['_MODELTASK']._serialized_start=3682
+  _globals['_MODELTASK']._serialized_end=3778
+  _globals['_RUNSTATUS']._serialized_start=3780
+  _globals['_RUNSTATUS']._serialized_end=3904
+  _globals['_CLIENTPHASE']._serialized_start=3907
+  _globals['_CLIENTPHASE']._serialized_end=4086
+  _globals['_UPLOADSTATUS']._serialized_start=4088
+  _globals['_UPLOADSTATUS']._serialized_end=4190
   _globals['_MODELSPEC']._serialized_start=112
   _globals['_MODELSPEC']._serialized_end=228
   _globals['_LORACONFIG']._serialized_start=230
@@ -74,39 +74,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAITTASK']._serialized_start=1341
   _globals['_WAITTASK']._serialized_end=1415
   _globals['_TRAININGHYPERPARAMETERS']._serialized_start=1418
-  _globals['_TRAININGHYPERPARAMETERS']._serialized_end=1598
-  _globals['_ADAPTERREF']._serialized_start=1600
-  _globals['_ADAPTERREF']._serialized_end=1663
-  _globals['_TRAINTASK']._serialized_start=1666
-  _globals['_TRAINTASK']._serialized_end=1936
-  _globals['_DONETASK']._serialized_start=1938
-  _globals['_DONETASK']._serialized_end=2036
-  _globals['_GETTASKRESPONSE']._serialized_start=2039
-  _globals['_GETTASKRESPONSE']._serialized_end=2177
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2179
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2250
-  _globals['_TRANSFERHEADER']._serialized_start=2252
-  _globals['_TRANSFERHEADER']._serialized_end=2325
-  _globals['_CHUNK']._serialized_start=2327
-  _globals['_CHUNK']._serialized_end=2364
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=2366
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=2479
-  _globals['_UPLOADHEADER']._serialized_start=2482
-  _globals['_UPLOADHEADER']._serialized_end=2749
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=2703
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=2749
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=2751
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=2858
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=2860
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=2966
-  _globals['_HEARTBEATREQUEST']._serialized_start=2968
-  _globals['_HEARTBEATREQUEST']._serialized_end=3074
-  _globals['_HEARTBEATRESPONSE']._serialized_start=3077
-  _globals['_HEARTBEATRESPONSE']._serialized_end=3236
-  _globals['_QUERYUPLOADREQUEST']._serialized_start=3238
-  _globals['_QUERYUPLOADREQUEST']._serialized_end=3350
-  _globals['_QUERYUPLOADRESPONSE']._serialized_start=3352
-  _globals['_QUERYUPLOADRESPONSE']._serialized_end=3457
-  _globals['_FEDERATIONSERVICE']._serialized_start=4032
-  _globals['_FEDERATIONSERVICE']._serialized_end=4505
+  _globals['_TRAININGHYPERPARAMETERS']._serialized_end=1759
+  _globals['_ADAPTERREF']._serialized_start=1761
+  _globals['_ADAPTERREF']._serialized_end=1824
+  _globals['_TRAINTASK']._serialized_start=1827
+  _globals['_TRAINTASK']._serialized_end=2097
+  _globals['_DONETASK']._serialized_start=2099
+  _globals['_DONETASK']._serialized_end=2197
+  _globals['_GETTASKRESPONSE']._serialized_start=2200
+  _globals['_GETTASKRESPONSE']._serialized_end=2338
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2340
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2411
+  _globals['_TRANSFERHEADER']._serialized_start=2413
+  _globals['_TRANSFERHEADER']._serialized_end=2486
+  _globals['_CHUNK']._serialized_start=2488
+  _globals['_CHUNK']._serialized_end=2525
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=2527
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=2640
+  _globals['_UPLOADHEADER']._serialized_start=2643
+  _globals['_UPLOADHEADER']._serialized_end=2910
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=2864
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=2910
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=2912
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=3019
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=3021
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=3127
+  _globals['_HEARTBEATREQUEST']._serialized_start=3129
+  _globals['_HEARTBEATREQUEST']._serialized_end=3235
+  _globals['_HEARTBEATRESPONSE']._serialized_start=3238
+  _globals['_HEARTBEATRESPONSE']._serialized_end=3397
+  _globals['_QUERYUPLOADREQUEST']._serialized_start=3399
+  _globals['_QUERYUPLOADREQUEST']._serialized_end=3511
+  _globals['_QUERYUPLOADRESPONSE']._serialized_start=3513
+  _globals['_QUERYUPLOADRESPONSE']._serialized_end=3618
+  _globals['_FEDERATIONSERVICE']._serialized_start=4193
+  _globals['_FEDERATIONSERVICE']._serialized_end=4666
 # @@protoc_insertion_point(module_scope)

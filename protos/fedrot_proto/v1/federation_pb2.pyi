@@ -202,7 +202,7 @@ class WaitTask(_message.Message):
     def __init__(self, retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TrainingHyperparameters(_message.Message):
-    __slots__ = ("local_steps", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "max_length", "seed")
+    __slots__ = ("local_steps", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "max_length", "seed", "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "max_grad_norm", "gradient_checkpointing", "mixed_precision")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,12 @@ class TrainingHyperparameters(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     epochs: int
     batch_size: int
@@ -219,7 +225,13 @@ class TrainingHyperparameters(_message.Message):
     weight_decay: float
     max_length: int
     seed: int
-    def __init__(self, local_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., weight_decay: _Optional[float] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    gradient_accumulation_steps: int
+    lr_scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float
+    gradient_checkpointing: bool
+    mixed_precision: str
+    def __init__(self, local_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., weight_decay: _Optional[float] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., gradient_checkpointing: _Optional[bool] = ..., mixed_precision: _Optional[str] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("round", "size_bytes", "sha256")

@@ -11,7 +11,9 @@ let serverOffset = 0;
 
 const $ = (id) => document.getElementById(id);
 const fmt = (v, digits = 4) => (v === null || v === undefined ? "–" : Number(v).toPrecision(digits));
+const pct = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
+const reports = (rounds, key) => rounds.some((r) => r[key] !== null && r[key] !== undefined);
 
 function bytes(n) {
   if (n === null || n === undefined) return "–";
@@ -102,7 +104,18 @@ function showClients(clients) {
   }
 }
 
+// The held-out columns of the rounds table: accuracy (classification, and any run before it
+// reports), exact match and perplexity only for runs whose rounds report them.
+const EVALUATION_COLUMNS = [["accuracy", pct], ["exact_match", pct], ["perplexity", fmt]];
+
+function evaluationColumns(rounds) {
+  const generative = reports(rounds, "exact_match") || reports(rounds, "perplexity");
+  return EVALUATION_COLUMNS.filter(([key]) => reports(rounds, key) || (key === "accuracy" && !generative));
+}
+
 function showRounds(rounds) {
+  const columns = evaluationColumns(rounds);
+  for (const [key] of EVALUATION_COLUMNS) $(`col-${key}`).hidden = !columns.some(([k]) => k === key);
   const body = $("rounds").tBodies[0];
   body.replaceChildren();
   for (const r of rounds) {
@@ -112,7 +125,7 @@ function showRounds(rounds) {
     cell(row, `${r.reporters.length} / ${r.participants.length}`, "num");
     cell(row, r.samples, "num");
     cell(row, fmt(r.train_loss), "num");
-    cell(row, fmt(r.accuracy), "num");
+    for (const [key, show] of columns) cell(row, show(r[key]), `num ${key}`);
     cell(row, fmt(r.aggregation_error), "num");
     cell(row, fmt(r.relative_aggregation_error), "num");
     cell(row, bytes(r.bytes_in), "num");
@@ -132,15 +145,22 @@ function draw(id, traces, layout) {
   Plotly.react(id, traces, { ...LAYOUT, ...layout, title }, CONFIG);
 }
 
+// The quality axis: exact match for instruction tuning (when the rounds report it), else accuracy.
+function qualityOf(closed) {
+  return reports(closed, "exact_match") ? { key: "exact_match", label: "exact match" } : { key: "accuracy", label: "accuracy" };
+}
+
 function drawRoundCharts(rounds) {
   const x = rounds.map((r) => r.round);
   const closed = rounds.filter((r) => r.phase === "closed");
   const cx = closed.map((r) => r.round);
+  const quality = qualityOf(closed);
   draw("chart-loss", [
     { x, y: rounds.map((r) => r.train_loss), name: "train loss", mode: "lines+markers" },
-    { x: cx, y: closed.map((r) => r.accuracy), name: "held-out accuracy", mode: "lines+markers", yaxis: "y2" },
-  ], { title: { text: "Train loss and accuracy" }, xaxis: ROUND_AXIS,
-       yaxis: { title: { text: "loss" } }, yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1], tickmode: "auto", showgrid: false } });
+    { x: cx, y: closed.map((r) => r[quality.key]), name: `held-out ${quality.label}`, mode: "lines+markers", yaxis: "y2" },
+  ], { title: { text: `Train loss and ${quality.label}` }, xaxis: ROUND_AXIS,
+       yaxis: { title: { text: "loss" } }, yaxis2: { title: { text: quality.label }, overlaying: "y", side: "right", range: [0, 1], tickmode: "auto", showgrid: false } });
+  drawPerplexity(closed);
   draw("chart-error", [
     { x: cx, y: closed.map((r) => r.aggregation_error), name: "‖Σ pᵢBᵢAᵢ − B̄Ā‖", mode: "lines+markers" },
     { x: cx, y: closed.map((r) => r.relative_aggregation_error), name: "relative", mode: "lines+markers" },
@@ -152,6 +172,18 @@ function drawRoundCharts(rounds) {
   draw("chart-duration", [
     { x: cx, y: closed.map((r) => r.duration_s), name: "duration (s)", type: "bar" },
   ], { title: { text: "Round duration (s)" }, xaxis: ROUND_AXIS });
+}
+
+// Held-out perplexity of the global adapter (completion tokens only for instruction tuning):
+// its own chart, shown only for runs that report it.
+function drawPerplexity(closed) {
+  const chart = $("chart-perplexity");
+  chart.hidden = !reports(closed, "perplexity");
+  if (chart.hidden) return;
+  draw("chart-perplexity", [
+    { x: closed.map((r) => r.round), y: closed.map((r) => r.perplexity), name: "held-out perplexity", mode: "lines+markers" },
+  ], { title: { text: "Held-out perplexity (log)" }, xaxis: ROUND_AXIS,
+       yaxis: { type: "log", title: { text: "perplexity" } } });
 }
 
 // Module names without the dotted parts they all share: "0.query", "1.value", ...
