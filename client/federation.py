@@ -51,7 +51,13 @@ from fedrot_client.lora import (
     save_peft_directory,
 )
 from fedrot_client.messages import factors_of, model_spec_of, training_plan_of
-from fedrot_client.models import BaseModel, check_fingerprint, load_base_model, resolve_device
+from fedrot_client.models import (
+    BaseModel,
+    base_model_folder,
+    check_fingerprint,
+    load_base_model,
+    resolve_device,
+)
 from fedrot_client.run_info import RoundRecord, RunInfo
 from fedrot_client.settings import ConnectionSettings
 from fedrot_client.signals import StopSignals, raise_stopped
@@ -311,8 +317,11 @@ class Federation:
     # -- the end -----------------------------------------------------------------------------
     def save_final(self, directory: str | Path) -> Path:
         """Save the run's final global adapter as a PEFT folder (``adapter_config.json`` and
-        ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads; call it once
-        :meth:`tasks` has ended. Returns the folder."""
+        ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` and
+        ``AutoPeftModel...from_pretrained`` load: its ``base_model_name_or_path`` is a local
+        folder of the base model (a registry model is saved once under the model cache, see
+        :func:`fedrot_client.models.base_model_folder`). Call it once :meth:`tasks` has ended.
+        Returns the folder."""
         self.require_open()
         if self._done is None:
             raise UsageError("the run has not finished: call save_final after fed.tasks() ends")
@@ -323,8 +332,9 @@ class Federation:
         except Interrupted as exc:
             raise_stopped(self._stop, exc)
         tensors = decode_adapter(data, run.schema, BOTH_FACTORS).tensors
-        name = self._settings.model or run.model.name
-        config = peft_adapter_config(run.lora, name, PEFT_TASK_TYPES[run.task],
+        spec = model_spec_of(self._enrolment.run.model, self._settings.model)
+        folder = base_model_folder(spec, run.fingerprint)
+        config = peft_adapter_config(run.lora, str(folder), PEFT_TASK_TYPES[run.task],
                                      modules_to_save=self._saved_modules())  # fmt: skip
         return save_peft_directory(directory, tensors, config)
 

@@ -65,6 +65,14 @@ class LoraSpec:
         return self.r
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
+
+
+def peft_target_modules(names: tuple[str, ...]) -> str | list[str]:
+    """PEFT's ``target_modules``: the shorthand ``"all-linear"`` must be a string, not a list."""
+    return ALL_LINEAR if list(names) == [ALL_LINEAR] else sorted(names)
+
+
 def peft_adapter_config(
     lora_spec: LoraSpec,
     base_model_name: str,
@@ -84,7 +92,7 @@ def peft_adapter_config(
         "r": lora_spec.r,
         "lora_alpha": lora_spec.alpha,
         "lora_dropout": lora_spec.dropout,
-        "target_modules": sorted(lora_spec.target_modules),
+        "target_modules": peft_target_modules(lora_spec.target_modules),
         "modules_to_save": list(saved) if saved else None,
         "bias": "none",
         "fan_in_fan_out": False,

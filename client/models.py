@@ -25,6 +25,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -210,6 +212,42 @@ def fingerprint_model(
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy())
     return "sha256:" + digest.hexdigest()
+
+
+MODEL_CACHE_ENV = "FEDROT_MODEL_CACHE"
+
+
+def model_cache() -> Path:
+    """Where registry models are saved as plain folders: ``$FEDROT_MODEL_CACHE``, else
+    ``~/.cache/fedrot/models``."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "fedrot" / "models"
+
+
+def base_model_folder(spec: ModelSpec, fingerprint: str,
+                      load: Callable[[], BaseModel] | None = None) -> Path:  # fmt: skip
+    """A local folder that ``AutoModel...from_pretrained`` loads as this base model, for an
+    adapter's ``base_model_name_or_path``: a folder spec is itself; a registry model (a GGUF
+    file, weights built in code) is saved once with ``save_pretrained`` under
+    :func:`model_cache`, keyed by name, task, labels and fingerprint. ``load`` gives the base
+    model when it must be saved (default: :func:`load_base_model`)."""
+    if spec.name not in MODEL_REGISTRY:
+        return Path(spec.name).expanduser().resolve()
+    digest = fingerprint.removeprefix("sha256:")[:16] or "unchecked"
+    labels = f"-{spec.num_labels}" if spec.task is TaskKind.CLASSIFICATION else ""
+    folder = model_cache() / f"{spec.name}-{spec.task}{labels}-{digest}"
+    if (folder / "config.json").is_file():
+        return folder
+    base = (load or (lambda: load_base_model(spec)))()
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    base.model.save_pretrained(staging)
+    base.tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process saved it first
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved base model %s as a folder: %s", spec.name, folder)
+    return folder
 
 
 def resolve_device(name: str) -> torch.device:

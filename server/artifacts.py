@@ -35,6 +35,7 @@ from fedrot_server.settings import LoraSettings, ModelSettings
 
 BASE_DELTAS_FILE = "base_deltas.safetensors"
 PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -86,9 +87,12 @@ def saved_modules(extra_keys: Iterable[str]) -> list[str]:
 
 
 def peft_config(
-    model: ModelSettings, lora: LoraSettings, extra_keys: Iterable[str]
+    model: ModelSettings, lora: LoraSettings, extra_keys: Iterable[str], *,
+    base_model_path: str = "",
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` content PEFT writes for this run's LoRA (PEFT builds it)."""
+    """The ``adapter_config.json`` content PEFT writes for this run's LoRA (PEFT builds it).
+    ``base_model_path`` (a local folder of the base model) is what the config names, so that
+    ``AutoPeftModel...from_pretrained(adapter)`` loads; without it, the model setting's name."""
     from peft import LoraConfig  # heavy import: only the server's artifact writer needs it
 
     modules_to_save = list(lora.modules_to_save) or saved_modules(extra_keys) or None
@@ -96,14 +100,20 @@ def peft_config(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=peft_target_modules(lora.target_modules),
         modules_to_save=modules_to_save,
         task_type=PEFT_TASK_TYPES[model.task],
         inference_mode=True,
     )
-    config.base_model_name_or_path = model.name
+    config.base_model_name_or_path = base_model_path or model.name
     data = config.to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+
+
+def peft_target_modules(names: Iterable[str]) -> str | list[str]:
+    """PEFT's ``target_modules``: the shorthand ``"all-linear"`` must be a string, not a list."""
+    names = list(names)
+    return names[0] if names == [ALL_LINEAR] else names
 
 
 def base_weight_key(module: str) -> str:

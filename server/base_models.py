@@ -35,12 +35,14 @@ def load_initial_model(spec: RunSpec) -> InitialModel:
     """The base model's PEFT initialisation (A from ``spec.seed``, B zeros, the head) and its
     fingerprint, exactly as a client computes them."""
     from fedrot_client.lora import attach_lora, export_adapter
-    from fedrot_client.models import load_base_model
+    from fedrot_client.models import base_model_folder, load_base_model
 
     model_spec, lora_spec = _client_specs(spec)
     base = load_base_model(model_spec)
+    folder = base_model_folder(model_spec, base.fingerprint, load=lambda: base)  # before LoRA
     model = attach_lora(base, lora_spec, spec.seed)
-    return InitialModel(Adapter.from_state_dict(export_adapter(model)), base.fingerprint)
+    return InitialModel(Adapter.from_state_dict(export_adapter(model)), base.fingerprint,
+                        str(folder))
 
 
 class HeldOutEvaluator:

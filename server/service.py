@@ -139,7 +139,8 @@ async def _start_holding(
     worker = ThreadedWorker(strategy, initial.schema, device=device,
                             track_error=settings.track_error,
                             max_abs=settings.max_upload_value)  # fmt: skip
-    config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra)
+    config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra,
+                                     base_model_path=initial.base_model_path)  # fmt: skip
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
                              delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip
     # Before serving; on this thread, which owns the store.

@@ -88,11 +88,13 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class InitialModel:
-    """The round-0 global adapter (float32, CPU) and the base model's fingerprint
-    (``"sha256:<hex>"``, or ``""`` when unknown: clients then skip the check)."""
+    """The round-0 global adapter (float32, CPU), the base model's fingerprint
+    (``"sha256:<hex>"``, or ``""`` when unknown: clients then skip the check) and a local folder
+    that loads as the base model (``""``: adapters name the model setting instead)."""
 
     adapter: Adapter
     fingerprint: str = ""
+    base_model_path: str = ""
 
     @property
     def schema(self) -> AdapterSchema:

@@ -20,10 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from fedrot_client.models import ModelSpec, TaskKind, load_base_model
 from fedrot_server.settings import LoraSettings, ModelSettings, StrategySettings, TrainingSettings
 from fedrot_server.store import open_reader
 from harness import ServerThread, tiny_settings, token_of
@@ -106,10 +106,13 @@ def test_an_example_client_runs_a_federation(example: str, tmp_path: Path) -> No
         assert final.keys() == served.keys()
         assert all(torch.equal(final[k], served[k]) for k in final)  # bit for bit
         assert any(k.endswith(".lora_B.weight") and t.abs().max() > 0 for k, t in final.items())
-        base = load_base_model(ModelSpec("tiny-llama", TaskKind.CAUSAL_LM, seed=0))
-        model = PeftModel.from_pretrained(base.model, tmp_path / "alice" / "final")
-        inputs = base.tokenizer("1+2=", return_tensors="pt")
-        assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > 4
+        for folder in (tmp_path / "alice" / "final", published(server, 1).parent):
+            # Offline, from the folder alone: the config names a local copy of the base model.
+            model = AutoPeftModelForCausalLM.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"]
+                                                      .base_model_name_or_path)  # fmt: skip
+            inputs = tokenizer("1+2=", return_tensors="pt")
+            assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > 4
     finally:
         server.stop()
 
