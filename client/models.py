@@ -240,14 +240,31 @@ def base_model_folder(spec: ModelSpec, fingerprint: str,
         return folder
     base = (load or (lambda: load_base_model(spec)))()
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    base.model.save_pretrained(staging)
-    base.tokenizer.save_pretrained(staging)
+    save_plain(base, staging)
     try:
         os.replace(staging, folder)
     except OSError:  # another process saved it first
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("saved base model %s as a folder: %s", spec.name, folder)
     return folder
+
+
+def save_plain(base: BaseModel, folder: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer as plain float weights. A GGUF model is
+    held dequantized, but transformers marks it "quantized, not serializable": the mark is
+    lifted for the save and left out of ``config.json``."""
+    model = base.model
+    quantizer = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+    base.tokenizer.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def resolve_device(name: str) -> torch.device:

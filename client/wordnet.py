@@ -3,7 +3,9 @@
 Every synset line of ``data.noun``, ``data.verb``, ``data.adj`` and ``data.adv`` holds the
 synset's lexicographer file number (0..44, one of the 45 :data:`LEXNAMES`), its words, and a
 gloss after ``" | "``. The classification task is gloss -> lexicographer category (45 classes);
-the generative variant is word -> gloss text for causal-LM fine-tuning.
+the generative variant is word -> gloss text for causal-LM fine-tuning; the reverse dictionary
+is an instruction task (a chat: "Which word is defined as: <gloss>?" -> the word), scored by
+exact match of the generated word.
 
 ``python -m fedrot_client.wordnet OUT`` writes ``client-<i>.jsonl`` train shards (a seeded
 label-Dirichlet split), ``eval.jsonl`` (held out) and ``labels.json`` (the label vocabulary).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +131,48 @@ def generation_record(synset: Synset) -> dict[str, object]:
             "completion": f" {synset.gloss}", "label": synset.category}  # fmt: skip
 
 
+REVERSE_DICTIONARY_QUESTION = "Which word is defined as: {gloss}? Answer with the word only."
+MAX_DEFINITION_CHARS = 120
+
+
+def definition_of(synset: Synset) -> str:
+    """The gloss's definition: the part before its first quoted example."""
+    return synset.gloss.split('; "', 1)[0].split(' "', 1)[0].strip().rstrip(";").strip()
+
+
+def fits_reverse_dictionary(synset: Synset) -> bool:
+    """A one-word, lowercase, alphabetic head word of 3 to 12 letters, and a definition of at
+    most :data:`MAX_DEFINITION_CHARS` characters that does not give the word away."""
+    word, definition = synset.words[0], definition_of(synset)
+    return (word.isascii() and word.isalpha() and word.islower() and 3 <= len(word) <= 12
+            and 0 < len(definition) <= MAX_DEFINITION_CHARS
+            and word not in definition.lower())  # fmt: skip
+
+
+def word_counts(directory: str | Path = DEFAULT_WORDNET_DIR) -> Counter[str]:
+    """How often each word was tagged in WordNet's semantic concordance (``cntlist.rev``, all
+    senses together; spaces for underscores): a word-frequency proxy."""
+    counts: Counter[str] = Counter()
+    path = Path(directory) / "cntlist.rev"
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) == 3 and fields[2].isdigit():
+                    counts[fields[0].split("%", 1)[0].replace("_", " ")] += int(fields[2])
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc}); install Debian's wordnet-base") from exc
+    return counts
+
+
+def reverse_dictionary_record(synset: Synset) -> dict[str, object]:
+    """A chat: the user asks for the word a definition defines, the assistant answers it."""
+    question = REVERSE_DICTIONARY_QUESTION.format(gloss=definition_of(synset))
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": synset.words[0]}],
+            "label": synset.category}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     """How ``write_shards`` splits WordNet across clients."""
@@ -139,10 +184,13 @@ class ShardOptions:
     max_per_client: int | None = 2000
     with_word: bool = False
     generative: bool = False
+    reverse_dictionary: bool = False  # chat rows: definition -> word (keep fitting synsets)
+    min_word_count: int = 20  # reverse dictionary: words tagged at least this often
 
 
 def write_shards(
-    synsets: Sequence[Synset], out_dir: str | Path, options: ShardOptions
+    synsets: Sequence[Synset], out_dir: str | Path, options: ShardOptions,
+    wordnet_dir: str | Path = DEFAULT_WORDNET_DIR,
 ) -> dict[str, object]:
     """Write ``client-<i>.jsonl``, ``eval.jsonl``, ``labels.json`` and ``manifest.json``.
 
@@ -150,6 +198,10 @@ def write_shards(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if options.reverse_dictionary:
+        counts = word_counts(wordnet_dir)
+        synsets = [s for s in synsets if fits_reverse_dictionary(s)
+                   and counts[s.words[0]] >= options.min_word_count]  # fmt: skip
     labels = np.array([s.lex_filenum for s in synsets], dtype=np.int64)
     split = split_federated(
         labels, options.num_clients, alpha=options.alpha, seed=options.seed,
@@ -170,6 +222,8 @@ def write_shards(
 
 
 def _record(synset: Synset, options: ShardOptions) -> dict[str, object]:
+    if options.reverse_dictionary:
+        return reverse_dictionary_record(synset)
     if options.generative:
         return generation_record(synset)
     return classification_record(synset, with_word=options.with_word)
@@ -184,7 +238,8 @@ def _manifest(
     histograms = label_histograms(labels, shards, len(LEXNAMES))
     return {
         "source": "wordnet",
-        "task": "generation" if options.generative else "classification",
+        "task": ("reverse-dictionary" if options.reverse_dictionary
+                 else "generation" if options.generative else "classification"),
         "options": asdict(options),
         "counts": {name: int(len(indices)) for name, indices in files.items()},
         "label_skew": label_skew(labels, shards, len(LEXNAMES)),
@@ -210,6 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-word", action="store_true", help='text = "word: gloss"')
     parser.add_argument("--generative", action="store_true",
                         help="word -> gloss records for causal-LM training")
+    parser.add_argument("--reverse-dictionary", action="store_true",
+                        help="chat records: definition -> word (instruction tuning)")
     return parser  # fmt: skip
 
 
@@ -220,10 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ShardOptions(
         num_clients=args.clients, alpha=args.alpha, seed=args.seed, eval_size=args.eval_size,
         max_per_client=args.max_per_client or None, with_word=args.with_word,
-        generative=args.generative,
+        generative=args.generative, reverse_dictionary=args.reverse_dictionary,
     )  # fmt: skip
     synsets = read_synsets(args.wordnet_dir)
-    manifest = write_shards(synsets, args.out_dir, options)
+    manifest = write_shards(synsets, args.out_dir, options, args.wordnet_dir)
     print(json.dumps({"counts": manifest["counts"], "label_skew": manifest["label_skew"]}))
     return 0
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -192,15 +192,17 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def follow_rounds(out: Path, children: list[Child], rounds: int, started: float,
-                  deadline: float) -> dict[int, dict[str, Any]]:  # fmt: skip
+                  deadline: float, *, header: str = HEADER,
+                  row: Callable[[dict[str, Any], float], str] = table_row,
+                  ) -> dict[int, dict[str, Any]]:  # fmt: skip
     """Print each round's row as it closes; return when every process has exited."""
     printed: dict[int, dict[str, Any]] = {}
-    print(HEADER, flush=True)
+    print(header, flush=True)
     while any(c.process.poll() is None for c in children):
         for index, report in sorted(read_reports(out / "server").items()):
             if index not in printed:
                 printed[index] = report
-                print(table_row(report, time.monotonic() - started), flush=True)
+                print(row(report, time.monotonic() - started), flush=True)
         failed = [c for c in children if c.process.poll() not in (None, 0)]
         if failed:
             first = failed[0]
@@ -212,7 +214,7 @@ def follow_rounds(out: Path, children: list[Child], rounds: int, started: float,
     for index, report in sorted(read_reports(out / "server").items()):
         if index not in printed:
             printed[index] = report
-            print(table_row(report, time.monotonic() - started), flush=True)
+            print(row(report, time.monotonic() - started), flush=True)
     return printed
 
 
