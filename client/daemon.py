@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedrot_client.data import load_dataset
 from fedrot_client.errors import RunChangedError, Stopped
 from fedrot_client.connection import describe_host
@@ -94,6 +96,8 @@ class ClientDaemon:
 
     def _serve(self, fed: Federation) -> Path | None:
         """Train every task; the final adapter's folder when one is configured."""
+        if self.settings.num_threads is not None:
+            torch.set_num_threads(self.settings.num_threads)
         model = fed.build_model()
         trainer = self._trainer(fed)
         for task in fed.tasks():

@@ -147,7 +147,19 @@ def load_from_folder(
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {spec.name!r}: cannot load {folder}: {exc}") from exc
     _ensure_padding(model, tokenizer)
+    if gguf_file:
+        _drop_gguf_mark(model)
     return model, tokenizer
+
+
+def _drop_gguf_mark(model: nn.Module) -> None:
+    """A GGUF checkpoint is dequantized on load (float32 weights), but transformers still marks
+    the model "quantized with GGUF", which its Trainer refuses to train and ``save_pretrained``
+    refuses to save: drop the mark, since the model is plain float32."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _single_gguf(folder: Path) -> str | None:
@@ -250,21 +262,10 @@ def base_model_folder(spec: ModelSpec, fingerprint: str,
 
 
 def save_plain(base: BaseModel, folder: Path) -> None:
-    """``save_pretrained`` of the model and tokenizer as plain float weights. A GGUF model is
-    held dequantized, but transformers marks it "quantized, not serializable": the mark is
-    lifted for the save and left out of ``config.json``."""
-    model = base.model
-    quantizer = getattr(model, "hf_quantizer", None)
-    model.hf_quantizer = None
-    try:
-        model.save_pretrained(folder)
-    finally:
-        model.hf_quantizer = quantizer
+    """``save_pretrained`` of the model and tokenizer (a GGUF model is held as plain float32
+    weights: see :func:`load_from_folder`)."""
+    base.model.save_pretrained(folder)
     base.tokenizer.save_pretrained(folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.pop("quantization_config", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def resolve_device(name: str) -> torch.device:
