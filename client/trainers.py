@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from fedrot.errors import SchemaError
 from fedrot_client import hf
 from fedrot_client.data import TextDataset
-from fedrot_client.errors import RoundLostError, Stopped, TrainingDiverged
+from fedrot_client.errors import DataError, RoundLostError, Stopped, TrainingDiverged
 from fedrot_client.instructions import InstructionData
 from fedrot_client.task import Task
 from fedrot_client.training import TrainConfig, train_locally
@@ -93,6 +93,7 @@ class InstructionTrainer:
     ) -> None:
         self._tokenizer = tokenizer
         self._dataset = data.to_dataset()
+        self._source = data.source
         self._progress = progress
 
     def work_on(self, task: Task, model: PeftModel) -> None:
@@ -105,6 +106,9 @@ class InstructionTrainer:
                                          logging_strategy="no")  # fmt: skip
             trainer = SFTTrainer(model=model, args=args, train_dataset=self._dataset,
                                  processing_class=self._tokenizer)  # fmt: skip
+            if len(trainer.train_dataset) == 0:
+                raise DataError(f"{self._source}: no example keeps an answer token within "
+                                f"training.max_length = {task.training.max_length} tokens")
             try:
                 submission = submit_or_log(task, lambda: hf.run_task(task, trainer))
             except SchemaError as exc:  # a non-finite update: the training diverged

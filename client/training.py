@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -63,6 +63,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # or "cosine": down to 0 at the last step
     warmup_ratio: float = 0.0
     mixed_precision: str = "no"  # "bf16" / "fp16": autocast on CUDA
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
@@ -99,6 +100,7 @@ class TrainConfig:
             lr_scheduler=plan.lr_scheduler,
             warmup_ratio=plan.warmup_ratio,
             mixed_precision=plan.mixed_precision,
+            gradient_checkpointing=plan.gradient_checkpointing,
         )
 
 
@@ -145,7 +147,7 @@ def train_locally(
     optimizer = _build_optimizer(parameters, config)
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _checkpointing(model, config):
         torch.manual_seed(config.seed)
         samples, loss_sum, steps = _run_steps(
             model, tokenizer, dataset, optimizer, config, on_step
@@ -223,6 +225,19 @@ def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+@contextlib.contextmanager
+def _checkpointing(model: PeftModel, config: TrainConfig) -> Iterator[None]:
+    """Gradient (activation) checkpointing for the call when the config asks for it."""
+    if not config.gradient_checkpointing:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

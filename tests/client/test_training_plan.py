@@ -115,3 +115,18 @@ def test_bf16_trains_on_cuda(tiny_model, sentiment) -> None:
     config = TrainConfig.of_plan(plan(mixed_precision="bf16", optimizer="sgd"))
     result = train_locally(model, tokenizer, sentiment, frozenset("AB"), config)
     assert math.isfinite(result.mean_loss)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model, sentiment) -> None:
+    """Recomputing activations in the backward pass changes memory and time, not the result."""
+    results = []
+    for checkpointing in (False, True):
+        model, tokenizer = tiny_model()
+        config = TrainConfig(steps=3, batch_size=4, progress=False,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+        results.append(train_locally(model, tokenizer, sentiment, frozenset("AB"), config))
+        assert not model.base_model.model.is_gradient_checkpointing  # switched off afterwards
+    plain, checkpointed = results
+    assert plain.tensors.keys() == checkpointed.tensors.keys()
+    for key in plain.tensors:
+        torch.testing.assert_close(plain.tensors[key], checkpointed.tensors[key])

@@ -48,7 +48,7 @@ def test_instruction_tuning_with_generation_based_evaluation(tmp_path: Path) -> 
         strategy=StrategySettings(name="fedrot", alignment_strength=0.4),
         training=TrainingSettings(local_steps=3, batch_size=4, learning_rate=0.02,
                                   min_learning_rate=0.005, round_lr_schedule="cosine",
-                                  optimizer="adamw", max_length=48, max_grad_norm=1.0),
+                                  optimizer="adamw", max_length=128, max_grad_norm=1.0),
         evaluation=EvaluationSettings(data=evaluation, max_new_tokens=4, extractor="exact"),
         rounds=2,
     )  # fmt: skip
