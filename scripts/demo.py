@@ -288,16 +288,21 @@ def summarize(out: Path, reports: dict[int, dict[str, Any]], rounds: int, second
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def guarded(run: Callable[[], int]) -> int:
+    """``run()``'s status; a failure or Ctrl-C is one line on stderr (1 or 130)."""
     try:
-        return run_demo(args)
+        return run()
     except (RuntimeError, TimeoutError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("demo interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: run_demo(args))
 
 
 if __name__ == "__main__":

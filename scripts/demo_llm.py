@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from demo import CLIENTS, Child, _fmt, dashboard_url, follow_rounds, start, stop_all
+from demo import CLIENTS, Child, _fmt, dashboard_url, follow_rounds, guarded, start, stop_all
 from demo import wait_for_port
 
 from fedrot_client.wordnet import ShardOptions, read_synsets, write_shards
@@ -195,14 +195,7 @@ def summarize(out: Path, reports: dict[int, dict[str, Any]], args: argparse.Name
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run_demo(args)
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("demo interrupted", file=sys.stderr)
-        return 130
+    return guarded(lambda: run_demo(args))
 
 
 if __name__ == "__main__":
