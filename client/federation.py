@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase
 
 from fedrot.adapters import BOTH_FACTORS, AdapterSchema
@@ -190,12 +190,16 @@ class Federation:
         ``task.load_into``. Raises :class:`~fedrot_client.errors.ModelError` on a mismatch."""
         self.require_open()
         base, self._base = self._base or self._load_base(), None
+        if self._settings.load_in_4bit:
+            prepare_model_for_kbit_training(base.model, use_gradient_checkpointing=False)
         model = attach_lora(base, self.run.lora, seed=self._enrolment.run.strategy.seed)
         try:
             validate_tensors(export_adapter(model), self.run.schema)
         except SchemaError as exc:
             raise ModelError(f"base model {base.spec.name!r} does not fit the run's adapter: "
                              f"{exc}") from exc  # fmt: skip
+        if self._settings.load_in_4bit:
+            return model  # bitsandbytes placed it on the GPU; a 4-bit model cannot move
         return model.to(resolve_device(self._settings.device))
 
     @property
@@ -208,8 +212,11 @@ class Federation:
 
     def _load_base(self) -> BaseModel:
         spec = model_spec_of(self._enrolment.run.model, self._settings.model)
-        base = load_base_model(spec)
-        if self.run.fingerprint:
+        base = load_base_model(spec, load_in_4bit=self._settings.load_in_4bit)
+        if self._settings.load_in_4bit:
+            logger.warning("4-bit base weights cannot be compared with the run's fingerprint; "
+                           "not checking %s", spec.name)  # fmt: skip
+        elif self.run.fingerprint:
             check_fingerprint(base, self.run.fingerprint)
         else:
             logger.warning("the run names no base-model fingerprint; not checking %s", spec.name)

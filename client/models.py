@@ -127,9 +127,11 @@ MODEL_REGISTRY: Mapping[str, Loader] = {
 
 
 def load_from_folder(
-    folder: Path, spec: ModelSpec, *, gguf_file: str | None = None
+    folder: Path, spec: ModelSpec, *, gguf_file: str | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load a checkpoint folder (or the one ``.gguf`` in it) offline, seeded by ``spec.seed``."""
+    """Load a checkpoint folder (or the one ``.gguf`` in it) offline, seeded by ``spec.seed``;
+    ``extra`` goes to the model's ``from_pretrained`` (e.g. a quantization config)."""
     if not folder.is_dir():
         raise ModelError(f"model {spec.name!r}: {folder} is not a folder")
     gguf_file = gguf_file or _single_gguf(folder)
@@ -140,10 +142,10 @@ def load_from_folder(
             torch.manual_seed(spec.seed)
             if spec.task is TaskKind.CLASSIFICATION:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    folder, num_labels=spec.num_labels, **options
+                    folder, num_labels=spec.num_labels, **options, **(extra or {})
                 )
             else:
-                model = AutoModelForCausalLM.from_pretrained(folder, **options)
+                model = AutoModelForCausalLM.from_pretrained(folder, **options, **(extra or {}))
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {spec.name!r}: cannot load {folder}: {exc}") from exc
     _ensure_padding(model, tokenizer)
@@ -179,8 +181,29 @@ def _ensure_padding(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Non
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_base_model(spec: ModelSpec) -> BaseModel:
-    """Resolve ``spec.name`` (registry first, then a folder) and load it, in eval mode."""
+def four_bit_options(cuda_available: bool) -> dict[str, object]:
+    """``from_pretrained`` options for 4-bit NF4 base weights (QLoRA, bitsandbytes), or a
+    one-line :class:`ModelError` on a client without CUDA or without bitsandbytes."""
+    if not cuda_available:
+        raise ModelError("4-bit base weights (QLoRA) need CUDA and this client has none: "
+                         "drop --load-in-4bit")  # fmt: skip
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("4-bit base weights need bitsandbytes: pip install 'fedrot[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return {"quantization_config": config, "device_map": {"": 0}}
+
+
+def load_base_model(spec: ModelSpec, *, load_in_4bit: bool = False) -> BaseModel:
+    """Resolve ``spec.name`` (registry first, then a folder) and load it, in eval mode.
+
+    ``load_in_4bit`` (QLoRA; CUDA only) loads a folder's weights in 4 bits: the fingerprint is
+    then ``""``, since quantized weights cannot be compared with the run's."""
+    if load_in_4bit:
+        return _load_four_bit(spec)
     loader = MODEL_REGISTRY.get(spec.name)
     if loader is None:
         folder = Path(spec.name).expanduser()
@@ -197,6 +220,20 @@ def load_base_model(spec: ModelSpec) -> BaseModel:
     fingerprint = fingerprint_model(model, tokenizer, exclude=heads)
     logger.info("loaded base model %s (%s), fingerprint %s", spec.name, spec.task, fingerprint)
     return BaseModel(model, tokenizer, spec, heads, fingerprint)
+
+
+def _load_four_bit(spec: ModelSpec) -> BaseModel:
+    options = four_bit_options(torch.cuda.is_available())
+    folder = Path(spec.name).expanduser()
+    if spec.name in MODEL_REGISTRY or not folder.is_dir():
+        raise ModelError(f"4-bit loading needs a folder of plain weights, not {spec.name!r}: "
+                         "give --model the folder (a registry model's copy is in the model "
+                         "cache, see base_model_folder)")  # fmt: skip
+    model, tokenizer = load_from_folder(folder, spec, extra=options)
+    model.eval()
+    heads = head_modules(model) if spec.task is TaskKind.CLASSIFICATION else ()
+    logger.info("loaded base model %s in 4 bits (not fingerprinted)", spec.name)
+    return BaseModel(model, tokenizer, spec, heads, "")
 
 
 def head_modules(model: nn.Module) -> tuple[str, ...]:

@@ -67,6 +67,10 @@ class ConnectionSettings(BaseSettings):
     )
     state_dir: Path = Field(Path("fedrot-client-state"), description="client id, rounds done")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: the base model's weights in 4 bits (bitsandbytes, CUDA only; "
+        "model must be a folder of plain weights)"
+    )
     max_wait_s: float = Field(30.0, gt=0, description="long-poll length of one GetTask")
     rpc_timeout_s: float = Field(60.0, gt=0, description="deadline of one unary call")
     transfer_timeout_s: float = Field(
