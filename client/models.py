@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -288,7 +289,8 @@ def base_model_folder(spec: ModelSpec, fingerprint: str,
     if (folder / "config.json").is_file():
         return folder
     base = (load or (lambda: load_base_model(spec)))()
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     save_plain(base, staging)
     try:
         os.replace(staging, folder)

@@ -200,6 +200,10 @@ def _run_steps(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if pending < accumulate and samples < len(dataset) * (config.epochs or math.inf):
             continue
+        if pending < accumulate:  # a short last step: its batches' mean, like a full one's
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(accumulate / pending)
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()

@@ -109,7 +109,9 @@ def check_compatible(run: RunRow, record: Mapping[str, Any]) -> None:
 
 def _differences(name: str, stored: object, current: object) -> list[str]:
     if isinstance(stored, Mapping) and isinstance(current, Mapping):
-        keys = sorted(set(stored) | set(current))
+        # Only what the run recorded: a run recorded before a setting existed (e.g. a training
+        # field added later) is not held to it, as for the top-level keys.
+        keys = sorted(stored)
         return [d for k in keys for d in _differences(f"{name}.{k}", stored.get(k), current.get(k))]
     return [] if stored == current else [f"{name} was {stored!r}, is now {current!r}"]
 

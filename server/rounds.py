@@ -345,7 +345,12 @@ class RoundEngine(UploadIntake, OperatorActions):
         if self._evaluator is None:
             return {}
         evaluator = self._evaluator
-        metrics = await self._worker.run(lambda: evaluator(adapter))
+        try:
+            metrics = await self._worker.run(lambda: evaluator(adapter))
+        except Exception as exc:  # noqa: BLE001 - a bad held-out set must not fail the run
+            logger.error("evaluation of the round's adapter failed, recorded without metrics: "
+                         "%s: %s", type(exc).__name__, exc)  # fmt: skip
+            return {}
         return {str(k): float(v) for k, v in metrics.items()}
 
     # Checks and small pieces.

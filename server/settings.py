@@ -173,6 +173,9 @@ class TrainingSettings(BaseModel):
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"min_learning_rate {self.min_learning_rate} is above "
                              f"learning_rate {self.learning_rate}")  # fmt: skip
+        if self.round_lr_schedule == "cosine" and self.min_learning_rate <= 0:
+            raise ValueError("round_lr_schedule cosine needs min_learning_rate > 0 (the last "
+                             "round trains at it)")  # fmt: skip
         return self
 
     def learning_rate_of_round(self, round_index: int, rounds: int) -> float:

@@ -130,3 +130,14 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model, sentiment) -> 
     assert plain.tensors.keys() == checkpointed.tensors.keys()
     for key in plain.tensors:
         torch.testing.assert_close(plain.tensors[key], checkpointed.tensors[key])
+
+
+def test_an_epoch_ends_with_a_short_accumulated_step(tiny_model, sentiment) -> None:
+    """24 examples, batch 4, 4 batches a step: one full step, then a step of the 2 batches left."""
+    model, tokenizer = tiny_model()
+    config = TrainConfig(steps=None, epochs=1, batch_size=4, gradient_accumulation_steps=4,
+                         progress=False)  # fmt: skip
+    steps = []
+    result = train_locally(model, tokenizer, sentiment, frozenset("AB"), config,
+                           on_step=lambda done, total, loss: steps.append((done, total)))
+    assert result.num_samples == 24 and result.steps == 2 and steps == [(1, 2), (2, 2)]

@@ -94,3 +94,36 @@ def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> No
     assert reader.run(run_id).phase is RunPhase.FINISHED
     reader.close()
 
+
+
+def test_a_failing_evaluation_leaves_the_round_without_metrics(tmp_path: Path) -> None:
+    """A held-out set the evaluator cannot score (e.g. chats without a chat template) is logged,
+    and the run goes on: it used to fail the run at round 0's close, and every resume."""
+    settings = make_settings(tmp_path, ["alice"], rounds=1, linger_s=0.0)
+
+    def evaluate(adapter: Adapter) -> dict[str, float]:
+        raise ValueError("max_length=8 leaves no completion token to score")
+
+    async def scenario():  # noqa: ANN202
+        started: asyncio.Future[FederationServer] = asyncio.get_running_loop().create_future()
+        serving = asyncio.ensure_future(serve(
+            settings, initializer=initializer_of(synthetic_adapter()), evaluator=evaluate,
+            started=started,
+        ))  # fmt: skip
+        server = await started
+        client = WireClient(server.address, token_of("alice"))
+        await client.enroll()
+        task = (await client.get_task()).train
+        payload = await client.download(task.round)
+        await client.upload(task.round, payload, trained_of(task))
+        assert (await client.get_task()).WhichOneof("task") == "done"
+        code = await asyncio.wait_for(serving, 30)
+        await client.close()
+        return code, server.spec.run_id
+
+    code, run_id = asyncio.run(scenario())
+    assert code == 0
+    reader = open_reader(settings.database_path)
+    assert reader.rounds(run_id)[0].summary["evaluation"] == {}
+    assert reader.run(run_id).phase is RunPhase.FINISHED
+    reader.close()
