@@ -115,11 +115,9 @@ class InstructionTrainer:
                 task.withdraw(f"local training diverged: {exc}")
                 return
         if submission is not None:
-            logger.info("round %s: trained %s in %s steps (%.1fs), loss %.4f",
-                        task.round_index, "+".join(sorted(task.factors)),
-                        trainer.state.global_step, time.monotonic() - started,
-                        trainer.state.log_history[-1].get("train_loss", float("nan"))
-                        if trainer.state.log_history else float("nan"))  # fmt: skip
+            logger.info("round %s: trained %s in %s steps (%.1fs)", task.round_index,
+                        "+".join(sorted(task.factors)), trainer.state.global_step,
+                        time.monotonic() - started)  # fmt: skip
 
 
 def submit_or_log(task: Task, submit):  # noqa: ANN001, ANN201

@@ -54,13 +54,9 @@ def test_sigterm_stops_the_server_gracefully(tmp_path: Path) -> None:
     reader.close()
 
 
-def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, ["alice"], rounds=1, linger_s=30.0)
-    evaluated: list[tuple[str, Adapter]] = []
-
-    def evaluate(adapter: Adapter) -> dict[str, float]:
-        evaluated.append((threading.current_thread().name, adapter))
-        return {"accuracy": 0.75}
+def serve_one_client_round(settings, evaluate):  # noqa: ANN001, ANN201
+    """Serve ``settings`` with ``evaluate``; alice trains the one round and hears DONE.
+    Returns the server's exit status, the run id and alice's upload."""
 
     async def scenario():  # noqa: ANN202
         started: asyncio.Future[FederationServer] = asyncio.get_running_loop().create_future()
@@ -76,12 +72,21 @@ def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> No
         await client.upload(task.round, payload, trained_of(task))
         assert (await client.get_task()).WhichOneof("task") == "done"
         code = await asyncio.wait_for(serving, 30)
-        final = adapter_of(payload)
         await client.close()
-        run_id = server.spec.run_id
-        return code, run_id, final
+        return code, server.spec.run_id, adapter_of(payload)
 
-    code, run_id, uploaded = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice"], rounds=1, linger_s=30.0)
+    evaluated: list[tuple[str, Adapter]] = []
+
+    def evaluate(adapter: Adapter) -> dict[str, float]:
+        evaluated.append((threading.current_thread().name, adapter))
+        return {"accuracy": 0.75}
+
+    code, run_id, uploaded = serve_one_client_round(settings, evaluate)
     assert code == 0
     ((thread, adapter),) = evaluated
     assert thread.startswith("fedrot-aggregation")
@@ -104,24 +109,7 @@ def test_a_failing_evaluation_leaves_the_round_without_metrics(tmp_path: Path) -
     def evaluate(adapter: Adapter) -> dict[str, float]:
         raise ValueError("max_length=8 leaves no completion token to score")
 
-    async def scenario():  # noqa: ANN202
-        started: asyncio.Future[FederationServer] = asyncio.get_running_loop().create_future()
-        serving = asyncio.ensure_future(serve(
-            settings, initializer=initializer_of(synthetic_adapter()), evaluator=evaluate,
-            started=started,
-        ))  # fmt: skip
-        server = await started
-        client = WireClient(server.address, token_of("alice"))
-        await client.enroll()
-        task = (await client.get_task()).train
-        payload = await client.download(task.round)
-        await client.upload(task.round, payload, trained_of(task))
-        assert (await client.get_task()).WhichOneof("task") == "done"
-        code = await asyncio.wait_for(serving, 30)
-        await client.close()
-        return code, server.spec.run_id
-
-    code, run_id = asyncio.run(scenario())
+    code, run_id, _ = serve_one_client_round(settings, evaluate)
     assert code == 0
     reader = open_reader(settings.database_path)
     assert reader.rounds(run_id)[0].summary["evaluation"] == {}
