@@ -28,7 +28,7 @@ from fedrot_server.servicer import FederationServicer
 from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
 from fedrot_server.state_lock import StateDirLock
-from fedrot_server.store import SqliteStore, open_reader
+from fedrot_server.store import SqliteStore, TokenChanges, open_reader
 from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
 from fedrot_server.tls import add_port, security_of, server_credentials
 from fedrot_server.worker import ThreadedWorker, resolve_device
@@ -116,6 +116,18 @@ async def start_server(
     return server
 
 
+def log_token_changes(changes: TokenChanges) -> None:
+    """One line per kind of change the tokens source made to the enrolled clients."""
+    if changes.added:
+        logger.info("clients added: %s", ", ".join(changes.added))
+    if changes.rekeyed:
+        logger.info("clients with a new token: %s", ", ".join(changes.rekeyed))
+    if changes.revoked:
+        logger.warning("clients revoked (no longer in the tokens): %s", ", ".join(changes.revoked))
+    if changes.restored:
+        logger.warning("clients restored (back in the tokens): %s", ", ".join(changes.restored))
+
+
 async def _start_holding(
     settings: ServerSettings,
     initializer: Initializer,
@@ -125,7 +137,7 @@ async def _start_holding(
     device = resolve_device(settings.device)
     credentials = server_credentials(settings)
     store = SqliteStore(settings.database_path)
-    store.set_client_tokens(settings.client_tokens())
+    log_token_changes(store.sync_client_tokens(settings.client_tokens()))
     resumable = find_resumable(store, settings.resume, run_id)
     spec = RunSpec.from_settings(settings, resumable.run_id if resumable else run_id)
     initial = await asyncio.to_thread(initializer, spec)

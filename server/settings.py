@@ -27,7 +27,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings import SettingsConfigDict
 
 from fedrot.strategies import StrategyName
-from fedrot_server.checks import check_dashboard_token, parse_listen
+from fedrot_server.checks import check_dashboard_token, check_secret, parse_listen
+from fedrot_server.checks import read_secret_file
 from fedrot_server.errors import SettingsError
 
 ENV_PREFIX = "FEDROT_SERVER_"
@@ -316,6 +317,10 @@ class ServerSettings(BaseSettings):
     dashboard_read_token: str | None = Field(
         None, description="token needed to read the dashboard and its API (unset: open)"
     )
+    admin_token_file: Path | None = Field(None, description="file whose first line is admin_token")
+    dashboard_read_token_file: Path | None = Field(
+        None, description="file whose first line is dashboard_read_token"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -344,6 +349,22 @@ class ServerSettings(BaseSettings):
             parse_listen(value)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_token_files(cls, data: Any) -> Any:
+        """``admin_token_file`` and ``dashboard_read_token_file``: the token is the first line."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("admin_token", "dashboard_read_token"):
+            path = data.get(f"{name}_file")
+            if path in (None, ""):
+                continue
+            if data.get(name) not in (None, ""):
+                raise ValueError(f"give {name} or {name}_file, not both")
+            data[name] = read_secret_file(str(path), f"{name}_file")
+        return data
+
     @field_validator("admin_token", "dashboard_read_token")
     @classmethod
     def _check_dashboard_token(cls, value: str | None) -> str | None:
@@ -369,12 +390,32 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"quorum {quorum} exceeds clients_per_round {per_round}")
         return self
 
+    @model_validator(mode="after")
+    def _check_evaluation_labels(self) -> ServerSettings:
+        labels, model = self.evaluation.labels, self.model
+        if not labels:
+            return self
+        if model.task != "classification":
+            raise ValueError(f"evaluation.labels names classes, but model.task is {model.task}")
+        if len(labels) != model.num_labels:
+            raise ValueError(f"evaluation.labels has {len(labels)} names but model.num_labels "
+                             f"is {model.num_labels}")  # fmt: skip
+        repeated = sorted({name for name in labels if labels.count(name) > 1})
+        if repeated or not all(name.strip() for name in labels):
+            raise ValueError(f"evaluation.labels: names must be distinct and non-empty "
+                             f"(repeated: {repeated})")  # fmt: skip
+        return self
+
     def client_tokens(self) -> dict[str, str]:
-        """``name -> token`` from ``tokens`` and ``tokens_file`` (lines ``name=token``)."""
+        """``name -> token`` from ``tokens_file`` (lines ``name=token``) and ``tokens`` (which
+        wins for a name in both); ValueError naming both clients when two share a token."""
         tokens = dict(read_tokens_file(self.tokens_file)) if self.tokens_file else {}
         tokens.update(self.tokens)
-        if len(set(tokens.values())) < len(tokens):
-            raise ValueError("two clients share a token")
+        holders: dict[str, str] = {}
+        for name, token in sorted(tokens.items()):
+            if token in holders:
+                raise ValueError(f"clients {holders[token]!r} and {name!r} have the same token")
+            holders[token] = name
         return tokens
 
     @property
@@ -385,8 +426,10 @@ class ServerSettings(BaseSettings):
 def check_token(name: str, token: str) -> None:
     if not CLIENT_NAME.fullmatch(name):
         raise ValueError(f"client name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - (not a dot first)")
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ValueError(f"token of client {name!r} must be >= 16 characters without spaces")
+    try:
+        check_secret(token)
+    except ValueError as exc:
+        raise ValueError(f"token of client {name!r} {exc}") from None
 
 
 def read_tokens_file(path: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import logging
 import math
 import sqlite3
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,26 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 """
 # Columns added after the first release: (table, column, declaration), added when missing.
-ADDED_COLUMNS = (("uploads", "merged_into", "INTEGER"), ("rounds", "target", "INTEGER"))
+ADDED_COLUMNS = (
+    ("uploads", "merged_into", "INTEGER"),
+    ("rounds", "target", "INTEGER"),
+    ("clients", "revoked_by", "TEXT"),
+)
+# Who revoked a client: the operator (dashboard) or the tokens source, which no longer names it.
+REVOKED_BY_OPERATOR = "operator"
+REVOKED_BY_TOKENS = "tokens"
 # Runs a restart resumes (a crash left them so); finished and stopped runs stay ended.
 UNFINISHED_PHASES = (RunPhase.WAITING, RunPhase.RUNNING)
+
+
+@dataclass(frozen=True)
+class TokenChanges:
+    """What :meth:`SqliteStore.sync_client_tokens` changed, by client name."""
+
+    added: tuple[str, ...] = ()
+    rekeyed: tuple[str, ...] = ()
+    revoked: tuple[str, ...] = ()
+    restored: tuple[str, ...] = ()
 
 
 def hash_token(token: str) -> str:
@@ -243,14 +261,58 @@ class SqliteStore(SqliteReader):
 
     # Clients and tokens.
 
-    def set_client_tokens(self, tokens: Mapping[str, str]) -> None:
-        """Register (or re-key) each ``name -> token``; tokens are stored hashed only."""
-        for name, token in tokens.items():
-            self._write(
-                "INSERT INTO clients (name, token_sha256) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
-                (name, hash_token(token)),
-            )
+    def sync_client_tokens(self, tokens: Mapping[str, str]) -> TokenChanges:
+        """Make the stored clients match ``tokens`` (``name -> token``), the authoritative list.
+
+        New names are added; a name's changed token replaces its old one (tokens may move between
+        names: a swap works); a stored name missing from ``tokens`` is revoked and restored when it
+        comes back. An operator's revocation (:meth:`revoke_client`) lasts until the client is
+        given a new token. One transaction: a failure leaves the clients as they were. Two names
+        with one token are the caller's to refuse (a ConflictError here).
+        """
+        wanted = {name: hash_token(token) for name, token in tokens.items()}
+        claimed = set(wanted.values())
+        rows = {r["name"]: r for r in self._db.execute("SELECT * FROM clients")}
+        changes = TokenChanges(
+            added=tuple(sorted(set(wanted) - set(rows))),
+            rekeyed=tuple(sorted(n for n in wanted if n in rows and rows[n]["token_sha256"] != wanted[n])),
+            revoked=tuple(sorted(n for n in rows if n not in wanted and not rows[n]["revoked"])),
+            restored=tuple(sorted(
+                n for n in wanted if n in rows and rows[n]["revoked"]
+                and (rows[n]["revoked_by"] == REVOKED_BY_TOKENS or rows[n]["token_sha256"] != wanted[n])
+            )),
+        )  # fmt: skip
+        # A removed name keeps its token (its calls are refused as revoked) unless another name
+        # now holds it. Every changed row passes through a placeholder that no token hashes to
+        # (hashes are hex), so a swap never trips the uniqueness of tokens midway.
+        final = {name: wanted.get(name, row["token_sha256"]) for name, row in rows.items()}
+        for name in rows:
+            if name not in wanted and final[name] in claimed:
+                final[name] = f"removed:{name}"
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for name, row in rows.items():
+                if final[name] != row["token_sha256"]:
+                    self._write("UPDATE clients SET token_sha256 = ? WHERE name = ?",
+                                (f"moving:{name}", name))  # fmt: skip
+            for name, row in rows.items():
+                if final[name] != row["token_sha256"]:
+                    self._write("UPDATE clients SET token_sha256 = ? WHERE name = ?",
+                                (final[name], name))  # fmt: skip
+            for name in changes.added:
+                self._write("INSERT INTO clients (name, token_sha256) VALUES (?, ?)",
+                            (name, wanted[name]))  # fmt: skip
+            for name in changes.revoked:
+                self._write("UPDATE clients SET revoked = 1, revoked_by = ? WHERE name = ?",
+                            (REVOKED_BY_TOKENS, name))  # fmt: skip
+            for name in changes.restored:
+                self._write("UPDATE clients SET revoked = 0, revoked_by = NULL WHERE name = ?",
+                            (name,))  # fmt: skip
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return changes
 
     def client_for_token(self, token: str) -> tuple[str, bool] | None:
         """``(name, revoked)`` of the client holding ``token``, or None for an unknown token."""
@@ -261,7 +323,10 @@ class SqliteStore(SqliteReader):
 
     def revoke_client(self, name: str) -> None:
         """NotFoundError for an unknown name; StoreError when the write fails."""
-        if self._write("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
+        written = self._write(
+            "UPDATE clients SET revoked = 1, revoked_by = ? WHERE name = ?", (REVOKED_BY_OPERATOR, name)
+        )
+        if written.rowcount == 0:
             raise NotFoundError(f"no client named {name!r}")
 
     # Runs and enrolments.

@@ -91,7 +91,7 @@ def record_run(state_dir: Path) -> RecordedRun:
     reported and bob's upload refused; telemetry of downloads."""
     run = RecordedRun(state_dir)
     store = SqliteStore(run.db)
-    store.set_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob", "carol")})
+    store.sync_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob", "carol")})
     store.create_run(RUN, SPEC, T0)
     for i, name in enumerate(("alice", "bob", "carol")):
         store.enroll(RUN, name, {"host": f"h{i}"}, T0 + i)
@@ -131,7 +131,7 @@ def record_instruction_run(state_dir: Path) -> RecordedRun:
     (INSTRUCT_EVALUATION); the run is finished."""
     run = RecordedRun(state_dir)
     store = SqliteStore(run.db)
-    store.set_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob")})
+    store.sync_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob")})
     store.create_run(INSTRUCT_RUN, INSTRUCT_SPEC, T0)
     for i, name in enumerate(("alice", "bob")):
         store.enroll(INSTRUCT_RUN, name, {"host": f"h{i}"}, T0 + i)

@@ -36,7 +36,7 @@ def recorded(tmp_path: Path) -> tuple[SqliteStore, RunArtifacts]:
     """Run r1: round 0 closed (bob never reported), round 1 open with alice's update and bob's
     late round-0 update, spooled."""
     store = SqliteStore(tmp_path / "db.sqlite3")
-    store.set_client_tokens({n: f"token-of-{n}-0123456789" for n in PAYLOADS})
+    store.sync_client_tokens({n: f"token-of-{n}-0123456789" for n in PAYLOADS})
     store.create_run("r1", {"lora": {"rank": 4}, "rounds": 3}, at=1.0)
     for name in PAYLOADS:
         store.enroll("r1", name, {}, at=1.0)

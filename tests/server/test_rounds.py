@@ -52,7 +52,7 @@ def make_engine(
     initial = InitialModel(synthetic_adapter(), "")
     strategy = build_strategy("fedit", StrategyConfig())
     store = SqliteStore(settings.database_path)
-    store.set_client_tokens(settings.client_tokens())
+    store.sync_client_tokens(settings.client_tokens())
     worker = ThreadedWorker(strategy, initial.schema)
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, {"r": 2})
     engine = RoundEngine(settings, spec, store=store, worker=worker, strategy=strategy,

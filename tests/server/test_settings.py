@@ -101,7 +101,7 @@ def test_cross_field_errors() -> None:
         load_settings(["--tokens", TOKEN, "--clients-per-round", "3", "--quorum", "5"])
     with pytest.raises(SettingsError, match="no client tokens"):
         load_settings([])
-    with pytest.raises(SettingsError, match="share a token"):
+    with pytest.raises(SettingsError, match="clients 'alice' and 'bob' have the same token"):
         load_settings(["--tokens", TOKEN, "--tokens", "bob=token-alice-0123456789"])
 
 

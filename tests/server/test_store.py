@@ -22,7 +22,7 @@ def upload(client: str, sequence: int, key: str = "k") -> UploadRow:
 @pytest.fixture
 def store(tmp_path: Path) -> SqliteStore:
     store = SqliteStore(tmp_path / "state" / "db.sqlite3")
-    store.set_client_tokens({"alice": "token-a" * 3, "bob": "token-b" * 3})
+    store.sync_client_tokens({"alice": "token-a" * 3, "bob": "token-b" * 3})
     store.create_run("r1", {"rounds": 2}, at=1.0)
     for name in ("alice", "bob"):
         store.enroll("r1", name, {"host": name}, at=2.0)
