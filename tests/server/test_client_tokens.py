@@ -13,10 +13,21 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
+from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import ConflictError
+from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings, describe_errors, load_settings
 from fedrot_server.store import SqliteStore, TokenChanges
-from wire import WireClient, make_settings, running_server, synthetic_adapter, token_of
+from wire import (
+    WireClient,
+    initializer_of,
+    killed,
+    make_settings,
+    running_server,
+    synthetic_adapter,
+    token_of,
+    upload_once,
+)
 
 ALICE, BOB, CAROL = (token_of(n) for n in ("alice", "bob", "carol"))
 
@@ -155,3 +166,41 @@ def test_restarts_follow_the_tokens_source(tmp_path: Path) -> None:
     asyncio.run(scenario())
     with sqlite3.connect(tmp_path / "state" / "fedrot.sqlite3") as db:
         assert dict(db.execute("SELECT name, revoked FROM clients")) == {"alice": 0, "bob": 0}
+
+
+def test_a_participant_removed_from_the_tokens_is_not_waited_for_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The open round of a resumed run drops a participant the tokens no longer name: the
+    others' reports close it (quorum all), as after an operator's revocation."""
+    initializer = initializer_of(synthetic_adapter())
+    names = ("alice", "bob", "carol")
+
+    async def scenario() -> None:
+        everyone = make_settings(tmp_path, names, rounds=2, quorum="all")
+        server = await start_server(everyone, initializer=initializer)
+        clients = {n: WireClient(server.address, token_of(n)) for n in names}
+        await asyncio.gather(*(c.enroll() for c in clients.values()))
+        assert await upload_once(clients["alice"], 1) == pb.UPLOAD_STATUS_ACCEPTED
+        for client in clients.values():
+            await client.close()
+        await killed(server)
+
+        without_carol = make_settings(tmp_path, names[:2], rounds=2, quorum="all", min_clients=2)
+        server = await start_server(without_carol, initializer=initializer)
+        try:
+            run_id = server.spec.run_id
+            bob = WireClient(server.address, token_of("bob"), run_id=run_id)
+            assert await upload_once(bob, 2) == pb.UPLOAD_STATUS_ACCEPTED
+            for _ in range(100):
+                if server.store.rounds(run_id)[0].phase.value == "closed":
+                    break
+                await asyncio.sleep(0.05)
+            (round0, *_) = server.store.rounds(run_id)
+            assert round0.phase.value == "closed" and sorted(round0.reporters) == ["alice", "bob"]
+            assert {c.name: c.revoked for c in server.store.clients(run_id)}["carol"] is True
+            await bob.close()
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())

@@ -7,39 +7,18 @@ import asyncio
 from pathlib import Path
 
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.service import FederationServer, start_server
+from fedrot_server.service import start_server
 from wire import (
     WireClient,
     initializer_of,
+    killed,
     make_settings,
     synthetic_adapter,
     token_of,
-    trained_of,
+    upload_once,
 )
 
 NAMES = ("alice", "bob", "carol")
-
-
-async def killed(server: FederationServer) -> None:
-    """Like a SIGKILL: stop serving with no further write; the kernel would drop the lock."""
-    await server.grpc_server.stop(0)
-    task = server.engine._task
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    await server.worker.close()
-    server.store.close()
-    if server.telemetry is not None:
-        server.telemetry.close()
-    assert server.lock is not None
-    server.lock.release()
-
-
-async def upload_once(client: WireClient, seed: int) -> int:
-    response = await client.get_task(5.0)
-    task = response.train
-    update = await client.update_for(task, seed)
-    return (await client.upload(task.round, update, trained_of(task))).status
 
 
 def test_a_revoked_participant_stays_out_of_the_resumed_round(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Importable as ``wire`` from the tests in this folder (pytest puts the folder on 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -291,3 +292,25 @@ def assert_same(got: Adapter, expected: Adapter) -> None:
     assert got_sd.keys() == expected_sd.keys()
     for key in expected_sd:
         torch.testing.assert_close(got_sd[key], expected_sd[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+async def killed(server: FederationServer) -> None:
+    """Like a SIGKILL: stop serving with no further write; the kernel would drop the lock."""
+    await server.grpc_server.stop(0)
+    task = server.engine._task
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await server.worker.close()
+    server.store.close()
+    if server.telemetry is not None:
+        server.telemetry.close()
+    assert server.lock is not None
+    server.lock.release()
+
+
+async def upload_once(client: WireClient, seed: int) -> int:
+    response = await client.get_task(5.0)
+    task = response.train
+    update = await client.update_for(task, seed)
+    return (await client.upload(task.round, update, trained_of(task))).status
