@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fedrot.adapters import Adapter
+from fedrot_server.errors import SettingsError
 from fedrot_server.settings import EvaluationSettings
 from fedrot_server.spec import InitialModel, RunSpec
 
@@ -34,19 +36,31 @@ def _client_specs(spec: RunSpec) -> tuple[Any, Any]:
 def load_initial_model(spec: RunSpec) -> InitialModel:
     """The base model's PEFT initialisation (A from ``spec.seed``, B zeros, the head) and its
     fingerprint, exactly as a client computes them."""
+    from fedrot_client.errors import ModelError
     from fedrot_client.lora import attach_lora, export_adapter
     from fedrot_client.models import base_model_folder, load_base_model
 
     model_spec, lora_spec = _client_specs(spec)
-    base = load_base_model(model_spec)
+    try:
+        base = load_base_model(model_spec)
+    except ModelError as exc:
+        raise SettingsError(f"model: {exc}") from None
     folder = base_model_folder(model_spec, base.fingerprint, load=lambda: base)  # before LoRA
-    model = attach_lora(base, lora_spec, spec.seed)
+    try:
+        model = attach_lora(base, lora_spec, spec.seed)
+    except ValueError as exc:  # peft: no module matches the targets
+        raise SettingsError(f"lora.target_modules = {list(spec.lora.target_modules)}: "
+                            f"{str(exc).splitlines()[0]}") from None  # fmt: skip
     return InitialModel(Adapter.from_state_dict(export_adapter(model)), base.fingerprint,
                         str(folder))
 
 
 class HeldOutEvaluator:
-    """Evaluates a global adapter on the held-out data (the model is built on first use).
+    """Evaluates a global adapter on the held-out data.
+
+    Every row is read and checked on construction, that is at the server's start (a bad file,
+    row, field or label is a one-line :class:`SettingsError` naming the file, line and field);
+    the rows are kept, and the model is built on first use.
 
     Classification: accuracy and loss. Causal LM on instruction data (prompt/completion, chat,
     Alpaca): greedy generation of at most ``max_new_tokens`` per prompt, the ``exact_match`` of
@@ -59,31 +73,27 @@ class HeldOutEvaluator:
             raise ValueError("evaluation.data is not set")
         self._spec = spec
         self._settings = settings
+        self._generative, self._data = _read_held_out(spec, settings, settings.data)
         self._state: tuple[Any, Callable[[Any], Mapping[str, float]]] | None = None
 
     def _build(self) -> tuple[Any, Callable[[Any], Mapping[str, float]]]:
-        from fedrot_client.instructions import is_instruction_data
         from fedrot_client.lora import attach_lora
         from fedrot_client.models import load_base_model
 
         model_spec, lora_spec = _client_specs(self._spec)
         base = load_base_model(model_spec)
         model = attach_lora(base, lora_spec, self._spec.seed)
-        s = self._settings
-        assert s.data is not None
-        if self._spec.model.task == "causal-lm" and is_instruction_data(s.data, s.split):
+        if self._generative:
             return model, self._generation(base.tokenizer)
         return model, self._likelihood(base.tokenizer)
 
     def _generation(self, tokenizer: Any) -> Callable[[Any], Mapping[str, float]]:
         from fedrot_client.answers import extractor_named
         from fedrot_client.generation import evaluate_generation
-        from fedrot_client.instructions import evaluation_examples, load_instructions
+        from fedrot_client.instructions import evaluation_examples
 
         s = self._settings
-        assert s.data is not None
-        data = load_instructions(s.data, split=s.split)
-        examples = evaluation_examples(data, tokenizer)
+        examples = evaluation_examples(self._data, tokenizer)
         extractor = extractor_named(s.extractor)
         max_length = self._spec.training.max_length
 
@@ -96,18 +106,9 @@ class HeldOutEvaluator:
         return run
 
     def _likelihood(self, tokenizer: Any) -> Callable[[Any], Mapping[str, float]]:
-        from fedrot_client.data import FieldNames, LabelVocabulary, load_dataset
         from fedrot_client.evaluation import evaluate
 
-        s = self._settings
-        classification = self._spec.model.task == "classification"
-        vocabulary = None
-        if classification:
-            vocabulary = (LabelVocabulary(tuple(s.labels)) if s.labels
-                          else LabelVocabulary.of_size(self._spec.model.num_labels))  # fmt: skip
-        fields = FieldNames(text=s.text_field, label=s.label_field if classification else None)
-        assert s.data is not None
-        dataset = load_dataset(s.data, vocabulary=vocabulary, fields=fields, split=s.split)
+        s, dataset = self._settings, self._data
         max_length = self._spec.training.max_length
 
         def run(model: Any) -> Mapping[str, float]:
@@ -125,3 +126,27 @@ class HeldOutEvaluator:
         model, run = self._state
         load_adapter(model, adapter.to_state_dict())
         return {key: float(value) for key, value in run(model).items()}
+
+
+def _read_held_out(spec: RunSpec, settings: EvaluationSettings, path: Path) -> tuple[bool, Any]:
+    """``(generative, rows)``: instruction data for a causal LM (an ``InstructionData``), else a
+    ``TextDataset`` (with label ids for classification). Every row is checked; the first bad
+    one is a :class:`SettingsError` naming the file, the line and the field."""
+    from fedrot_client.data import FieldNames, LabelVocabulary, load_dataset
+    from fedrot_client.errors import DataError
+    from fedrot_client.instructions import is_instruction_data, load_instructions
+
+    s, classification = settings, spec.model.task == "classification"
+    try:
+        if not classification and is_instruction_data(path, s.split):
+            return True, load_instructions(path, split=s.split)
+        vocabulary = None
+        if classification:
+            vocabulary = (LabelVocabulary(tuple(s.labels)) if s.labels
+                          else LabelVocabulary.of_size(spec.model.num_labels))  # fmt: skip
+        fields = FieldNames(text=s.text_field, label=s.label_field if classification else None)
+        return False, load_dataset(path, vocabulary=vocabulary, fields=fields, split=s.split)
+    except DataError as exc:
+        raise SettingsError(f"evaluation.data {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"evaluation.data {path}: {exc.strerror or exc}") from None

@@ -22,7 +22,9 @@ logger = logging.getLogger("fedrot_server")
 
 
 def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | None]:
-    """The production initializer and (when ``evaluation.data`` is set) evaluator."""
+    """The production initializer and (when ``evaluation.data`` is set) evaluator, whose
+    held-out rows are read and checked here: a bad one is a :class:`SettingsError` before
+    anything serves."""
     from fedrot_server.base_models import HeldOutEvaluator, load_initial_model
 
     if settings.evaluation.data is None:
