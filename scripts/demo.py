@@ -200,7 +200,8 @@ def follow_rounds(out: Path, children: list[Child], rounds: int, started: float,
     print(header, flush=True)
     while any(c.process.poll() is None for c in children):
         for index, report in sorted(read_reports(out / "server").items()):
-            if index not in printed:
+            # A row once the round's held-out scores are in (they come while the next trains).
+            if index not in printed and not report["summary"].get("evaluating"):
                 printed[index] = report
                 print(row(report, time.monotonic() - started), flush=True)
         failed = [c for c in children if c.process.poll() not in (None, 0)]

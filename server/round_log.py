@@ -33,9 +33,10 @@ def round_summary(
     bytes_out: int,
     seconds: float,
     extensions: int,
-    evaluation: Mapping[str, float],
+    evaluating: bool = False,
 ) -> dict[str, Any]:
-    """The closing figures of a round."""
+    """The closing figures of a round; ``evaluating``: its held-out scores come later (see
+    :func:`with_evaluation`)."""
     report = finished.result.report
     return {
         "round": report.round_index,
@@ -51,11 +52,21 @@ def round_summary(
         "relative_aggregation_error": _number(report.relative_aggregation_error),
         "factor_average_error": _number(report.factor_average_error),
         "client_metrics": weighted_metrics(uploads),
-        "evaluation": dict(evaluation),
+        "evaluation": {},
+        "evaluating": evaluating,
         "duration_s": round(seconds, 3),
         "aggregation_s": round(finished.seconds, 3),
         "extensions": extensions,
     }
+
+
+def with_evaluation(
+    summary: Mapping[str, Any], scores: Mapping[str, float], seconds: float
+) -> dict[str, Any]:
+    """``summary`` with the round's held-out ``scores`` (empty: the evaluation failed) and the
+    seconds the evaluation took."""
+    return {**summary, "evaluation": dict(scores), "evaluating": False,
+            "evaluation_s": round(seconds, 3)}  # fmt: skip
 
 
 def _number(value: float | None) -> float | None:

@@ -29,22 +29,25 @@ order, with participants and target as recorded and a fresh deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
 from fedrot.strategies import RoundPlan, Strategy
 from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import NotFoundError, WrongStateError
+from fedrot_server.evaluations import RoundEvaluations
 from fedrot_server.operations import OperatorActions
 from fedrot_server.participants import Roster, sample_participants
 from fedrot_server.recovery import Resumption, run_record
 from fedrot_server.ledger import RoundLedger
 from fedrot_server.round_state import OpenRound, check_client_info, derive_seed
-from fedrot_server.round_log import round_summary
+from fedrot_server.round_log import round_summary, with_evaluation
 from fedrot_server.settings import ServerSettings
 from fedrot_server.spec import Evaluator, InitialModel, RunSpec
 from fedrot_server.state import RunPhase
@@ -86,7 +89,9 @@ class RoundEngine(UploadIntake, OperatorActions):
         self.settings, self.spec = settings, spec
         self._resumption = resumption
         self._store, self._worker, self._strategy = store, worker, strategy
-        self._initial, self._artifacts, self._evaluator = initial, artifacts, evaluator
+        self._initial, self._artifacts = initial, artifacts
+        self._evaluations = (None if evaluator is None else
+                             RoundEvaluations(evaluator, threads=settings.thread_counts()[1]))  # fmt: skip
         self._ledger = RoundLedger(settings, spec.run_id, store=store, worker=worker,
                                    strategy=strategy, artifacts=artifacts)  # fmt: skip
         self._clock = clock
@@ -129,6 +134,8 @@ class RoundEngine(UploadIntake, OperatorActions):
             await asyncio.wait({task}, timeout=1.0)
         if task is not None and not task.cancelled():
             task.exception()  # seen here; wait_finished re-raises it
+        if self._evaluations is not None:
+            await self._evaluations.close()
 
     async def wait_finished(self) -> None:
         """Return when the run ended; re-raise the error that ended it early."""
@@ -242,6 +249,8 @@ class RoundEngine(UploadIntake, OperatorActions):
             logger.exception("run %s failed; it stays resumable from what was recorded",
                              self.spec.run_id)  # fmt: skip
             raise
+        if self._evaluations is not None:
+            await self._evaluations.drain()  # the last round's scores belong to the run
         self._phase = RunPhase.FINISHED
         self._store.set_run_phase(self.spec.run_id, RunPhase.FINISHED, self._clock())
         logger.info("run %s finished after %s rounds; final adapter in %s", self.spec.run_id,
@@ -321,37 +330,39 @@ class RoundEngine(UploadIntake, OperatorActions):
             rnd.partials.clear()
         self._notify()
         finished = await self._worker.finish_round(self._metadata(rnd.index + 1))
-        evaluation = await self._evaluate(finished.result.adapter)
         summary = round_summary(rnd.participants, list(rnd.reported.values()), finished,
                                 bytes_out=self._bytes_out.get(rnd.index, 0),
                                 seconds=self._now() - rnd.started, extensions=rnd.extensions,
-                                evaluation=evaluation)  # fmt: skip
+                                evaluating=self._evaluations is not None)  # fmt: skip
         report = {"summary": summary, "aggregation": finished.result.report.to_dict()}
         await asyncio.to_thread(self._artifacts.save_round, rnd.index, finished.encoded.payload,
                                 report, finished.result.base_deltas)  # fmt: skip
         self._store.close_round(self.spec.run_id, rnd.index, at=self._clock(),
                                 reporters=rnd.reported.keys(),
                                 adapter_sha256=finished.encoded.sha256, summary=summary)  # fmt: skip
-        self._store.record_metrics(self.spec.run_id, rnd.index, "server", evaluation)
         if not self.settings.keep_uploads:
             await asyncio.to_thread(self._artifacts.drop_uploads, rnd.index)
         self._reference = finished.result.adapter
         self._published = (rnd.index + 1, finished.encoded)
         self._round = None
         logger.info("round %s closed: %s", rnd.index, json.dumps(summary, sort_keys=True))
+        if self._evaluations is not None:  # scored while the next round trains
+            record = functools.partial(self._record_evaluation, rnd.index, report)
+            self._evaluations.submit(rnd.index, finished.result.adapter, record)
         self._notify()
 
-    async def _evaluate(self, adapter: Adapter) -> dict[str, float]:
-        if self._evaluator is None:
-            return {}
-        evaluator = self._evaluator
-        try:
-            metrics = await self._worker.run(lambda: evaluator(adapter))
-        except Exception as exc:  # noqa: BLE001 - a bad held-out set must not fail the run
-            logger.error("evaluation of the round's adapter failed, recorded without metrics: "
-                         "%s: %s", type(exc).__name__, exc)  # fmt: skip
-            return {}
-        return {str(k): float(v) for k, v in metrics.items()}
+    async def _record_evaluation(
+        self, round_index: int, report: Mapping[str, Any], scores: dict[str, float], seconds: float
+    ) -> None:
+        """Round ``round_index``'s held-out scores into its summary, metrics and report.json."""
+        summary = with_evaluation(report["summary"], scores, seconds)
+        self._store.update_round_summary(self.spec.run_id, round_index, summary)
+        self._store.record_metrics(self.spec.run_id, round_index, "server", scores)
+        await asyncio.to_thread(self._artifacts.save_report, round_index,
+                                {**report, "summary": summary})  # fmt: skip
+        logger.info("round %s evaluated in %.1f s: %s", round_index, seconds,
+                    json.dumps(scores, sort_keys=True))  # fmt: skip
+        self._notify()
 
     # Checks and small pieces.
 

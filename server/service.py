@@ -150,7 +150,8 @@ async def _start_holding(
                        "v1 does not send them to clients, who train on the unchanged base")  # fmt: skip
     worker = ThreadedWorker(strategy, initial.schema, device=device,
                             track_error=settings.track_error,
-                            max_abs=settings.max_upload_value)  # fmt: skip
+                            max_abs=settings.max_upload_value,
+                            threads=settings.thread_counts()[0])  # fmt: skip
     config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra,
                                      base_model_path=initial.base_model_path)  # fmt: skip
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,

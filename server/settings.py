@@ -212,6 +212,9 @@ class EvaluationSettings(BaseModel):
     # "answer-is" or "regex:<pattern>").
     max_new_tokens: int = Field(32, ge=1, le=4096)
     extractor: str = "exact"
+    # torch CPU threads of the evaluation worker, which scores round t's adapter while round
+    # t + 1 trains; unset: half the CPUs (at least 1).
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("extractor")
     @classmethod
@@ -285,6 +288,11 @@ class ServerSettings(BaseSettings):
     chunk_bytes: int = Field(1 * MIB, ge=1024, le=MAX_CHUNK_BYTES, description="download chunk size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="aggregation device")
     track_error: bool = Field(True, description="compute the exact aggregation error each round")
+    aggregation_threads: int | None = Field(
+        None, ge=1,
+        description="torch CPU threads of the aggregation worker (unset: the CPUs the "
+        "evaluation does not take, at least 1)",
+    )  # fmt: skip
     keep_uploads: bool = Field(True, description="keep every accepted upload under the run's folder")
     resume: bool = Field(
         True,
@@ -417,6 +425,13 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"clients {holders[token]!r} and {name!r} have the same token")
             holders[token] = name
         return tokens
+
+    def thread_counts(self) -> tuple[int, int]:
+        """torch CPU threads of ``(aggregation, evaluation)``: as set, else the evaluation takes
+        half the CPUs and the aggregation the rest (each at least 1)."""
+        cpus = os.cpu_count() or 1
+        evaluation = self.evaluation.threads or max(1, cpus // 2)
+        return self.aggregation_threads or max(1, cpus - evaluation), evaluation
 
     @property
     def database_path(self) -> Path:

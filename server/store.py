@@ -438,6 +438,15 @@ class SqliteStore(SqliteReader):
         ).fetchone()
         return _upload_row(row) if row else None
 
+    def update_round_summary(
+        self, run_id: str, round_index: int, summary: Mapping[str, Any]
+    ) -> None:
+        """Replace a closed round's summary (its held-out scores arrive after it closed)."""
+        self._write(
+            "UPDATE rounds SET summary = ? WHERE run_id = ? AND round_index = ?",
+            (_dumps(summary), run_id, round_index),
+        )
+
     def record_metrics(
         self, run_id: str, round_index: int, source: str, metrics: Mapping[str, float]
     ) -> None:

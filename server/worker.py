@@ -59,6 +59,14 @@ class FinishedRound:
     seconds: float
 
 
+def tensor_thread(name: str, threads: int | None) -> ThreadPoolExecutor:
+    """One dedicated thread for tensor work, with its own torch CPU thread count (``None``:
+    torch's default). The count is per thread (OpenMP), so two such threads (aggregation and
+    evaluation) share the CPUs as configured instead of each taking them all."""
+    initializer = None if threads is None else (lambda: torch.set_num_threads(threads))
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=initializer)
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA when available, else CPU; ``"cuda"`` without CUDA is a settings error."""
     if name == "auto":
@@ -101,7 +109,8 @@ class AggregationWorker(ABC):
 
 
 class ThreadedWorker(AggregationWorker):
-    """:class:`AggregationWorker` on one dedicated thread owning ``device``."""
+    """:class:`AggregationWorker` on one dedicated thread owning ``device``, with ``threads``
+    torch CPU threads."""
 
     def __init__(
         self,
@@ -111,13 +120,14 @@ class ThreadedWorker(AggregationWorker):
         device: torch.device | str = "cpu",
         track_error: bool = True,
         max_abs: float = DEFAULT_MAX_UPLOAD_VALUE,
+        threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self._strategy = strategy
         self._schema = schema
         self._track_error = track_error
         self._max_abs = max_abs
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrot-aggregation")
+        self._executor = tensor_thread("fedrot-aggregation", threads)
         self._reference: Adapter | None = None
         self._plan: RoundPlan | None = None
         self._aggregator: RoundAggregator | None = None

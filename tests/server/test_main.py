@@ -89,7 +89,7 @@ def test_a_finished_run_exits_0_after_telling_every_client(tmp_path: Path) -> No
     code, run_id, uploaded = serve_one_client_round(settings, evaluate)
     assert code == 0
     ((thread, adapter),) = evaluated
-    assert thread.startswith("fedrot-aggregation")
+    assert thread.startswith("fedrot-evaluation")  # its own thread, off the rounds
     assert_same(adapter, uploaded)  # one client: the aggregate is its update
     reader = open_reader(settings.database_path)
     assert [(m.source, m.name, m.value) for m in reader.metrics(run_id) if m.source == "server"] == [
