@@ -15,6 +15,7 @@ keeps the dtype and every bit (bfloat16 included).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ WIRE_DTYPES: Mapping[str, torch.dtype] = {
 ALLOWED_DTYPES: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())
 
 _HEADER_LENGTH_BYTES = 8
+_HEADER_ALIGNMENT = 8  # safetensors pads its JSON header with spaces to a multiple of this
+
+HEADER_SLACK_BYTES = 16 * 1024
+"""Room :func:`max_encoded_size` leaves for a header's ``__metadata__`` (the client SDK writes
+under 200 bytes of it: run id, round, client id, factors)."""
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 """The file of a PEFT adapter directory that holds the tensors (written by this codec)."""
@@ -69,6 +75,35 @@ def encode_adapter(
             raise TypeError(f"metadata {key!r}: keys and values must be str, got {value!r}")
     prepared = _detached_cpu_tensors(tensors)
     return safetensors.torch.save(prepared, metadata=meta or None)
+
+
+def max_encoded_size(
+    schema: AdapterSchema,
+    factors: Iterable[Factor] = BOTH_FACTORS,
+    *,
+    header_slack: int = HEADER_SLACK_BYTES,
+) -> int:
+    """The most bytes :func:`encode_adapter` can give for an update that :func:`decode_adapter`
+    accepts against ``schema`` and ``factors``: every expected key in the widest accepted dtype
+    (float32), each header entry at its longest (the longest dtype name, offsets of the most
+    digits), the header's alignment padding, and ``header_slack`` bytes for its
+    ``__metadata__``. Anything larger is no acceptable update.
+    """
+    shapes = schema.expected_shapes(factors)
+    width = max(dtype.itemsize for dtype in ALLOWED_DTYPES)
+    data = sum(math.prod(shape) * width for shape in shapes.values())
+    entries = sum(_max_header_entry(key, shape, data) for key, shape in shapes.items())
+    header = len("{}") + entries + max(len(shapes) - 1, 0) + header_slack  # commas between
+    return _HEADER_LENGTH_BYTES + header + _HEADER_ALIGNMENT - 1 + data
+
+
+def _max_header_entry(key: str, shape: tuple[int, ...], largest_offset: int) -> int:
+    """The most bytes of ``"key":{"dtype":..,"shape":[..],"data_offsets":[..]}`` in a header
+    (compact UTF-8 JSON, escaping as safetensors' serde_json does)."""
+    longest = max(WIRE_DTYPES, key=len)
+    entry = {"dtype": longest, "shape": list(shape), "data_offsets": [largest_offset] * 2}
+    text = json.dumps({key: entry}, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode()) - len("{}")
 
 
 def _detached_cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

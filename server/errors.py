@@ -23,6 +23,11 @@ class InvalidRequestError(ServerError, ValueError):
     """A malformed request or payload: bad chunk order, size or sha256 mismatch, bad field."""
 
 
+class IncompleteUploadError(InvalidRequestError):
+    """An upload stream that ended before its announced size: an interruption (the bytes it
+    delivered are held for a resume), not a refusal of the update."""
+
+
 class WrongStateError(ServerError):
     """A request that does not fit the run's state: wrong run or round, not a participant."""
 

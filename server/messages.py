@@ -1,7 +1,10 @@
-"""Protocol messages <-> the engine's dataclasses (``fedrot.v1``). No logic beyond mapping."""
+"""Protocol messages <-> the engine's dataclasses (``fedrot.v1``). No logic beyond mapping, and
+refusing (InvalidRequestError naming the field) what does not map: an enum number the protocol
+does not define, a factor listed twice, a progress that is no fraction."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from google.protobuf.duration_pb2 import Duration
@@ -55,13 +58,26 @@ def factor_numbers(factors: Iterable[Factor]) -> list[int]:
 
 
 def factors_of(numbers: Iterable[int]) -> frozenset[Factor]:
-    """Protocol factor numbers -> Factors; FACTOR_UNSPECIFIED or unknown numbers are refused."""
-    out = set()
+    """Protocol factor numbers -> Factors; FACTOR_UNSPECIFIED, unknown or repeated numbers are
+    refused."""
+    out: set[Factor] = set()
     for number in numbers:
         if number not in FACTORS_BACK:
             raise InvalidRequestError(f"factor {number} is not FACTOR_A or FACTOR_B")
+        if FACTORS_BACK[number] in out:
+            raise InvalidRequestError(f"factors: {pb.Factor.Name(number)} is listed twice")
         out.add(FACTORS_BACK[number])
     return frozenset(out)
+
+
+def check_heartbeat(request: pb.HeartbeatRequest) -> None:
+    """A heartbeat's phase must be a ``ClientPhase`` value, its progress a fraction in [0, 1]."""
+    if request.phase not in pb.ClientPhase.values():
+        raise InvalidRequestError(f"heartbeat phase {request.phase} is not a ClientPhase value")
+    if not (math.isfinite(request.progress) and 0.0 <= request.progress <= 1.0):
+        raise InvalidRequestError(
+            f"heartbeat progress must be a fraction in [0, 1], got {request.progress}"
+        )
 
 
 def schema_message(schema: AdapterSchema) -> pb.AdapterSchema:

@@ -8,9 +8,14 @@ owned by the open round. A partial is dropped when the round closes, when the sa
 opens an upload of another update (key, size or digest), when its stream starts over at offset
 0, and once the whole payload arrived (the update is then counted or refused, never resumed).
 
-In memory, like the buffer of a stream in progress: at most ``max_upload_bytes`` per client. A
-restarted server holds nothing; its clients learn that from QueryUpload and send the whole
-update (the durable spool, :mod:`fedrot_server.artifacts`, holds only verified uploads).
+In memory, like the buffer of a stream in progress, and bounded like it: a client holds one
+receiver per round, streaming or kept here (a new stream takes it out, a broken one puts it
+back), and no receiver takes more bytes than its header announced, a size refused above the
+round's upload bound (the largest encoded update of the run's schema, see
+:meth:`~fedrot_server.uploads.UploadIntake.upload_bound`). A resume has the same header, so it
+cannot grow the partial; another header drops it. A restarted server holds nothing; its
+clients learn that from QueryUpload and send the whole update (the durable spool,
+:mod:`fedrot_server.artifacts`, holds only verified uploads).
 """
 
 from __future__ import annotations
@@ -60,6 +65,15 @@ class PartialUploads:
         """Hold what a broken stream received, for its resumption (nothing when it got no byte)."""
         if receiver.received:
             self._held[client] = PartialUpload(identity, receiver)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes held for every client together."""
+        return sum(held.receiver.received for held in self._held.values())
+
+    def drop(self, client: str) -> None:
+        """Forget ``client``'s held bytes (it withdrew: its update will not come)."""
+        self._held.pop(client, None)
 
     def clear(self) -> None:
         self._held.clear()

@@ -226,6 +226,7 @@ class RoundEngine(UploadIntake, OperatorActions):
             if rnd is None or rnd.index != round_index or not rnd.expects(client):
                 return
             rnd.withdrawn.add(client)
+            rnd.partials.drop(client)
             rnd.check_complete()
         logger.warning("round %s: %s withdrew (it cannot send an update)", round_index, client)
         self._notify()

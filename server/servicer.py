@@ -6,6 +6,8 @@ from its header's is INVALID_ARGUMENT (the client sent inconsistent data; DATA_L
 for corruption the server itself detects in its own state). An upload stream's first chunk
 may resume the bytes an earlier, broken stream of the same update left (see
 :mod:`fedrot_server.partials`); another offset than those bytes' end, or 0, is OUT_OF_RANGE.
+A stream that breaks off after its header was accepted (cut, stalled, cancelled, or ended
+before the announced size) is recorded as interrupted, not refused: its bytes are held.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 from fedrot_server import messages
 from fedrot_server.auth import TokenAuthenticator
 from fedrot_server.errors import (
+    IncompleteUploadError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -37,9 +40,9 @@ from fedrot_server.errors import (
     WrongStateError,
 )
 from fedrot_server.rounds import RoundEngine
-from fedrot_server.tasks import UploadOutcome
-from fedrot_server.telemetry import TelemetryLog
-from fedrot_server.transfers import payload_chunks
+from fedrot_server.tasks import UploadOutcome, UploadTicket
+from fedrot_server.telemetry import InterruptionRow, TelemetryLog
+from fedrot_server.transfers import PayloadReceiver, payload_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +125,36 @@ async def _until_stalled(messages: AsyncIterator[Any], stall_s: float) -> AsyncI
         yield message
 
 
+async def _receive(
+    receiver: PayloadReceiver, messages: AsyncIterator[pb.UploadUpdateRequest], stall_s: float
+) -> None:
+    """Feed the chunks after an upload's header to ``receiver``: the first continues the bytes
+    it holds or starts over (:meth:`PayloadReceiver.resume_at`)."""
+    resumed = False
+    async for message in _until_stalled(messages, stall_s):
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidRequestError("only chunks may follow the upload header")
+        if not resumed:
+            receiver.resume_at(message.chunk.offset)
+            resumed = True
+        receiver.add(message.chunk.offset, message.chunk.data)
+
+
+# How an upload stream breaks off once its header was accepted: the bytes stay for a resume.
+INTERRUPTIONS = (StalledError, IncompleteUploadError, asyncio.CancelledError)
+
+
+def _how_it_broke(cut: BaseException) -> str:
+    if isinstance(cut, asyncio.CancelledError):
+        return "call cancelled (connection lost or client gone)"
+    if isinstance(cut, StalledError):
+        return str(cut)
+    return "stream ended early"
+
+
 class FederationServicer(pb_grpc.FederationServiceServicer):
     """``fedrot.v1.FederationService`` over a :class:`RoundEngine`; with ``telemetry``, refused
-    uploads and bytes sent are recorded for the dashboard."""
+    and interrupted uploads and bytes sent are recorded for the dashboard."""
 
     def __init__(
         self,
@@ -177,6 +207,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         round_index = first.header.round if first is not None and first.HasField("header") else -1
         try:
             return await self._upload(client, first, messages_in)
+        except INTERRUPTIONS:
+            raise  # recorded by _upload as an interruption
         except Exception as error:
             self._record_refusal(client, round_index, error)
             raise
@@ -192,6 +224,21 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         except Exception:  # noqa: BLE001 - telemetry must not change the answer
             logger.warning("could not record a refused upload of %s", client, exc_info=True)
 
+    def _record_interruption(self, ticket: UploadTicket, cut: BaseException) -> None:
+        """Record an upload stream that broke off, and the bytes it left, for the dashboard."""
+        if self._telemetry is None:
+            return
+        held, total = ticket.receiver.received, ticket.request.total_size
+        detail = (f"{_how_it_broke(cut)} after {held} of {total} bytes (held for a resume "
+                  "while the round is open)")  # fmt: skip
+        row = InterruptionRow(self._engine.spec.run_id, ticket.request.round_index,
+                              ticket.client, held, total, detail, time.time())  # fmt: skip
+        try:
+            self._telemetry.record_interruption(row)
+        except Exception:  # noqa: BLE001 - telemetry must not change the answer
+            logger.warning("could not record an interrupted upload of %s", ticket.client,
+                           exc_info=True)  # fmt: skip
+
     async def _upload(
         self,
         client: str,
@@ -206,18 +253,15 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             return messages.upload_response(opened)
         receiver, concluded = opened.receiver, False
         try:
-            stall_s = self._engine.settings.upload_stall_s
-            resumed = False
-            async for message in _until_stalled(messages_in, stall_s):
-                if message.WhichOneof("part") != "chunk":
-                    raise InvalidRequestError("only chunks may follow the upload header")
-                if not resumed:
-                    receiver.resume_at(message.chunk.offset)  # held bytes: continue or restart
-                    resumed = True
-                receiver.add(message.chunk.offset, message.chunk.data)
-            # The whole payload is here: from now on it is counted or refused, never resumed.
-            concluded = receiver.complete
-            outcome = await self._engine.commit_upload(opened, receiver.finish())
+            try:
+                await _receive(receiver, messages_in, self._engine.settings.upload_stall_s)
+                # The whole payload is here: from now on it is counted or refused, never resumed.
+                concluded = receiver.complete
+                payload = receiver.finish()
+            except INTERRUPTIONS as cut:
+                self._record_interruption(opened, cut)
+                raise
+            outcome = await self._engine.commit_upload(opened, payload)
         finally:
             self._engine.release(opened, keep_partial=not concluded)
         return messages.upload_response(outcome)
@@ -233,6 +277,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     @unary_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         client = self._client(context)
+        messages.check_heartbeat(request)
         if request.phase == pb.CLIENT_PHASE_WITHDRAWN:
             await self._engine.withdraw(client, request.run_id, request.round)
         reply = self._engine.heartbeat(client, request.run_id, request.round)

@@ -278,7 +278,11 @@ class ServerSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="PEM CA of client certificates: require mutual TLS"
     )
-    max_upload_bytes: int = Field(1024 * MIB, ge=1, description="largest accepted upload")
+    max_upload_bytes: int = Field(
+        1024 * MIB, ge=1,
+        description="outer cap on an upload's size; each run also refuses anything above the "
+        "largest encoding of its adapter schema",
+    )  # fmt: skip
     max_upload_value: float = Field(
         DEFAULT_MAX_UPLOAD_VALUE,
         gt=0,

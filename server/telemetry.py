@@ -1,9 +1,12 @@
-"""What the operator sees beyond the round records: refused uploads and bytes sent to clients.
+"""What the operator sees beyond the round records: refused and interrupted uploads, and bytes
+sent to clients.
 
-Two tables in the server's SQLite database, kept apart from :mod:`fedrot_server.store` (the
+Three tables in the server's SQLite database, kept apart from :mod:`fedrot_server.store` (the
 federation's own state) because nothing in a round depends on them: ``refusals`` (one row per
-refused upload: who, for which round, the status name as the reason and the message) and
-``downloads`` (bytes of global adapters sent, summed per run, round and client).
+refused upload: who, for which round, the status name as the reason and the message),
+``interruptions`` (one row per upload stream that broke off after its header was accepted: the
+bytes it delivered are held for a resume, see :mod:`fedrot_server.partials`) and ``downloads``
+(bytes of global adapters sent, summed per run, round and client).
 
 :class:`TelemetryLog` writes (the server, on its event loop thread, with its own connection;
 every write commits at once); :class:`TelemetryReader` reads (the dashboard, read-only).
@@ -28,6 +31,16 @@ CREATE TABLE IF NOT EXISTS refusals (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS refusals_by_run ON refusals (run_id, client, at);
+CREATE TABLE IF NOT EXISTS interruptions (
+    run_id TEXT NOT NULL,
+    round_index INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    bytes_held INTEGER NOT NULL,
+    total_size INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS interruptions_by_run ON interruptions (run_id, client, at);
 CREATE TABLE IF NOT EXISTS downloads (
     run_id TEXT NOT NULL,
     round_index INTEGER NOT NULL,
@@ -53,6 +66,21 @@ class RefusalRow:
 
 
 @dataclass(frozen=True)
+class InterruptionRow:
+    """An upload stream that broke off (cut, stalled, cancelled or ended early) after
+    ``bytes_held`` of ``total_size`` bytes, which the server holds for a resume while the round
+    is open; ``detail`` says how it ended, ``at`` is Unix seconds."""
+
+    run_id: str
+    round_index: int
+    client: str
+    bytes_held: int
+    total_size: int
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True)
 class DownloadRow:
     """Bytes of round ``round_index``'s global adapter sent to ``client`` (summed)."""
 
@@ -66,6 +94,8 @@ class TelemetryView(Protocol):
     """Read-only telemetry (what the dashboard uses)."""
 
     def refusals(self, run_id: str) -> list[RefusalRow]: ...
+
+    def interruptions(self, run_id: str) -> list[InterruptionRow]: ...
 
     def downloads(self, run_id: str) -> list[DownloadRow]: ...
 
@@ -87,6 +117,15 @@ class TelemetryReader:
             (run_id,),
         )
         return [RefusalRow(*row) for row in rows]
+
+    def interruptions(self, run_id: str) -> list[InterruptionRow]:
+        """The run's interrupted uploads, oldest first."""
+        rows = self._select(
+            "SELECT run_id, round_index, client, bytes_held, total_size, detail, at "
+            "FROM interruptions WHERE run_id = ? ORDER BY at, rowid",
+            (run_id,),
+        )
+        return [InterruptionRow(*row) for row in rows]
 
     def downloads(self, run_id: str) -> list[DownloadRow]:
         """Bytes sent per round and client, by round then client."""
@@ -122,6 +161,14 @@ class TelemetryLog(TelemetryReader):
         self._write(
             "INSERT INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, round_index, client, reason, detail[:MAX_DETAIL], at),
+        )
+
+    def record_interruption(self, row: InterruptionRow) -> None:
+        """Record an interrupted upload (the detail is cut to 500 characters)."""
+        self._write(
+            "INSERT INTO interruptions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.run_id, row.round_index, row.client, row.bytes_held, row.total_size,
+             row.detail[:MAX_DETAIL], row.at),  # fmt: skip
         )
 
     def record_download(self, run_id: str, round_index: int, client: str, size_bytes: int) -> None:

@@ -14,7 +14,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fedrot_server.errors import InvalidRequestError, ResumeOffsetError, TooLargeError
+from fedrot_server.errors import (
+    IncompleteUploadError,
+    InvalidRequestError,
+    ResumeOffsetError,
+    TooLargeError,
+)
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -100,7 +105,7 @@ class PayloadReceiver:
     def finish(self) -> bytes:
         """The whole payload, once its size and SHA-256 match the announcement."""
         if self.received != self.announced.total_size:
-            raise InvalidRequestError(
+            raise IncompleteUploadError(
                 f"stream ended after {self.received} of {self.announced.total_size} bytes"
             )
         actual = self._digest.hexdigest()

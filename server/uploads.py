@@ -11,18 +11,21 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from fedrot.adapters import Adapter
+from fedrot.adapters import Adapter, Factor
+from fedrot.codec import HEADER_SLACK_BYTES, max_encoded_size
 from fedrot_server.errors import (
     InvalidRequestError,
     PermissionDeniedError,
+    TooLargeError,
     UploadInProgressError,
+    WrongStateError,
 )
 from fedrot_server.ledger import RoundLedger
 from fedrot_server.participants import Roster
 from fedrot_server.round_log import mean_rotation_distance
 from fedrot_server.round_state import OpenRound, no_open_round, upload_id
 from fedrot_server.settings import ServerSettings
-from fedrot_server.spec import RunSpec
+from fedrot_server.spec import InitialModel, RunSpec
 from fedrot_server.state import UploadRow
 from fedrot_server.store import SqliteStore
 from fedrot_server.tasks import (
@@ -41,6 +44,7 @@ class UploadIntake:
 
     settings: ServerSettings
     spec: RunSpec
+    _initial: InitialModel
     _round: OpenRound | None
     _reference: Adapter
     _lock: asyncio.Lock
@@ -58,18 +62,35 @@ class UploadIntake:
         """Check an upload's header before its bytes are read; a replay is answered at once.
 
         The ticket's receiver holds the bytes of an earlier, broken stream of the same update
-        (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over.
+        (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over. A
+        declared size above ``max_upload_bytes`` or above :meth:`upload_bound` is refused here.
         """
         found = await self._free_slot(client, request.run_id, request.identity)
         if isinstance(found, UploadOutcome):
             return found
         rnd = found
         rnd.check_request(request, self.spec.limits)
+        bound = self.upload_bound(rnd, late=request.identity.round_index != rnd.index)
+        if request.total_size > bound:
+            raise TooLargeError(
+                f"upload of {request.total_size} bytes exceeds {bound} bytes, the largest "
+                f"encoding of an update of this run's adapter schema (factors "
+                f"{'+'.join(sorted(rnd.plan.trained))} in float32, with {HEADER_SLACK_BYTES} "
+                f"bytes of header metadata)"
+            )
         receiver = rnd.partials.claim(client, request.identity,
                                       max_chunk_bytes=self.spec.limits.max_chunk_bytes)  # fmt: skip
         ticket = UploadTicket(client, request, asyncio.Event(), receiver)
         rnd.uploading[client] = ticket.slot
         return ticket
+
+    def upload_bound(self, rnd: OpenRound, *, late: bool = False) -> int:
+        """The most bytes an upload into ``rnd`` may declare: the largest encoding of an update
+        of the run's schema with the round's trained factors (a late update, for an earlier
+        round that may have trained the other factor: with both), so that the bytes held for one
+        client, streaming or kept for a resume, never exceed it."""
+        trained = frozenset(Factor) if late else rnd.plan.trained
+        return max_encoded_size(self._initial.schema, trained)
 
     async def query_upload(
         self, client: str, run_id: str, identity: UploadIdentity
@@ -182,6 +203,8 @@ class UploadIntake:
             raise no_open_round(round_index)
         if not self._ledger.takes_late(client, round_index, rnd):
             rnd.check_accepts(client, round_index)
+            if client in rnd.withdrawn:  # the round may be re-planned without it already
+                raise WrongStateError(f"client {client!r} withdrew from round {round_index}")
         return rnd
 
 

@@ -75,8 +75,10 @@ def list_clients(run_id: str, sources: SourcesDep) -> list[ClientInfo]:
     down: dict[str, int] = {}
     for row in sources.downloads(state.run.run_id):
         down[row.client] = down.get(row.client, 0) + row.size_bytes
-    return views.clients_view(state, sources.files, sources.refusals(state.run.run_id), down,
-                              now=sources.clock(), timeout_s=sources.client_timeout_s)  # fmt: skip
+    run_id = state.run.run_id
+    events = views.UploadEvents(sources.refusals(run_id), sources.interruptions(run_id))
+    return views.clients_view(state, sources.files, events, down, now=sources.clock(),
+                              timeout_s=sources.client_timeout_s)  # fmt: skip
 
 
 @reads.get("/runs/{run_id}/rounds", response_model=list[RoundInfo], tags=["rounds"])

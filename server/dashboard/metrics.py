@@ -1,9 +1,10 @@
 """Prometheus metrics of the current run, read from the state at each scrape.
 
 A custom collector (no counters kept in memory: a restarted dashboard reports the same
-numbers). Labelled by ``run``; refused uploads also by ``reason`` (the status name). The
-latest closed round's aggregation errors and held-out metrics (``fedrot_eval_*``) are exported
-when that round has them.
+numbers). Labelled by ``run``; refused uploads also by ``reason`` (the status name);
+interrupted uploads (streams that broke off, their bytes held for a resume) are counted apart.
+The latest closed round's aggregation errors and held-out metrics (``fedrot_eval_*``) are
+exported when that round has them.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class RunCollector(Collector):
                                  "closed round (Frobenius norm)", run, value)  # fmt: skip
             yield from _evaluation(last.evaluation, run)
         yield self._refusals(run)
+        yield self._interruptions(run)
         yield _durations(closed, run)
 
     def _clients(self, state: views.RunState, run: str) -> GaugeMetricFamily:
@@ -89,6 +91,13 @@ class RunCollector(Collector):
             counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
         for reason, count in sorted(counts.items()):
             family.add_metric([run, reason], count)
+        return family
+
+    def _interruptions(self, run: str) -> CounterMetricFamily:
+        family = CounterMetricFamily("fedrot_interrupted_uploads",
+                                     "Upload streams that broke off (bytes held for a resume)",
+                                     labels=["run"])  # fmt: skip
+        family.add_metric([run], len(self._sources.interruptions(run)))
         return family
 
 

@@ -70,6 +70,10 @@ class ClientInfo(BaseModel):
     last_upload_refused: bool
     refusal_reason: str | None
     refusal_detail: str | None
+    last_upload_interrupted: bool = Field(
+        description="the last upload broke off; the server holds its bytes for a resume"
+    )
+    interruption_detail: str | None
     info: dict[str, str]
 
 

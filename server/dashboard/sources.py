@@ -14,7 +14,7 @@ from fedrot_server.dashboard.errors import not_found
 from fedrot_server.dashboard.files import RunFiles, ZipCache
 from fedrot_server.dashboard.views import RunState
 from fedrot_server.state import RunRow, StateReader
-from fedrot_server.telemetry import DownloadRow, RefusalRow, TelemetryView
+from fedrot_server.telemetry import DownloadRow, InterruptionRow, RefusalRow, TelemetryView
 
 CURRENT = "current"
 
@@ -70,6 +70,12 @@ class Sources:
             return []
         with self.lock:
             return self.telemetry.refusals(run_id)
+
+    def interruptions(self, run_id: str) -> list[InterruptionRow]:
+        if self.telemetry is None:
+            return []
+        with self.lock:
+            return self.telemetry.interruptions(run_id)
 
     def downloads(self, run_id: str) -> list[DownloadRow]:
         if self.telemetry is None:

@@ -21,7 +21,7 @@ from fedrot_server.dashboard.schemas import (
     RunInfo,
 )
 from fedrot_server.state import ClientRow, RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
-from fedrot_server.telemetry import RefusalRow
+from fedrot_server.telemetry import InterruptionRow, RefusalRow
 
 TRAIN_LOSS = "train_loss"
 ACCURACY = "accuracy"
@@ -139,10 +139,26 @@ def client_status(client: ClientRow, open_round: RoundRow | None, reported: set[
     return "live" if now - client.last_seen <= timeout_s else "silent"
 
 
+@dataclass(frozen=True)
+class UploadEvents:
+    """What befell uploads besides their acceptance: refusals and interruptions (telemetry)."""
+
+    refusals: Sequence[RefusalRow] = ()
+    interruptions: Sequence[InterruptionRow] = ()
+
+    def latest(self, client: str, accepted_at: float | None) -> RefusalRow | InterruptionRow | None:
+        """``client``'s latest refusal or interruption, if later than its last accepted upload."""
+        mine = [e for e in (*self.refusals, *self.interruptions) if e.client == client]
+        event = max(mine, key=lambda e: e.at, default=None)
+        if event is None or (accepted_at is not None and event.at <= accepted_at):
+            return None
+        return event
+
+
 def clients_view(
     state: RunState,
     files: RunFiles,
-    refusals: Sequence[RefusalRow],
+    events: UploadEvents,
     bytes_down: Mapping[str, int],
     *,
     now: float,
@@ -154,9 +170,9 @@ def clients_view(
     for client in state.clients:
         mine = state.uploads_of(client.name)
         last = max(mine, key=lambda u: u.received_at, default=None)
-        refusal = max((r for r in refusals if r.client == client.name), key=lambda r: r.at,
-                      default=None)  # fmt: skip
-        refused = refusal is not None and (last is None or refusal.at > last.received_at)
+        event = events.latest(client.name, None if last is None else last.received_at)
+        refusal = event if isinstance(event, RefusalRow) else None
+        cut = event if isinstance(event, InterruptionRow) else None
         mean, worst, where = rotations.get(client.name, (None, None, None))
         out.append(ClientInfo(
             name=client.name, status=client_status(client, open_round, reported, now, timeout_s),
@@ -167,8 +183,11 @@ def clients_view(
             bytes_down=bytes_down.get(client.name, 0),
             last_train_loss=None if last is None else last.metrics.get(TRAIN_LOSS),
             rotation_distance=mean, rotation_distance_max=worst, rotation_round=where,
-            last_upload_refused=refused, refusal_reason=refusal.reason if refused else None,
-            refusal_detail=refusal.detail if refused else None, info=dict(client.info),
+            last_upload_refused=refusal is not None,
+            refusal_reason=None if refusal is None else refusal.reason,
+            refusal_detail=None if refusal is None else refusal.detail,
+            last_upload_interrupted=cut is not None,
+            interruption_detail=None if cut is None else cut.detail, info=dict(client.info),
         ))  # fmt: skip
     return out
 

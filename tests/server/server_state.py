@@ -26,8 +26,8 @@ from wire import initializer_of
 
 T = TypeVar("T")
 LIVENESS_COLUMNS = frozenset({"last_seen"})
-# The operator's telemetry (fedrot_server.telemetry): a refusal is recorded there on purpose.
-TELEMETRY_TABLES = frozenset({"refusals", "downloads"})
+# The operator's telemetry (fedrot_server.telemetry): refusals and interruptions go there.
+TELEMETRY_TABLES = frozenset({"refusals", "interruptions", "downloads"})
 MAX_DEPTH = 8
 
 

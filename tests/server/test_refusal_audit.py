@@ -208,9 +208,11 @@ def test_the_metadata_of_a_payload_may_not_be_a_json_trick(tmp_path: Path) -> No
 
 def test_chunks_above_the_chunk_or_message_limit_are_resource_exhausted(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, ["alice"], min_clients=1, rounds=1)
+    # A factor A of (2, 700000) float32 (5.6 MB): uploads of 5 MiB are within the schema's bound.
+    initial = synthetic_adapter(modules={"base_model.model.l.0.query": (8, 700_000)})
 
     async def scenario() -> None:
-        async with running_server(settings, synthetic_adapter()) as server:
+        async with running_server(settings, initial) as server:
             alice = WireClient(server.address, token_of("alice"))
             await alice.enroll()
             assert (await alice.get_task()).WhichOneof("task") == "train"

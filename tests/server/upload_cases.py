@@ -3,7 +3,8 @@ each with the status it calls for. Importable as ``upload_cases`` from the tests
 
 The fuzzed federation (see ``test_upload_fuzz.py``): alice and bob train in round 0; carol
 enrolled after the round opened (not a participant); mallory enrolled, then was revoked; dave
-holds a token but never enrolled. Uploads above :data:`CAP` bytes are too large.
+holds a token but never enrolled. Uploads above :data:`LIMIT` bytes are too large: the smaller of
+the server's ``max_upload_bytes`` (:data:`CAP`) and the largest encoded update of the schema.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import grpc
 from hypothesis import strategies as st
 
 from fedrot.adapters import AdapterSchema, Factor
-from fedrot.codec import decode_adapter
+from fedrot.codec import decode_adapter, max_encoded_size
 from fedrot.errors import FedRotError
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.settings import DEFAULT_MAX_UPLOAD_VALUE
@@ -34,6 +35,7 @@ INITIAL = synthetic_adapter()
 SCHEMA = AdapterSchema.of(INITIAL)
 UPDATE = local_update(INITIAL, BOTH, seed=1)
 GOOD = encode_update(UPDATE)
+LIMIT = min(CAP, max_encoded_size(SCHEMA, BOTH))
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ def header_faults() -> st.SearchStrategy[tuple[str, Any, Code]]:
         fault("sample_count", st.sampled_from([0, 2**53 + 1, 2**63, 2**64 - 1]), invalid),
         fault("factors", bad_factors, invalid),
         fault("sha256", hex64 | text, invalid),
-        fault("total_size", st.integers(0, CAP), invalid),
-        fault("total_size", st.integers(CAP + 1, 2**64 - 1), Code.RESOURCE_EXHAUSTED),
+        fault("total_size", st.integers(0, LIMIT), invalid),
+        fault("total_size", st.integers(LIMIT + 1, 2**64 - 1), Code.RESOURCE_EXHAUSTED),
         fault("idempotency_key", st.sampled_from(["", "k" * 129]), invalid),
         fault("metrics", bad_metrics, invalid),
     )
@@ -198,7 +200,7 @@ IDENTITIES: dict[str, tuple[tuple[tuple[str, str], ...], Code]] = {
 
 def refused_payload(payload: bytes) -> Code | None:
     """The status a payload with a consistent header gets, or None if it is acceptable."""
-    if len(payload) > CAP:
+    if len(payload) > LIMIT:
         return Code.RESOURCE_EXHAUSTED
     if not payload:
         return Code.INVALID_ARGUMENT

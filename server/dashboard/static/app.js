@@ -91,6 +91,7 @@ function showClients(clients) {
     cell(row, fmt(c.last_train_loss), "num");
     cell(row, c.rotation_distance === null ? "–" : `${fmt(c.rotation_distance, 3)} / ${fmt(c.rotation_distance_max, 3)} (r${c.rotation_round})`, "num");
     if (c.last_upload_refused) cell(row, `refused: ${c.refusal_reason} (${c.refusal_detail})`, "refused");
+    else if (c.last_upload_interrupted) cell(row, `interrupted, resumable (${c.interruption_detail})`, "interrupted");
     else cell(row, c.rounds_reported ? "accepted" : "–");
     const action = row.insertCell();
     action.className = "admin-only";
