@@ -414,6 +414,23 @@ class RoundEngine(UploadIntake, OperatorActions):
             self._published = (done, EncodedAdapter(payload, sha256_hex(payload)))
         for client in resumed.clients:
             self._roster.touch(client, self._now())
+        await self._evaluate_unscored()
+
+    async def _evaluate_unscored(self) -> None:
+        """Evaluate again the closed rounds whose evaluation a crash or stop cut short."""
+        if self._evaluations is None:
+            return
+        for row in self._store.rounds(self.spec.run_id):
+            if row.closed_at is None or not row.summary.get("evaluating"):
+                continue
+            payload = await asyncio.to_thread(self._artifacts.read_adapter, row.round_index)
+            schema = self._initial.schema
+            adapter = await self._worker.run(lambda p=payload: decode_adapter(p, schema).to_adapter())
+            report_path = self._artifacts.round_dir(row.round_index) / "report.json"
+            report = json.loads(await asyncio.to_thread(report_path.read_text))
+            record = functools.partial(self._record_evaluation, row.round_index, report)
+            self._evaluations.submit(row.round_index, adapter, record)
+            logger.info("round %s: evaluating again (cut short before)", row.round_index)
 
     def _live(self) -> list[str]:
         return self._roster.live(self._now(), self.settings.client_timeout_s)

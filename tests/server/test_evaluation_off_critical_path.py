@@ -15,7 +15,17 @@ import torch
 from fedrot.adapters import Adapter
 from fedrot_server.service import start_server
 from fedrot_server.state import RunPhase
-from wire import WireClient, initializer_of, make_settings, synthetic_adapter, token_of, trained_of
+from wire import (
+    WireClient,
+    adapter_of,
+    assert_same,
+    initializer_of,
+    killed,
+    make_settings,
+    synthetic_adapter,
+    token_of,
+    trained_of,
+)
 
 
 def test_the_next_round_trains_while_the_last_one_is_evaluated(tmp_path: Path) -> None:
@@ -79,3 +89,51 @@ def test_threads_default_to_sharing_the_cpus(tmp_path: Path, monkeypatch) -> Non
     assert make_settings(tmp_path, ["alice"], aggregation_threads=3).thread_counts() == (3, 4)
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert make_settings(tmp_path, ["alice"]).thread_counts() == (1, 1)
+
+
+def test_an_evaluation_cut_short_by_a_crash_runs_again_on_resume(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ["alice"], rounds=2)
+    release = threading.Event()
+
+    def stuck(adapter: Adapter) -> dict[str, float]:
+        release.wait(60)
+        return {"accuracy": 0.0}
+
+    scored: list[Adapter] = []
+
+    def evaluate(adapter: Adapter) -> dict[str, float]:
+        scored.append(adapter)
+        return {"accuracy": 0.25}
+
+    async def scenario() -> None:
+        server = await start_server(settings, initializer=initializer_of(synthetic_adapter()),
+                                    evaluator=stuck)  # fmt: skip
+        run_id = server.spec.run_id
+        alice = WireClient(server.address, token_of("alice"))
+        await alice.enroll()
+        task = (await alice.get_task(5.0)).train
+        payload = await alice.download(task.round)
+        await alice.upload(task.round, payload, trained_of(task))
+        for _ in range(100):
+            if server.store.rounds(run_id)[0].closed_at is not None:
+                break
+            await asyncio.sleep(0.05)
+        await alice.close()
+        await killed(server)  # round 0 closed, its evaluation in flight
+        release.set()
+
+        server = await start_server(settings, initializer=initializer_of(synthetic_adapter()),
+                                    evaluator=evaluate)  # fmt: skip
+        try:
+            assert server.spec.run_id == run_id
+            for _ in range(200):
+                if server.store.rounds(run_id)[0].summary["evaluating"] is False:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.store.rounds(run_id)[0].summary["evaluation"] == {"accuracy": 0.25}
+            (adapter,) = scored
+            assert_same(adapter, adapter_of(server.engine._artifacts.read_adapter(0)))
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
