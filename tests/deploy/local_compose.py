@@ -6,7 +6,8 @@ dependency order run as processes on this machine, with
 
 - service names (and ``0.0.0.0``) in ``host:port`` values resolved to ``127.0.0.1``;
 - named volumes as folders under a temporary root, bind mounts as their host paths: any
-  argument or environment value that is a path under a mount's container path is rewritten;
+  argument or environment value that is (or, after an ``=``, holds) a path under a mount's
+  container path is rewritten;
 - the image's ``ENV`` lines (from the service's Dockerfile) beneath the service's environment;
 - the command's program looked up beside this Python (the virtual environment's console
   scripts), ``python`` as this interpreter, or through ``programs`` (a program the image installs
@@ -158,11 +159,19 @@ def dockerfile_env(path: Path) -> dict[str, str]:
 
 def rewrite_value(text: str, mounts: Mapping[str, Path], services: Iterable[str]) -> str:
     """``text`` with container paths under ``mounts`` made host paths, and ``service:port``
-    (or ``0.0.0.0:port``) made ``127.0.0.1:port``."""
-    for target in sorted(mounts, key=len, reverse=True):
-        if text == target or text.startswith(target.rstrip("/") + "/"):
-            text = str(mounts[target]) + text[len(target.rstrip("/")) :]
-            break
+    (or ``0.0.0.0:port``) made ``127.0.0.1:port``.
+
+    A path is rewritten where it starts the text or follows an ``=`` (``--dir=/x``,
+    ``--client=name=/x/token``), the longest mount first, each place once.
+    """
+    if mounts:
+        targets = {target.rstrip("/") or "/": host for target, host in mounts.items()}
+        alternatives = "|".join(re.escape(t) for t in sorted(targets, key=len, reverse=True))
+        text = re.sub(
+            rf"(^|=)({alternatives})(?=/|$)",
+            lambda match: match.group(1) + str(targets[match.group(2)]),
+            text,
+        )
     hosts = "|".join(re.escape(h) for h in [*services, "0.0.0.0"])
     return re.sub(rf"(?<![\w.-])(?:{hosts}):(?=\d+\b)", f"{LOOPBACK}:", text)
 

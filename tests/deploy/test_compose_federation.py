@@ -1,10 +1,12 @@
 """docker-compose.yml as a working federation: its services' commands, environments and
 dependency order run as local processes (local_compose + compose_runner), with the real
-fedrot-server and three real fedrot-client daemons.
+secrets-init step, the real fedrot-server and three real fedrot-client daemons; once as it is,
+once with the TLS overlay (deploy/compose.tls.yml: its tls-init step makes the certificates).
 
 Only the run's size differs from ``docker compose up``: the settings file (the compose variable
 ``FEDROT_SETTINGS_FILE``) is deploy/server.toml with the tiny seeded BERT instead of MiniLM,
-2 rounds and a few local steps, and the data step keeps a few dozen glosses per client.
+2 rounds and a few local steps, and the data step keeps a few dozen glosses per client. No
+``.env``: the variables are those of ``.env.example`` (every one a default) and free ports.
 """
 
 from __future__ import annotations
@@ -54,10 +56,21 @@ def tiny_settings(folder: Path) -> Path:
     return path
 
 
+PROGRAMS = {  # what the images install in /usr/local/bin
+    "fedrot-healthcheck": (sys.executable, str(REPO / "deploy" / "healthcheck.py")),
+    "fedrot-secrets-init": (sys.executable, str(REPO / "deploy" / "secrets_init.py")),
+    "fedrot-tls-init": (sys.executable, str(REPO / "deploy" / "tls_init.py")),
+}
+TLS_FILES = ("docker-compose.yml", "deploy/compose.tls.yml")
+
+
 @pytest.mark.skipif(
     not WORDNET.exists(), reason="needs Debian's wordnet-base (make test installs it)"
 )
-def test_docker_compose_services_form_a_working_federation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("files", [(), TLS_FILES], ids=["plaintext", "tls"])
+def test_docker_compose_services_form_a_working_federation(
+    tmp_path: Path, files: tuple[str, ...]
+) -> None:
     values = read_env_file(REPO / ".env.example")
     values.update(free_port_values(values))
     values.update(
@@ -65,15 +78,25 @@ def test_docker_compose_services_form_a_working_federation(tmp_path: Path) -> No
         FEDROT_DATA_MAX_PER_CLIENT="40",
         FEDROT_DATA_EVAL_SIZE="24",
     )
-    programs = {"fedrot-healthcheck": (sys.executable, str(REPO / "deploy" / "healthcheck.py"))}
     volumes = tmp_path / "volumes"
-    services = translate_project(resolve_compose(REPO, values), volumes, programs)
+    services = translate_project(resolve_compose(REPO, values, files), volumes, PROGRAMS)
 
     with LocalProject(services, tmp_path / "logs") as project:
         project.start(timeout_s=300)
         codes = project.wait_all(timeout_s=240)
         logs = "\n".join(project.log_tail(name) for name in services)
+        full_logs = "\n".join(project.log(name) for name in services)
     assert codes == {name: 0 for name in services}, logs
+
+    secrets = generated_secrets(volumes)
+    for secret in secrets:
+        assert secret not in full_logs, "a token was written to a log"
+    if files:  # the clients (and the server's health check) spoke TLS, or nothing worked
+        server_env = services["server"].environment
+        assert server_env["FEDROT_SERVER_TLS_CERT_FILE"].startswith(str(volumes))
+        for index in range(3):
+            assert "FEDROT_CLIENT_TLS_CA_FILE" in services[f"client-{index}"].environment
+        assert sorted(p.name for p in (volumes / "tls-ca").iterdir()) == ["ca.pem"]
 
     assert sorted(p.name for p in (volumes / "data").glob("client-*.jsonl")) == [
         "client-0.jsonl",
@@ -94,3 +117,18 @@ def test_docker_compose_services_form_a_working_federation(tmp_path: Path) -> No
         served = decode_adapter((final / "adapter_model.safetensors").read_bytes()).tensors
         assert kept.keys() == served.keys()
         assert all(torch.equal(kept[key], served[key]) for key in served)
+
+
+def generated_secrets(volumes: Path) -> list[str]:
+    """The tokens secrets-init made: three clients, each volume holding its own token only,
+    an admin token and a dashboard read token, all different."""
+    folder = volumes / "secrets"
+    tokens = dict(line.split("=", 1) for line in (folder / "tokens").read_text().splitlines())
+    assert sorted(tokens) == ["client-0", "client-1", "client-2"]
+    for name, token in tokens.items():
+        assert [p.name for p in (volumes / f"{name}-token").iterdir()] == ["token"]
+        assert (volumes / f"{name}-token" / "token").read_text() == token + "\n"
+    singles = [(folder / n).read_text().strip() for n in ("admin-token", "dashboard-read-token")]
+    secrets = [*tokens.values(), *singles]
+    assert len(set(secrets)) == len(secrets) and all(len(s) >= 32 for s in secrets)
+    return secrets

@@ -1,11 +1,15 @@
-"""deploy/healthcheck.py (the images' fedrot-healthcheck) against a real gRPC health service."""
+"""deploy/healthcheck.py (the images' fedrot-healthcheck) against a real gRPC health service and
+an HTTP server answering like the dashboard's ``/healthz``."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -133,3 +137,78 @@ def test_client_role_uses_tls_when_a_ca_file_is_set(tmp_path: Path) -> None:
     system_roots = healthcheck.TlsFiles()
     for word, tls in (("true", system_roots), ("1", system_roots), ("false", None)):
         assert healthcheck.target_of("client", "x:1", {"FEDROT_CLIENT_TLS": word}) == ("x:1", tls)
+
+
+class HealthzHandler(http.server.BaseHTTPRequestHandler):
+    """``GET /healthz``: the dashboard's answer, or the status the test sets on the server."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        status = getattr(self.server, "status", 200)
+        body = json.dumps({"status": "ok", "runs": 0}).encode() if status == 200 else b"{}"
+        self.send_response(status if self.path == "/healthz" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dashboard() -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthzHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dashboard_role_asks_healthz(dashboard: http.server.ThreadingHTTPServer) -> None:
+    port = dashboard.server_address[1]
+    env = {"FEDROT_SERVER_DASHBOARD_LISTEN": f"0.0.0.0:{port}"}
+    done = run_script("--role", "dashboard", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "dashboard: ok" in done.stdout
+    dashboard.status = 503  # type: ignore[attr-defined]
+    done = run_script("--role", "dashboard", f"127.0.0.1:{port}")
+    assert done.returncode == 1 and "503" in done.stderr
+    assert run_script("--role", "dashboard").returncode == healthcheck.EXIT_USAGE
+
+
+def test_server_role_needs_both_grpc_and_the_dashboard(
+    health_server: tuple[int, health.HealthServicer], dashboard: http.server.ThreadingHTTPServer
+) -> None:
+    port, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    env = {
+        "FEDROT_SERVER_LISTEN": f"0.0.0.0:{port}",
+        "FEDROT_SERVER_DASHBOARD_LISTEN": f"0.0.0.0:{dashboard.server_address[1]}",
+    }
+    done = run_script("--role", "server", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "SERVING" in done.stdout and "dashboard: ok" in done.stdout
+    dashboard.status = 500  # type: ignore[attr-defined]
+    done = run_script("--role", "server", env=env)
+    assert done.returncode == 1 and "dashboard" in done.stderr
+    with socket.socket() as bound:  # the dashboard port refuses connections
+        bound.bind(("127.0.0.1", 0))
+        closed = {**env, "FEDROT_SERVER_DASHBOARD_LISTEN": f"127.0.0.1:{bound.getsockname()[1]}"}
+        done = run_script("--role", "server", env=closed)
+    assert done.returncode == 1 and "dashboard" in done.stderr
+    grpc_port_as_dashboard = {**env, "FEDROT_SERVER_DASHBOARD_LISTEN": f"127.0.0.1:{port}"}
+    assert run_script("--role", "server", env=grpc_port_as_dashboard).returncode == 1
+    no_dashboard = {**env, "FEDROT_SERVER_DASHBOARD_LISTEN": ""}  # switched off: gRPC alone
+    assert run_script("--role", "server", env=no_dashboard).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [("0.0.0.0:8080", "127.0.0.1:8080"), ("10.1.2.3:9", "10.1.2.3:9"), ("", None)],
+)
+def test_dashboard_address_from_the_listen_setting(listen: str, address: str | None) -> None:
+    assert healthcheck.dashboard_address({"FEDROT_SERVER_DASHBOARD_LISTEN": listen}) == address
+    assert healthcheck.dashboard_address({}) is None

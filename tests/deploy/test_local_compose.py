@@ -3,7 +3,6 @@ Dockerfile ENV, commands, health checks, start order; and the real docker-compos
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from local_compose import (
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTHCHECK = (sys.executable, str(REPO / "deploy" / "healthcheck.py"))
+SECRETS_INIT = (sys.executable, str(REPO / "deploy" / "secrets_init.py"))
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,13 @@ def test_rewrite_value_maps_mount_paths_and_service_hosts(tmp_path: Path) -> Non
     assert rewrite_value("server:50051", mounts, services) == "127.0.0.1:50051"
     assert rewrite_value("0.0.0.0:8080", mounts, services) == "127.0.0.1:8080"
     assert rewrite_value("http://client-0:80/x", mounts, services) == "http://127.0.0.1:80/x"
+    # after an "=": options and NAME=PATH arguments; each place once, the longest mount first
+    assert rewrite_value("--dir=/data/deep", mounts, services) == f"--dir={tmp_path / 'deep'}"
+    own = f"--client=c={tmp_path / 'd' / 't'}"
+    assert rewrite_value("--client=c=/data/t", mounts, services) == own
+    assert rewrite_value("a=/etc/x.toml", mounts, services) == f"a={tmp_path / 'x'}"
+    assert rewrite_value("--dir=/database", mounts, services) == "--dir=/database"
+    assert rewrite_value("x/data/a", mounts, services) == "x/data/a"
     for unchanged in (
         "myserver:50051",
         "server.example.org:1",
@@ -212,11 +219,12 @@ def test_the_compose_file_translates_to_a_loopback_federation(
     tmp_path: Path, compose_values: dict
 ) -> None:
     config = resolve_compose(REPO, compose_values)
-    services = translate_project(config, tmp_path, {"fedrot-healthcheck": HEALTHCHECK})
+    programs = {"fedrot-healthcheck": HEALTHCHECK, "fedrot-secrets-init": SECRETS_INIT}
+    services = translate_project(config, tmp_path, programs)
     order = start_order(services)
     clients = sorted(n for n in services if n.startswith("client-"))
     assert clients == ["client-0", "client-1", "client-2"]
-    assert order[:2] == ["prepare-data", "server"]
+    assert order[:3] == ["prepare-data", "secrets-init", "server"]
     port = compose_values["FEDROT_GRPC_PORT"]
     server = services["server"]
     assert server.environment["FEDROT_SERVER_LISTEN"] == f"127.0.0.1:{port}"
@@ -224,21 +232,28 @@ def test_the_compose_file_translates_to_a_loopback_federation(
     assert server.environment["FEDROT_SERVER_EVALUATION__DATA"] == str(
         tmp_path / "data" / "eval.jsonl"
     )
+    for setting, name in (("TOKENS_FILE", "tokens"), ("ADMIN_TOKEN_FILE", "admin-token"),
+                          ("DASHBOARD_READ_TOKEN_FILE", "dashboard-read-token")):  # fmt: skip
+        assert server.environment[f"FEDROT_SERVER_{setting}"] == str(tmp_path / "secrets" / name)
     assert server.healthcheck is not None and server.healthcheck.argv[:2] == HEALTHCHECK
-    tokens = json.loads(server.environment["FEDROT_SERVER_TOKENS"])
-    assert sorted(tokens) == clients
+    init = services["secrets-init"]
+    assert init.argv[:3] == (*SECRETS_INIT, "init")
     state_dirs = set()
     for name in clients:
         env = services[name].environment
         assert env["FEDROT_CLIENT_SERVER"] == f"127.0.0.1:{port}"
-        assert env["FEDROT_CLIENT_TOKEN"] == tokens[name]
+        token_file = tmp_path / f"{name}-token" / "token"
+        assert env["FEDROT_CLIENT_TOKEN_FILE"] == str(token_file)
+        assert f"--client={name}={token_file}" in init.argv  # the same folder, seen from both
         assert env["FEDROT_CLIENT_DATA"] == str(tmp_path / "data" / f"{name}.jsonl")
         assert services[name].depends_on == {
+            "secrets-init": "service_completed_successfully",
             "prepare-data": "service_completed_successfully",
             "server": "service_healthy",
         }
         state_dirs.add(env["FEDROT_CLIENT_STATE_DIR"])
     assert len(state_dirs) == len(clients), "each client needs its own state volume"
+    assert f"--dir={tmp_path / 'secrets'}" in init.argv
     prepare = services["prepare-data"]
     assert prepare.argv[:4] == (
         sys.executable,
