@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,8 +20,6 @@ from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
 from fedrot_server.artifacts import RunArtifacts, peft_config
 from fedrot_server.auth import TokenAuthenticator
 from fedrot_server.checks import parse_listen
-from fedrot_server.dashboard import create_app
-from fedrot_server.dashboard.serving import DashboardServer, start_dashboard
 from fedrot_server.errors import SettingsError
 from fedrot_server.recovery import check_compatible, find_resumable, load_resumption, run_record
 from fedrot_server.rounds import RoundEngine
@@ -32,6 +31,9 @@ from fedrot_server.store import SqliteStore, TokenChanges, open_reader
 from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
 from fedrot_server.tls import add_port, security_of, server_credentials
 from fedrot_server.worker import ThreadedWorker, resolve_device
+
+if TYPE_CHECKING:
+    from fedrot_server.dashboard.serving import DashboardServer
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,15 @@ async def _start_holding(
 async def serve_dashboard(settings: ServerSettings, engine: RoundEngine) -> DashboardServer:
     """Start the web dashboard on ``settings.dashboard_listen`` over read-only views of the
     state, with ``engine`` as its run control."""
+    try:  # the dashboard's packages come with the server extra
+        from fedrot_server.dashboard import create_app
+        from fedrot_server.dashboard.serving import start_dashboard
+    except ModuleNotFoundError as exc:
+        raise SettingsError(
+            f"dashboard_listen = {settings.dashboard_listen!r} needs {exc.name}: install the "
+            "server extra (pip install 'fedrot[server]'), or set dashboard_listen = '' to "
+            "serve without the dashboard"
+        ) from None
     host, port = parse_listen(settings.dashboard_listen)
     reader, telemetry = open_reader(settings.database_path), open_telemetry_reader(settings.database_path)
     app = create_app(reader, telemetry=telemetry, control=engine,
