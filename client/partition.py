@@ -2,8 +2,8 @@
 
 ``dirichlet_partition`` is the usual label-Dirichlet split of federated-learning papers (and
 FedRot-LoRA's experiments): for every class, the class's examples are divided among the clients
-in proportions drawn from ``Dirichlet(alpha * 1_N)``. Small ``alpha`` gives each client a few
-dominant classes; large ``alpha`` approaches an even (IID) split.
+by a multinomial draw with proportions from ``Dirichlet(alpha * 1_N)``. Small ``alpha`` gives
+each client a few dominant classes; large ``alpha`` approaches an even (IID) split.
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ def dirichlet_partition(
 def _draw_shards(
     labels: NDArray, num_clients: int, alpha: float, rng: np.random.Generator
 ) -> list[Indices]:
+    """One draw: each class's shuffled members go to the clients in multinomial counts of
+    ``Dirichlet(alpha)`` shares, so every client's expected count is its share (flooring the
+    cumulative shares instead would give the last client every class's rounding surplus)."""
     pieces: list[list[Indices]] = [[] for _ in range(num_clients)]
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         shares = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
-        for client, part in enumerate(np.split(members, cuts)):
+        counts = rng.multinomial(len(members), shares / shares.sum())
+        for client, part in enumerate(np.split(members, np.cumsum(counts)[:-1])):
             pieces[client].append(part)
     return [np.sort(np.concatenate(parts)).astype(np.int64) for parts in pieces]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrot_client.data import LabelVocabulary, write_jsonl
+from fedrot_client.data import LabelVocabulary
 from fedrot_client.errors import DataError
-from fedrot_client.partition import label_histograms, label_skew, split_federated
+from fedrot_client.shards import SplitOptions, write_split
 
 logger = logging.getLogger(__name__)
 
@@ -192,33 +192,23 @@ def write_shards(
     synsets: Sequence[Synset], out_dir: str | Path, options: ShardOptions,
     wordnet_dir: str | Path = DEFAULT_WORDNET_DIR,
 ) -> dict[str, object]:
-    """Write ``client-<i>.jsonl``, ``eval.jsonl``, ``labels.json`` and ``manifest.json``.
+    """Write ``client-<i>.jsonl``, ``eval.jsonl``, ``labels.json`` and ``manifest.json``
+    (:func:`fedrot_client.shards.write_split`).
 
     Returns the manifest: per-file example counts, per-client label histograms and the skew.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if options.reverse_dictionary:
         counts = word_counts(wordnet_dir)
         synsets = [s for s in synsets if fits_reverse_dictionary(s)
                    and counts[s.words[0]] >= options.min_word_count]  # fmt: skip
     labels = np.array([s.lex_filenum for s in synsets], dtype=np.int64)
-    split = split_federated(
-        labels, options.num_clients, alpha=options.alpha, seed=options.seed,
-        eval_size=options.eval_size, max_per_client=options.max_per_client,
-    )  # fmt: skip
-    files = {f"client-{i}.jsonl": shard for i, shard in enumerate(split.clients)}
-    files["eval.jsonl"] = split.evaluation
-    rng = np.random.default_rng([options.seed, 2])
-    for name, indices in files.items():
-        # Seeded shuffled order: the synsets are sorted by part of speech, so a file's first
-        # lines would otherwise be all adjectives.
-        order = rng.permutation(indices)
-        write_jsonl(out / name, (_record(synsets[i], options) for i in order))
-    (out / "labels.json").write_text(json.dumps(list(LEXNAMES), indent=1) + "\n")
-    manifest = _manifest(labels, split.clients, files, options)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    split = SplitOptions(num_clients=options.num_clients, alpha=options.alpha, seed=options.seed,
+                         eval_size=options.eval_size, max_per_client=options.max_per_client)
+    task = ("reverse-dictionary" if options.reverse_dictionary
+            else "generation" if options.generative else "classification")
+    describe = {"source": "wordnet", "task": task, "options": asdict(options)}
+    return write_split([_record(s, options) for s in synsets], labels, out_dir, split,
+                       num_groups=len(LEXNAMES), label_names=LEXNAMES, describe=describe)
 
 
 def _record(synset: Synset, options: ShardOptions) -> dict[str, object]:
@@ -227,24 +217,6 @@ def _record(synset: Synset, options: ShardOptions) -> dict[str, object]:
     if options.generative:
         return generation_record(synset)
     return classification_record(synset, with_word=options.with_word)
-
-
-def _manifest(
-    labels: np.ndarray,
-    shards: Sequence[np.ndarray],
-    files: dict[str, np.ndarray],
-    options: ShardOptions,
-) -> dict[str, object]:
-    histograms = label_histograms(labels, shards, len(LEXNAMES))
-    return {
-        "source": "wordnet",
-        "task": ("reverse-dictionary" if options.reverse_dictionary
-                 else "generation" if options.generative else "classification"),
-        "options": asdict(options),
-        "counts": {name: int(len(indices)) for name, indices in files.items()},
-        "label_skew": label_skew(labels, shards, len(LEXNAMES)),
-        "client_label_counts": histograms.tolist(),
-    }
 
 
 def _parser() -> argparse.ArgumentParser:

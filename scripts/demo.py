@@ -1,13 +1,15 @@
 """``make demo``: a real federation on loopback, one server and three client daemons.
 
 all-MiniLM-L6-v2 learns to classify WordNet glosses into their 45 lexicographer categories
-with FedRot-LoRA. The script writes label-skewed shards (Dirichlet alpha = 0.5) and a held-out
-split, starts ``fedrot-server`` (which evaluates every round's global adapter on the held-out
-split) and three ``fedrot-client`` processes, prints one table row per closed round from the
-server's round reports, and says where the final adapter is. Every process it started is
-stopped before it exits, also on Ctrl-C or a failure.
+with FedRot-LoRA, or your own labelled texts with ``--data FILE`` (JSONL, CSV/TSV or a saved
+Hugging Face dataset; ``--text-field``, ``--label-field``, ``--labels``), split by
+``fedrot split``'s code. The script writes label-skewed shards (Dirichlet alpha = 0.5) and a
+held-out split, starts ``fedrot-server`` (which evaluates every round's global adapter on the
+held-out split) and three ``fedrot-client`` processes, prints one table row per closed round
+from the server's round reports, and says where the final adapter is. Every process it started
+is stopped before it exits, also on Ctrl-C or a failure.
 
-    python scripts/demo.py [--out .demo] [--rounds 8] [--local-steps 20] ...
+    python scripts/demo.py [--out .demo] [--rounds 8] [--local-steps 20] [--data FILE] ...
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedrot_client.wordnet import LEXNAMES, ShardOptions, read_synsets, write_shards
+from fedrot_client.data import FieldNames
+from fedrot_client.shards import LABELS_FILE, SplitOptions, split_user_data
+from fedrot_client.wordnet import ShardOptions, read_synsets, write_shards
 
 CLIENTS = ("alice", "bob", "carol")
 PORT_LINE = re.compile(r"serving \S+ on port (\d+)")
@@ -65,31 +69,56 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--alpha", type=float, default=0.5, help="label-Dirichlet alpha")
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="your labelled texts instead of WordNet: .jsonl, .csv/.tsv or a "
+                        "saved HF dataset folder")
+    parser.add_argument("--text-field", default="text", help="with --data")
+    parser.add_argument("--label-field", default="label", help="with --data")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="with --data: JSON list of label names (default: from the data)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after (s)")
     return parser.parse_args(argv)  # fmt: skip
 
 
 def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """WordNet shards for the clients, the held-out split and the label names."""
+    """Shards for the clients, the held-out split and the label names: WordNet's, or
+    ``--data`` split as ``fedrot split`` splits it."""
+    if args.data is not None:
+        options = SplitOptions(num_clients=len(CLIENTS), alpha=args.alpha, seed=0,
+                               eval_size=args.eval_size, max_per_client=args.per_client)
+        return split_user_data(args.data, out, options, labels_file=args.labels,
+                               fields=FieldNames(args.text_field, args.label_field))
     options = ShardOptions(num_clients=len(CLIENTS), alpha=args.alpha, seed=0,
                            eval_size=args.eval_size, max_per_client=args.per_client)  # fmt: skip
     return write_shards(read_synsets(), out, options)
 
 
+def label_names(data: Path) -> list[str]:
+    return [str(name) for name in json.loads((data / LABELS_FILE).read_text(encoding="utf-8"))]
+
+
+def data_fields(args: argparse.Namespace) -> tuple[str, str]:
+    """The text and label fields of the shards (WordNet's are text and label)."""
+    return (args.text_field, args.label_field) if args.data is not None else ("text", "label")
+
+
 def server_config(out: Path, args: argparse.Namespace) -> Path:
     """The server's settings file (the tokens go in a separate file)."""
+    labels = label_names(out / "data")
+    text_field, label_field = data_fields(args)
     config = {
         "state_dir": str(out / "server"),
         "rounds": args.rounds,
         "min_clients": len(CLIENTS),
         "tokens_file": str(out / "tokens.txt"),
-        "model": {"name": args.model, "num_labels": len(LEXNAMES)},
+        "model": {"name": args.model, "num_labels": len(labels)},
         "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.05, "target_modules": ["query", "value"]},
         "strategy": {"name": args.strategy, "alignment_strength": args.alignment_strength},
         "training": {"local_steps": args.local_steps, "batch_size": args.batch_size,
                      "learning_rate": args.learning_rate, "optimizer": args.optimizer,
                      "max_length": args.max_length},
-        "evaluation": {"data": str(out / "data" / "eval.jsonl"), "labels": list(LEXNAMES)},
+        "evaluation": {"data": str(out / "data" / "eval.jsonl"), "labels": labels,
+                       "text_field": text_field, "label_field": label_field},
         "round_deadline_s": 300.0,
         "linger_s": 5.0,
         "device": "cpu",
@@ -144,7 +173,8 @@ def dashboard_url(server: Child) -> str:
     return "not started"
 
 
-def start_clients(out: Path, port: int, tokens: dict[str, str]) -> list[Child]:
+def start_clients(out: Path, port: int, tokens: dict[str, str],
+                  fields: tuple[str, str] = ("text", "label")) -> list[Child]:  # fmt: skip
     children = []
     for index, name in enumerate(CLIENTS):
         env = {**os.environ, "FEDROT_CLIENT_TOKEN": tokens[name]}
@@ -156,6 +186,8 @@ def start_clients(out: Path, port: int, tokens: dict[str, str]) -> list[Child]:
             "--state-dir", str(out / "clients" / name),
             "--num-threads", "1",
             "--device", "cpu",
+            "--text-field", fields[0],
+            "--label-field", fields[1],
         ]  # fmt: skip
         children.append(start(name, command, out / "logs" / f"{name}.log", env))
     return children
@@ -235,14 +267,17 @@ def stop_all(children: list[Child]) -> None:
             child.pump.join(5)
 
 
-def describe_data(manifest: dict[str, Any], out: Path) -> str:
+def describe_data(manifest: dict[str, Any], out: Path, label_field: str = "label") -> str:
     counts = manifest["counts"]
-    held_out = [json.loads(line)["label"] for line in (out / "eval.jsonl").open()]
+    held_out = [json.loads(line)[label_field] for line in (out / "eval.jsonl").open()]
     majority = Counter(held_out).most_common(1)[0]
+    classes = len(label_names(out))
     shards = ", ".join(f"{name}: {counts[f'client-{i}.jsonl']}" for i, name in enumerate(CLIENTS))
-    return (f"WordNet glosses -> 45 lexicographer categories; label-Dirichlet shards ({shards}; "
+    task = ("WordNet glosses -> 45 lexicographer categories" if manifest["source"] == "wordnet"
+            else f"{manifest['source']} -> {classes} labels")  # fmt: skip
+    return (f"{task}; label-Dirichlet shards ({shards}; "
             f"skew {manifest['label_skew']:.2f}), held-out {counts['eval.jsonl']} "
-            f"(chance 1/45 = 2.2%, majority class {majority[0]} = "
+            f"(chance 1/{classes} = {100 / classes:.1f}%, majority class {majority[0]} = "
             f"{100 * majority[1] / len(held_out):.1f}%)")  # fmt: skip
 
 
@@ -253,7 +288,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     deadline = started + args.timeout
     manifest = build_data(out / "data", args)
-    print(describe_data(manifest, out / "data"), flush=True)
+    print(describe_data(manifest, out / "data", data_fields(args)[1]), flush=True)
     tokens = {name: secrets.token_urlsafe(24) for name in CLIENTS}
     (out / "tokens.txt").write_text("".join(f"{n}={t}\n" for n, t in tokens.items()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -267,7 +302,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{args.rounds} rounds x {args.local_steps} local steps); 3 fedrot-client "
               f"daemons; logs in {out / 'logs'}", flush=True)  # fmt: skip
         print(f"dashboard: {dashboard_url(children[0])}", flush=True)
-        children += start_clients(out, port, tokens)
+        children += start_clients(out, port, tokens, data_fields(args))
         reports = follow_rounds(out, children, args.rounds, started, deadline)
     finally:
         stop_all(children)
@@ -293,7 +328,7 @@ def guarded(run: Callable[[], int]) -> int:
     """``run()``'s status; a failure or Ctrl-C is one line on stderr (1 or 130)."""
     try:
         return run()
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, ValueError) as exc:  # ValueError: bad --data
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

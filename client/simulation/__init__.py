@@ -14,6 +14,7 @@ from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.engine import RoundMetrics, SimulationResult, run_simulation
 from fedrot_client.simulation.federated_data import (
     FederatedData,
+    file_federation,
     partition_dataset,
     wordnet_federation,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "RoundMetrics",
     "SimulationConfig",
     "SimulationResult",
+    "file_federation",
     "partition_dataset",
     "run_simulation",
     "wordnet_federation",

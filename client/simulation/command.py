@@ -13,20 +13,31 @@ from typing import Any
 import torch
 
 from fedrot.cli.files import InputError
+from fedrot_client.data import FieldNames
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
 from fedrot_client.simulation.config import SimulationConfig
 from fedrot_client.simulation.engine import RoundMetrics, SimulationResult, run_simulation
-from fedrot_client.simulation.federated_data import wordnet_federation
+from fedrot_client.simulation.federated_data import (
+    FederatedData,
+    file_federation,
+    wordnet_federation,
+)
 from fedrot_client.simulation.records import CURVES_PNG, write_metrics
+from fedrot_client.user_data import UserFiles, load_user_files
 
 logger = logging.getLogger(__name__)
 
 
-def config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    """The run's :class:`SimulationConfig` from ``fedrot simulate``'s flags."""
+WORDNET_LABELS = 45
+
+
+def config_from_args(args: argparse.Namespace, num_labels: int | None = None) -> SimulationConfig:
+    """The run's :class:`SimulationConfig` from ``fedrot simulate``'s flags; ``num_labels`` is
+    the data's label count (default: ``--num-labels``, else WordNet's 45)."""
     task = TaskKind(args.task)
-    model = ModelSpec(args.model, task=task, num_labels=args.num_labels, seed=args.seed)
+    labels = num_labels or args.num_labels or WORDNET_LABELS
+    model = ModelSpec(args.model, task=task, num_labels=labels, seed=args.seed)
     targets = tuple(args.target_modules.split(","))
     lora = LoraSpec(r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                     target_modules=targets)  # fmt: skip
@@ -38,7 +49,9 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         optimizer=args.optimizer, max_length=args.max_length,
         eval_batch_size=args.eval_batch_size, eval_every=args.eval_every, seed=args.seed,
         backend=args.backend, client_basis=args.client_basis, num_threads=args.threads,
-        extra={"alpha": args.alpha, "per_client": args.per_client, "eval_size": args.eval_size},
+        extra={"alpha": args.alpha, "per_client": args.per_client,
+               "eval_size": None if args.eval_data is not None else args.eval_size,
+               **_data_description(args)},
     )  # fmt: skip
 
 
@@ -47,20 +60,63 @@ def run_command(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise InputError(f"simulate: {exc}") from exc
-    try:
-        data = wordnet_federation(
-            config.num_clients, alpha=args.alpha, seed=config.seed, eval_size=args.eval_size,
-            per_client=args.per_client, generative=config.task is TaskKind.CAUSAL_LM,
-            directory=args.wordnet_dir,
-        )  # fmt: skip
-    except ValueError as exc:  # DataError included: no WordNet, a split it cannot make
+        files = _user_files(args)
+        num_labels = _num_labels(args, files)
+        config = config_from_args(args, num_labels)
+        data = _federation(args, config, files)
+    except ValueError as exc:  # DataError included: a bad row, no WordNet, an impossible split
         raise InputError(f"simulate: {exc}") from exc
     result = simulate_to(args.out, config, data, plot=not args.no_plot)
     print(_summary_line(result))
     return 0
+
+
+def _user_files(args: argparse.Namespace) -> UserFiles | None:
+    """``--data`` (and ``--eval-data``) read and checked, or None for WordNet."""
+    if args.data is None:
+        if args.eval_data is not None or args.labels is not None:
+            raise ValueError("--eval-data and --labels go with --data (your own data)")
+        return None
+    paths = [args.data] + ([args.eval_data] if args.eval_data is not None else [])
+    classification = TaskKind(args.task) is TaskKind.CLASSIFICATION
+    fields = FieldNames(args.text_field, args.label_field)
+    return load_user_files(paths, classification=classification, fields=fields,
+                           labels_file=args.labels)  # fmt: skip
+
+
+def _num_labels(args: argparse.Namespace, files: UserFiles | None) -> int | None:
+    """The label count of ``--data`` (a given ``--num-labels`` must agree with it)."""
+    if files is None or TaskKind(args.task) is not TaskKind.CLASSIFICATION:
+        return None
+    assert files.vocabulary is not None
+    found = len(files.vocabulary)
+    if args.num_labels is not None and args.num_labels != found:
+        source = args.labels if args.labels is not None else args.data
+        raise ValueError(f"--num-labels {args.num_labels} but {source} has {found} labels")
+    if found < 2:
+        raise ValueError(f"{args.data}: classification needs at least 2 labels, found {found}")
+    return found
+
+
+def _federation(args: argparse.Namespace, config: SimulationConfig,
+                files: UserFiles | None) -> FederatedData:  # fmt: skip
+    if files is not None:
+        return file_federation(files, config.num_clients, alpha=args.alpha, seed=config.seed,
+                               eval_size=args.eval_size, per_client=args.per_client)  # fmt: skip
+    return wordnet_federation(
+        config.num_clients, alpha=args.alpha, seed=config.seed, eval_size=args.eval_size,
+        per_client=args.per_client, generative=config.task is TaskKind.CAUSAL_LM,
+        directory=args.wordnet_dir,
+    )  # fmt: skip
+
+
+def _data_description(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data is None:
+        return {"data": "wordnet"}
+    return {"data": str(args.data), "eval_data": None if args.eval_data is None
+            else str(args.eval_data), "text_field": args.text_field,
+            "label_field": args.label_field,
+            "labels": None if args.labels is None else str(args.labels)}  # fmt: skip
 
 
 def simulate_to(out: Path, config: SimulationConfig, data, *, plot: bool = True,

@@ -1,9 +1,11 @@
 """The simulated clients' data: one pool of examples, a held-out split and label-Dirichlet shards.
 
-The split is :func:`fedrot_client.partition.split_federated` (the one ``make demo`` and
-``python -m fedrot_client.wordnet`` use): ``eval_size`` random examples are held out, the rest is
-divided by a label-Dirichlet(``alpha``) draw, and each shard is capped at ``per_client`` by a
-seeded uniform sample (so a client keeps its label mix while its size shrinks).
+The split is :func:`fedrot_client.partition.split_federated` (the one ``make demo``,
+``python -m fedrot_client.wordnet`` and ``fedrot split`` use): ``eval_size`` random examples are
+held out, the rest is divided by a label-Dirichlet(``alpha``) draw, and each shard is capped at
+``per_client`` by a seeded uniform sample (so a client keeps its label mix while its size
+shrinks). The pool is WordNet's glosses (:func:`wordnet_federation`) or a user's file
+(:func:`file_federation`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from fedrot_client.data import TextDataset
 from fedrot_client.partition import label_skew, split_federated
+from fedrot_client.user_data import UserFiles
 from fedrot_client.wordnet import (
     DEFAULT_WORDNET_DIR,
     LEXNAMES,
@@ -95,3 +98,30 @@ def wordnet_federation(
         pool, categories, num_clients, alpha=alpha, seed=seed, eval_size=eval_size,
         per_client=per_client, num_groups=len(LEXNAMES),
     )  # fmt: skip
+
+
+def file_federation(
+    data: UserFiles,
+    num_clients: int,
+    *,
+    alpha: float,
+    seed: int,
+    eval_size: int,
+    per_client: int | None,
+) -> FederatedData:
+    """A user's data (:func:`fedrot_client.user_data.load_user_files`): ``data.files[0]`` split
+    by its label classes (causal-LM text without labels: by size alone); the held-out set is
+    ``data.files[1]`` when given, else ``eval_size`` rows held out of the first file."""
+    train = data.files[0]
+    if train.dataset is None:
+        raise ValueError(f"{train.source}: {train.shape} rows are instruction data; the "
+                         "simulator trains a causal LM on plain text only")  # fmt: skip
+    held_out = data.files[1].dataset if len(data.files) > 1 else None
+    federation = partition_dataset(
+        train.dataset, train.groups, num_clients, alpha=alpha, seed=seed,
+        eval_size=0 if held_out is not None else eval_size, per_client=per_client,
+        num_groups=data.num_groups,
+    )  # fmt: skip
+    if held_out is None:
+        return federation
+    return FederatedData(federation.clients, held_out, federation.skew)

@@ -1,5 +1,6 @@
-"""The ``fedrot`` command: ``fedrot aggregate ...`` (see :mod:`fedrot.cli.aggregate`) and
-``fedrot simulate ...`` (:mod:`fedrot.cli.simulate`).
+"""The ``fedrot`` command: ``fedrot aggregate ...`` (see :mod:`fedrot.cli.aggregate`),
+``fedrot simulate ...`` (:mod:`fedrot.cli.simulate`) and ``fedrot split ...``
+(:mod:`fedrot.cli.split`).
 
 The one corner of the ``fedrot`` package that reads and writes files. Bad input ends the
 command with one line on stderr, ``fedrot: error: <file>: <problem>``, and exit status 2
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fedrot.cli import aggregate, simulate
+from fedrot.cli import aggregate, simulate, split
 from fedrot.cli.files import InputError
 
 PROG = "fedrot"
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     aggregate.add_parser(commands)
     simulate.add_parser(commands)
+    split.add_parser(commands)
     return parser
 
 

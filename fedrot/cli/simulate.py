@@ -3,12 +3,16 @@
 ::
 
     fedrot simulate --strategy fedrot --lambda 0.4 --clients 10 --alpha 0.1 --rounds 10 \\
-        --local-steps 5 --batch-size 8 --lr 0.3 --seed 0 --out runs/fedrot [--backend ray]
+        --local-steps 5 --batch-size 8 --lr 0.3 --seed 0 --out runs/fedrot [--backend ray] \\
+        [--data train.jsonl [--eval-data test.jsonl] [--text-field F] [--label-field F] \\
+         [--labels labels.json]]
 
-N virtual clients with label-Dirichlet WordNet shards share one base model; each round the
-sampled clients run the client daemon's local training and the strategy aggregates their
-uploads. Writes ``metrics.json``, ``metrics.csv`` and ``curves.png`` under ``--out``. The
-training code lives in ``fedrot_client.simulation`` and is imported only when the command runs.
+N virtual clients with label-Dirichlet shards (WordNet glosses, or the user's ``--data``: JSONL,
+CSV/TSV or a saved Hugging Face dataset, read like the client daemon reads it) share one base
+model; each round the sampled clients run the client daemon's local training and the strategy
+aggregates their uploads. Writes ``metrics.json``, ``metrics.csv`` and ``curves.png`` under
+``--out``. The training code lives in ``fedrot_client.simulation`` and is imported only when the
+command runs.
 """
 
 from __future__ import annotations
@@ -41,7 +45,17 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     federation.add_argument("--client-basis", choices=CLIENT_BASES, default="shared",
                             help="haar: each client reports its factors in its own random basis "
                             "(a stress test of factor averaging)")
-    data = parser.add_argument_group("data (WordNet glosses)")
+    data = parser.add_argument_group("data (WordNet glosses unless --data)")
+    data.add_argument("--data", type=Path, default=None,
+                      help="your data: .jsonl, .csv/.tsv or a saved HF dataset folder")
+    data.add_argument("--eval-data", type=Path, default=None,
+                      help="held-out data in the same format (default: --eval-size rows of "
+                      "--data, held out before the split)")
+    data.add_argument("--text-field", default="text")
+    data.add_argument("--label-field", default="label",
+                      help="classification: the label; causal LM: divides the split if present")
+    data.add_argument("--labels", type=Path, default=None,
+                      help="JSON list of label names in id order (default: read off the data)")
     data.add_argument("--alpha", type=float, default=0.5, help="label-Dirichlet concentration")
     data.add_argument("--per-client", type=int, default=300, help="examples per client (cap)")
     data.add_argument("--eval-size", type=int, default=200)
@@ -52,7 +66,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     model.add_argument("--model", default="minilm", help="registry name or folder")
     model.add_argument("--task", choices=["classification", "causal-lm"],
                        default="classification")
-    model.add_argument("--num-labels", type=int, default=45)
+    model.add_argument("--num-labels", type=int, default=None,
+                       help="default: 45 on WordNet, the label count of --data")
     model.add_argument("--rank", type=int, default=4)
     model.add_argument("--lora-alpha", type=float, default=8.0)
     model.add_argument("--lora-dropout", type=float, default=0.05)

@@ -85,3 +85,23 @@ def test_split_federated_disjoint_capped_and_deterministic() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(parts, [again.evaluation, *again.clients]))
     uncapped = split_federated(labels, 3, alpha=0.5, seed=2, eval_size=300)
     assert sum(len(c) for c in uncapped.clients) == 1700
+
+
+def test_clients_are_served_alike_when_classes_are_small() -> None:
+    # 3000 classes of one example each and nearly equal shares: a split that floors cumulative
+    # shares gives every example to the last client; multinomial counts give each about 1/3.
+    labels = np.arange(3000)
+    sizes = [len(s) for s in dirichlet_partition(labels, 3, 1000.0, seed=0)]
+    assert sum(sizes) == 3000
+    assert all(900 <= size <= 1100 for size in sizes), sizes
+
+
+def test_expected_shard_size_is_the_same_for_every_client() -> None:
+    # Symmetric Dirichlet shares: every client's mean size over seeds is n / N. With two
+    # examples per class, flooring starves the first client (about 1/6 of the examples instead
+    # of 1/4) and feeds the last.
+    labels = np.repeat(np.arange(200), 2)
+    sizes = np.array([[len(s) for s in dirichlet_partition(labels, 4, 1.0, seed)]
+                      for seed in range(40)])  # fmt: skip
+    mean_share = sizes.mean(axis=0) / len(labels)
+    assert np.allclose(mean_share, 0.25, atol=0.02), mean_share
