@@ -27,6 +27,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -61,6 +62,12 @@ UPDATE_REFUSED: frozenset[grpc.StatusCode] = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 USER_AGENT = "fedrot-client/0.1"
+UPLOAD_METHOD = f"/{pb.DESCRIPTOR.services_by_name['FederationService'].full_name}/UploadUpdate"
+# Field numbers of the wire form :func:`encoded_chunk` writes (fedrot.v1: `oneof part
+# { ... header = 1; Chunk chunk = 2; }`, `Chunk { uint64 offset = 1; bytes data = 2; }`).
+CHUNK_FIELD = pb.UploadUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number
+OFFSET_FIELD = pb.Chunk.DESCRIPTOR.fields_by_name["offset"].number
+DATA_FIELD = pb.Chunk.DESCRIPTOR.fields_by_name["data"].number
 
 T = TypeVar("T")
 
@@ -94,8 +101,34 @@ def seconds(value: float) -> duration_pb2.Duration:
     return duration
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def encoded_chunk(offset: int, data: memoryview) -> bytes:
+    """The serialised ``UploadUpdateRequest(chunk=Chunk(offset, data))``, built with one copy
+    of ``data`` (building the message and serialising it would copy it twice more)."""
+    inner = b"".join((_key(OFFSET_FIELD, 0), _varint(offset)) if offset else ())
+    inner += _key(DATA_FIELD, 2) + _varint(len(data))
+    return b"".join((_key(CHUNK_FIELD, 2), _varint(len(inner) + len(data)), inner, data))
+
+
+def _serialized(message: pb.UploadUpdateRequest | bytes) -> bytes:
+    """The upload stream's request serializer: chunks come serialised already."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,9 @@ class Transport:
         self._inflight: set[grpc.Future] = set()
         self._channel = _open_channel(target, tls, policy)
         self._stub = pb_grpc.FederationServiceStub(self._channel)
+        self._stub.UploadUpdate = self._channel.stream_unary(  # chunks go out pre-serialised
+            UPLOAD_METHOD, request_serializer=_serialized,
+            response_deserializer=pb.UploadUpdateResponse.FromString)  # fmt: skip
 
     def enroll(self, info: Mapping[str, str]) -> pb.EnrollResponse:
         request = pb.EnrollRequest(info=dict(info))
@@ -179,13 +215,14 @@ class Transport:
 
     def download_adapter(
         self, run_id: str, round_index: int, expected: pb.AdapterRef | None = None
-    ) -> bytes:
+    ) -> bytearray:
         """The global adapter starting ``round_index``, verified against its announced SHA-256
         (and ``expected``'s size and digest when given); a broken stream resumes where it
-        stopped."""
+        stopped. The bytes are the caller's (a bytearray: decoding it copies nothing); they are
+        hashed on a helper thread while the next chunks arrive."""
         download = _Download(expected)
 
-        def attempt() -> bytes:
+        def attempt() -> bytearray:
             request = pb.DownloadAdapterRequest(
                 run_id=run_id, round=round_index, offset=download.received
             )
@@ -202,7 +239,10 @@ class Transport:
                     raise
             return download.finish()
 
-        return self._retrying("DownloadAdapter", attempt, moved=lambda: download.received)
+        try:
+            return self._retrying("DownloadAdapter", attempt, moved=lambda: download.received)
+        finally:
+            download.close()
 
     def upload_update(
         self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int
@@ -220,15 +260,15 @@ class Transport:
         full.sha256 = sha256_hex(payload)
         sent = [0]  # bytes taken by gRPC over all attempts: progress, for the retry loop
 
-        def messages(watch: StallWatch, start: int) -> Iterator[pb.UploadUpdateRequest]:
+        def messages(watch: StallWatch, start: int) -> Iterator[pb.UploadUpdateRequest | bytes]:
             yield pb.UploadUpdateRequest(header=full)
-            view = memoryview(payload)
+            view = memoryview(payload).cast("B")
             for offset in range(start, len(payload), chunk_bytes):
                 if self._stop.is_set():
                     return
                 watch.progress()
-                data = bytes(view[offset : offset + chunk_bytes])
-                yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+                data = view[offset : offset + chunk_bytes]
+                yield encoded_chunk(offset, data)
                 sent[0] += len(data)
             watch.progress(limit_s=self._rpc_timeout)  # all sent: the server's turn to answer
 
@@ -349,17 +389,18 @@ class Transport:
 
 
 class _Download:
-    """The bytes of one download so far; each (re)started stream begins with a header."""
+    """The bytes of one download so far; each (re)started stream begins with a header. The
+    buffer is allocated at the first header (its announced size); each chunk is copied in and
+    hashed on a helper thread, in order, while the next one arrives."""
 
     def __init__(self, expected: pb.AdapterRef | None) -> None:
         self._expected = expected
         self._header: pb.TransferHeader | None = None
         self._buffer = bytearray()
+        self.received = 0
         self._digest = hashlib.sha256()
-
-    @property
-    def received(self) -> int:
-        return len(self._buffer)
+        self._hasher: ThreadPoolExecutor | None = None
+        self._hashed: Future[None] | None = None
 
     def add(self, message: pb.DownloadAdapterResponse) -> None:
         if message.HasField("header"):
@@ -368,14 +409,19 @@ class _Download:
         if self._header is None:
             raise TransferError("download: a chunk arrived before the header")
         chunk = message.chunk
-        end = self.received + len(chunk.data)
+        data = chunk.data
+        end = self.received + len(data)
         if chunk.offset != self.received or end > self._header.total_size:
             raise TransferError(
-                f"download: chunk at offset {chunk.offset} of {len(chunk.data)} bytes, expected "
+                f"download: chunk at offset {chunk.offset} of {len(data)} bytes, expected "
                 f"offset {self.received} within {self._header.total_size} bytes"
             )
-        self._buffer += chunk.data
-        self._digest.update(chunk.data)
+        piece = memoryview(self._buffer)[self.received : end]
+        piece[:] = data
+        self.received = end
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrot-hash")
+        self._hashed = self._hasher.submit(self._digest.update, piece)
 
     def _set_header(self, header: pb.TransferHeader) -> None:
         if self._header is not None and (
@@ -393,21 +439,32 @@ class _Download:
                 f"download: server sends {header.total_size} bytes with sha256 {header.sha256}, "
                 f"the task announced {expected.size_bytes} bytes with sha256 {expected.sha256}"
             )
+        if self._header is None:
+            self._buffer = bytearray(header.total_size)
         self._header = header
 
-    def finish(self) -> bytes:
+    def finish(self) -> bytearray:
         if self._header is None:
             raise TransferError("download: the stream ended without a header")
         if self.received != self._header.total_size:
             raise TransferError(
                 f"download: stream ended after {self.received} of {self._header.total_size} bytes"
             )
+        self.close()
         actual = self._digest.hexdigest()
         if actual != self._header.sha256:
             raise TransferError(
                 f"download: sha256 mismatch: announced {self._header.sha256}, received {actual}"
             )
-        return bytes(self._buffer)
+        return self._buffer
+
+    def close(self) -> None:
+        """Wait for the helper thread's hashing, then let the thread go."""
+        if self._hashed is not None:
+            self._hashed.result()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
 
 def _open_channel(target: str, tls: TlsConfig | None, policy: RetryPolicy) -> grpc.Channel:

@@ -4,7 +4,9 @@ Every adapter that crosses a process boundary (a gRPC upload or broadcast, a fil
 ``fedrot aggregate``) goes through :func:`encode_adapter` and :func:`decode_adapter`. The format
 is safetensors: an 8-byte little-endian header length, a JSON header (tensor names, dtypes,
 shapes, offsets, and string ``__metadata__``), then raw little-endian tensor data. Nothing here
-unpickles: bytes from a peer are parsed by safetensors and checked before any tensor is built.
+unpickles: safetensors writes the bytes; bytes from a peer have their header checked by the
+rules safetensors applies (:func:`_layout_of`) before any tensor is built, and the tensors are
+then views of those bytes, not copies.
 
 Keys are PEFT state-dict keys: ``<module>.lora_A.weight`` of shape ``(r, d_in)``,
 ``<module>.lora_B.weight`` of shape ``(d_out, r)``, and extra trainable tensors (a classifier
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
-import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor
@@ -123,8 +126,13 @@ def _detached_cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+"""What :func:`decode_adapter` reads: any contiguous bytes. A writable one (a bytearray, a
+writable mmap) is not copied: the tensors are views of it."""
+
+
 def decode_adapter(
-    data: bytes | bytearray | memoryview,
+    data: Buffer,
     schema: AdapterSchema | None = None,
     factors: Iterable[Factor] = BOTH_FACTORS,
     *,
@@ -139,81 +147,172 @@ def decode_adapter(
     value. Raises :class:`CodecError` for unreadable bytes (empty, truncated, corrupt header,
     bad offsets, larger than ``max_bytes``) and :class:`SchemaError` for readable bytes that
     are not an acceptable adapter.
+
+    The layout is checked as safetensors checks it (see :func:`_layout_of`) before any tensor
+    is built. The tensors are views of ``data`` when it is writable (no copy; they keep it
+    alive), else of one writable copy of it.
     """
-    raw = bytes(data)
-    if not raw:
+    view = memoryview(data).cast("B")
+    if not len(view):
         raise CodecError("empty adapter: no bytes")
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise CodecError(f"adapter of {len(raw)} bytes exceeds the limit of {max_bytes} bytes")
-    tensors = _tensors_of(_deserialize(raw))
-    metadata = _metadata_of(raw)
+    if max_bytes is not None and len(view) > max_bytes:
+        raise CodecError(f"adapter of {len(view)} bytes exceeds the limit of {max_bytes} bytes")
+    layout = _layout_of(view)
+    writable = view if not view.readonly else memoryview(bytearray(view))
+    tensors = {entry.key: _tensor_of(writable, entry) for entry in layout.entries}
     validate_tensors(tensors, schema, factors, max_abs=max_abs)
-    return DecodedAdapter(tensors=tensors, metadata=metadata)
+    return DecodedAdapter(tensors=tensors, metadata=layout.metadata)
 
 
-def _deserialize(raw: bytes) -> list[tuple[str, dict[str, object]]]:
-    """safetensors' parse of ``raw``; anything it raises becomes a :class:`CodecError`."""
+# safetensors' dtypes and their bits per element (those outside WIRE_DTYPES are readable, and
+# refused as a SchemaError; a name outside this table is unreadable, as safetensors has it).
+_SAFETENSORS_BITS: Mapping[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8,
+    "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16,
+    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
+    "U64": 64,
+}  # fmt: skip
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors header: its bytes are ``data[begin:end]`` of the buffer."""
+
+    key: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    entries: list[_Entry]  # in data order
+    metadata: dict[str, str]
+
+
+def _unreadable(view: memoryview, why: str) -> CodecError:
+    return CodecError(f"unreadable safetensors data ({len(view)} bytes): {why}")
+
+
+def _layout_of(view: memoryview) -> _Layout:
+    """The header of safetensors bytes, checked as safetensors checks it: the 8-byte length
+    within the data (at most 100 MB), a UTF-8 JSON object, each tensor a known dtype, a shape
+    of non-negative integers and ``data_offsets`` that tile the data after the header from its
+    first byte to its last, in order, each exactly the tensor's size."""
+    if len(view) < _HEADER_LENGTH_BYTES:
+        raise _unreadable(view, "shorter than the 8-byte header length")
+    length = int.from_bytes(view[:_HEADER_LENGTH_BYTES], "little")
+    if length > _MAX_HEADER_BYTES or _HEADER_LENGTH_BYTES + length > len(view):
+        raise _unreadable(view, f"header length {length} does not fit")
+    header = _header_of(view[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+    if not isinstance(header, dict):
+        raise CodecError("unreadable safetensors header: not a JSON object")
+    metadata = _metadata_of(header)
+    entries = sorted((_entry_of(key, value) for key, value in header.items()
+                      if key != "__metadata__"), key=lambda e: (e.begin, e.end))  # fmt: skip
+    base = _HEADER_LENGTH_BYTES + length
+    data_end = 0
+    for entry in entries:
+        if entry.begin != data_end or entry.end < entry.begin:
+            raise _unreadable(view, f"invalid offsets for tensor {entry.key!r}")
+        bits = math.prod(entry.shape) * _SAFETENSORS_BITS[entry.dtype_name]
+        if bits % 8 or entry.end - entry.begin != bits // 8:
+            size = entry.end - entry.begin
+            raise _unreadable(view, f"tensor {entry.key!r}: {size} bytes do not hold "
+                                    f"{entry.dtype_name} {_shape(entry.shape)}")  # fmt: skip
+        data_end = entry.end
+    if base + data_end != len(view):
+        raise _unreadable(view, f"the tensors end at byte {base + data_end}, not at the end")
+    shifted = [_Entry(e.key, e.dtype_name, e.shape, base + e.begin, base + e.end) for e in entries]
+    return _Layout(shifted, metadata)
+
+
+def _entry_of(key: str, value: object) -> _Entry:
+    """One tensor's header entry, its fields typed as safetensors requires."""
+    if not isinstance(value, dict):
+        raise CodecError(f"unreadable safetensors header: entry {key!r} is not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_BITS:
+        raise CodecError(f"unreadable safetensors header: {key!r} has unknown dtype {dtype!r}")
+    if not (_naturals(shape) and _naturals(offsets) and len(offsets) == 2):
+        raise CodecError(f"unreadable safetensors header: {key!r} has shape {shape!r}, "
+                         f"data_offsets {offsets!r}")  # fmt: skip
+    begin, end = offsets
+    return _Entry(_text(key), dtype, tuple(shape), begin, end)
+
+
+def _naturals(value: object) -> TypeGuard[list[int]]:
+    """Whether ``value`` is a JSON list of non-negative integers (a usize list to serde)."""
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**64 for n in value
+    )
+
+
+def _text(value: str) -> str:
+    """``value`` if it is valid Unicode (JSON's escapes can spell lone surrogates)."""
     try:
-        return safetensors.deserialize(raw)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - a Rust panic surfaces as a BaseException
-        raise CodecError(f"unreadable safetensors data ({len(raw)} bytes): {exc}") from exc
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CodecError(f"unreadable safetensors header: invalid string {value!r}") from None
+    return value
 
 
-def _tensors_of(entries: list[tuple[str, dict[str, object]]]) -> dict[str, Tensor]:
-    """Build CPU tensors from safetensors entries, refusing dtypes outside fp32/fp16/bf16."""
-    tensors: dict[str, Tensor] = {}
-    for key, entry in entries:
-        dtype_name = str(entry["dtype"])
-        dtype = WIRE_DTYPES.get(dtype_name)
-        shape = tuple(int(n) for n in entry["shape"])  # type: ignore[attr-defined]
-        if dtype is None:
-            raise SchemaError(
-                f"{key}: safetensors dtype {dtype_name} with shape {_shape(shape)} is not one "
-                "of float32, float16, bfloat16",
-                key=key,
-            )
-        buffer = entry["data"]
-        if not isinstance(buffer, bytearray):
-            buffer = bytearray(buffer)  # type: ignore[arg-type]
-        if len(buffer) == 0:  # torch.frombuffer refuses an empty buffer
-            tensors[key] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[key] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-    return tensors
+def _tensor_of(data: memoryview, entry: _Entry) -> Tensor:
+    """The tensor ``entry`` describes, a view of writable ``data`` (a copy of its bytes when
+    they are not aligned to its dtype); SchemaError for a dtype outside WIRE_DTYPES."""
+    dtype = WIRE_DTYPES.get(entry.dtype_name)
+    if dtype is None:
+        raise SchemaError(
+            f"{entry.key}: safetensors dtype {entry.dtype_name} with shape {_shape(entry.shape)} "
+            "is not one of float32, float16, bfloat16",
+            key=entry.key,
+        )
+    count = math.prod(entry.shape)
+    if count == 0:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(entry.shape, dtype=dtype)
+    if entry.begin % dtype.itemsize:
+        data, begin = memoryview(bytearray(data[entry.begin : entry.end])), 0
+    else:
+        begin = entry.begin
+    return torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(entry.shape)
 
 
-def tensor_names(data: bytes | bytearray | memoryview) -> frozenset[str]:
+def tensor_names(data: Buffer) -> frozenset[str]:
     """The tensor keys that safetensors bytes declare, from the JSON header alone: nothing is
     built or checked (that is :func:`decode_adapter`'s job); :class:`CodecError` when there is
     no readable header."""
-    header = _header_of(bytes(data))
+    view = memoryview(data).cast("B")
+    length = int.from_bytes(view[:_HEADER_LENGTH_BYTES], "little")
+    header = _header_of(view[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
     if not isinstance(header, dict):
         raise CodecError("unreadable safetensors header: not a JSON object")
     return frozenset(key for key in header if key != "__metadata__")
 
 
-def _header_of(raw: bytes) -> object:
-    """The JSON header of safetensors bytes (its length is the first 8 bytes, little-endian)."""
-    length = int.from_bytes(raw[:_HEADER_LENGTH_BYTES], "little")
+def _header_of(raw: memoryview) -> object:
+    """The JSON of a safetensors header: strict UTF-8, no NaN or Infinity."""
     try:
-        return json.loads(raw[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+        return json.loads(str(raw, "utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise CodecError(f"unreadable safetensors header: {exc}") from exc
 
 
-def _metadata_of(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a header that safetensors has already accepted."""
-    header = _header_of(raw)
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _metadata_of(header: dict[str, object]) -> dict[str, str]:
+    """The ``__metadata__`` of a header: absent, null, or strings to strings."""
+    metadata = header.get("__metadata__")
     if metadata is None:
         return {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CodecError("safetensors __metadata__ must map strings to strings")
-    return dict(metadata)
+    return {_text(k): _text(v) for k, v in metadata.items()}
 
 
 def validate_tensors(
@@ -357,22 +456,21 @@ def _check_values(key: str, tensor: Tensor, max_abs: float | None = None) -> Non
         )
     if tensor.numel() == 0:
         raise SchemaError(f"{key}: shape {_shape(tensor.shape)} holds no values", key=key)
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int(finite.numel() - finite.sum().item())
+    low, high = (float(v) for v in torch.aminmax(tensor))  # one pass; NaN propagates
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum().item())
         raise SchemaError(
             f"{key}: {bad} non-finite value(s) (NaN or Inf) of {tensor.numel()} in shape "
             f"{_shape(tensor.shape)}",
             key=key,
         )
-    if max_abs is not None:
-        peak = float(tensor.abs().max())
-        if peak > max_abs:
-            raise SchemaError(
-                f"{key}: a value of magnitude {peak:.3g} in shape {_shape(tensor.shape)} exceeds "
-                f"the limit {max_abs:g}",
-                key=key,
-            )
+    peak = max(-low, high)
+    if max_abs is not None and peak > max_abs:
+        raise SchemaError(
+            f"{key}: a value of magnitude {peak:.3g} in shape {_shape(tensor.shape)} exceeds "
+            f"the limit {max_abs:g}",
+            key=key,
+        )
 
 
 def _shape(shape: Iterable[int]) -> str:

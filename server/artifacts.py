@@ -11,6 +11,9 @@ Layout, under ``<state_dir>/runs/<run_id>/``::
                                      received (a late one as ``<client>@round-<r>.safetensors``),
                                      durable before it is acknowledged; removed when the round
                                      closes unless ``keep_uploads``
+    incoming/<client>.<id>.part      an upload while it streams (:class:`SpoolDraft`), moved
+                                     into the spool once verified; removed when refused or
+                                     dropped, and at every start (a restarted server holds none)
 
 A PEFT directory loads with ``PeftModel.from_pretrained(base_model, path)``: the config is
 PEFT's own ``LoraConfig`` written by PEFT, the weights are the bytes the clients download.
@@ -22,8 +25,11 @@ float32, keyed by the base model's weight key (``<module>.weight`` without PEFT'
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,10 @@ BASE_DELTAS_FILE = "base_deltas.safetensors"
 PEFT_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+INCOMING = "incoming"
+WRITEBACK_BYTES = 16 * 1024 * 1024
+"""A streaming spool file asks the disk to write its bytes back every this many bytes (an
+fdatasync on another thread), so that the fsync before the acknowledgement finds little left."""
 
 
 def write_atomically(path: Path, data: bytes) -> Path:
@@ -62,6 +72,102 @@ def sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class SpoolDraft:
+    """An upload's spool file while its bytes arrive, in the run's ``incoming/`` folder.
+
+    Chunks are written at their offsets as they come (:meth:`write`); every
+    :data:`WRITEBACK_BYTES` the disk is asked, on ``writeback`` (an executor), to write them
+    back meanwhile (an fdatasync, whose error fails the next write or :meth:`sync`).
+    :meth:`publish` makes the file durable (fsync) and moves it to its spool path (rename,
+    folder fsync): after a crash at any point the spool path holds the whole upload or nothing.
+    :meth:`discard` removes an unpublished draft. Blocking: one thread at a time, off the event
+    loop (:meth:`discard`, a close and an unlink, waits for nothing).
+    """
+
+    def __init__(self, path: Path, writeback: Executor | None = None) -> None:
+        self.path = path
+        self._writeback = writeback
+        self._fd: int | None = None
+        self._flushing: Future[None] | None = None
+        self._unflushed = 0
+        self._dirty = False  # written since the last fsync
+        self.published = False
+
+    def write(self, offset: int, data: bytes) -> None:
+        fd = self._open()
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+        self._dirty = True
+        self._unflushed += len(data)
+        if self._writeback is not None and self._unflushed >= WRITEBACK_BYTES:
+            if self._flushing is None or self._flushing.done():
+                self._settle()  # the last write-back's error, if any, is this write's
+                self._flushing = self._writeback.submit(os.fdatasync, fd)
+                self._unflushed = 0
+
+    def truncate(self) -> None:
+        """Forget every byte written (the upload starts over)."""
+        self._settle()
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            self._dirty = True
+
+    def contents(self) -> mmap.mmap:
+        """The bytes written so far, mapped copy-on-write: reading them copies nothing, and
+        writing to the map never changes the file. Never closed here: tensors viewing it keep
+        it alive."""
+        return mmap.mmap(self._open(), 0, access=mmap.ACCESS_COPY)
+
+    def sync(self) -> None:
+        """Make every byte written durable (fsync; nothing to do when nothing changed since)."""
+        self._settle()
+        if self._dirty:
+            os.fsync(self._open())
+            self._dirty = False
+
+    def publish(self, path: Path) -> Path:
+        """Move the (synced) draft to ``path`` durably; the draft is then done."""
+        self.sync()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, path)
+        sync_folder(path.parent)
+        self.published, self.path = True, path
+        self._close()
+        return path
+
+    def discard(self) -> None:
+        """Close the draft and remove its file (nothing once published)."""
+        self._close()
+        if not self.published:
+            self.path.unlink(missing_ok=True)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return self._fd
+
+    def _settle(self) -> None:
+        """Wait for the background writeback and raise its error: a write-back error is
+        reported once per open file, so the fsync after it would not see it again."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.result()
+
+    def _close(self) -> None:
+        """Close the file now, or once a writeback still running on it ends (not waited for)."""
+        fd, self._fd = self._fd, None
+        flushing, self._flushing = self._flushing, None
+        if fd is None:
+            return
+        if flushing is None:
+            os.close(fd)
+        else:
+            flushing.add_done_callback(lambda _: os.close(fd))
 
 
 def spool_name(client: str, trained_round: int, merged_round: int) -> str:
@@ -138,6 +244,7 @@ class RunArtifacts:
         self._config_text = json.dumps(dict(adapter_config), indent=2, sort_keys=True)
         self._delta_scale = delta_scale
         self._base_deltas: dict[str, Tensor] = {}
+        self._writeback = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedrot-writeback")
 
     def round_dir(self, round_index: int) -> Path:
         return self.root / "rounds" / str(round_index)
@@ -193,6 +300,23 @@ class RunArtifacts:
         """Spool an accepted upload (durably) before it is recorded and acknowledged."""
         trained = round_index if trained_round is None else trained_round
         return write_atomically(self.spool_path(round_index, client, trained), payload)
+
+    def draft_upload(self, client: str) -> SpoolDraft:
+        """A new draft for an upload of ``client`` that starts streaming (no file yet)."""
+        name = f"{client}.{uuid.uuid4().hex}.part"
+        return SpoolDraft(self.root / INCOMING / name, self._writeback)
+
+    def publish_upload(
+        self, draft: SpoolDraft, round_index: int, client: str, *, trained_round: int
+    ) -> Path:
+        """Move a verified draft into round ``round_index``'s spool (durably) before the
+        upload is recorded and acknowledged."""
+        return draft.publish(self.spool_path(round_index, client, trained_round))
+
+    def clear_incoming(self) -> None:
+        """Remove the drafts a previous server left (it stopped or crashed mid-upload)."""
+        for path in (self.root / INCOMING).glob("*.part"):
+            path.unlink(missing_ok=True)
 
     def read_upload(self, round_index: int, client: str, *, trained_round: int) -> bytes:
         path = self.spool_path(round_index, client, trained_round)

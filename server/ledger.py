@@ -1,10 +1,11 @@
 """The round ledger: what happens to an upload between its last byte and its acknowledgement.
 
 An upload is first aggregated (the worker decodes and validates it, so a bad one changes
-nothing), then spooled (fsync) and recorded (a synced SQLite commit); only then does the engine
-acknowledge it. The ledger also rebuilds a round's aggregate from recorded uploads (after a
-crash, or when recording failed), weighs late updates, and decides which late updates a round
-takes (``late_updates = "stale"``).
+nothing) while its spool file, written as the bytes arrived, is synced to disk; then that file
+is moved into the spool (rename, folder fsync) and the upload recorded (a synced SQLite
+commit); only then does the engine acknowledge it. The ledger also rebuilds a round's aggregate
+from recorded uploads (after a crash, or when recording failed), weighs late updates, and
+decides which late updates a round takes (``late_updates = "stale"``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Iterable
 
 from fedrot.adapters import Adapter
+from fedrot.codec import Buffer
 from fedrot.diagnostics import ClientReport
 from fedrot.strategies import Strategy
 from fedrot_server.artifacts import RunArtifacts
@@ -21,6 +23,7 @@ from fedrot_server.round_state import OpenRound, aggregation_id
 from fedrot_server.settings import ServerSettings
 from fedrot_server.state import UploadRow
 from fedrot_server.store import SqliteStore
+from fedrot_server.transfers import ReceivedPayload
 from fedrot_server.worker import AggregationWorker
 
 logger = logging.getLogger(__name__)
@@ -50,18 +53,27 @@ class RoundLedger:
         return float(row.sample_count) * self._settings.staleness_weight**lateness
 
     async def accept(
-        self, rnd: OpenRound, row: UploadRow, payload: bytes, reference: Adapter
+        self, rnd: OpenRound, row: UploadRow, payload: ReceivedPayload, reference: Adapter
     ) -> ClientReport:
-        """Aggregate ``payload`` into ``rnd``, spool it, record ``row``, count it in ``rnd``.
+        """Aggregate ``payload`` into ``rnd`` while its file is synced, move the file into the
+        spool, record ``row``, count it in ``rnd``.
 
-        CodecError/SchemaError (a bad upload) leave everything unchanged. If spooling or
-        recording fails, the aggregate is rebuilt from ``reference`` and the uploads already
-        recorded, and the error propagates (the upload is not acknowledged).
+        CodecError/SchemaError (a bad upload) leave everything unchanged (the caller discards
+        the file). If syncing, spooling or recording fails, the aggregate is rebuilt from
+        ``reference`` and the uploads already recorded, and the error propagates (the upload is
+        not acknowledged).
         """
-        report = await self._worker.add_update(aggregation_id(row), payload, self.weight_of(row))
+        syncing = asyncio.ensure_future(asyncio.to_thread(payload.sink.sync))
         try:
-            await asyncio.to_thread(self._artifacts.save_upload, rnd.index, row.client, payload,
-                                    trained_round=row.round_index)  # fmt: skip
+            report = await self._worker.add_update(aggregation_id(row), payload.data,
+                                                   self.weight_of(row))  # fmt: skip
+        finally:
+            await asyncio.wait({syncing})
+            syncing.exception()  # seen here; raised below when the update was taken
+        try:
+            syncing.result()
+            await asyncio.to_thread(self._artifacts.publish_upload, payload.sink, rnd.index,
+                                    row.client, trained_round=row.round_index)  # fmt: skip
             self._store.record_upload(row)
         except Exception:
             logger.exception("round %s: could not record the upload of %s; rebuilding the "
@@ -79,7 +91,7 @@ class RoundLedger:
         self,
         rnd: OpenRound,
         reference: Adapter,
-        uploads: Iterable[tuple[UploadRow, bytes]],
+        uploads: Iterable[tuple[UploadRow, Buffer]],
         *,
         admit: bool = True,
     ) -> None:

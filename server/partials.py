@@ -8,22 +8,25 @@ owned by the open round. A partial is dropped when the round closes, when the sa
 opens an upload of another update (key, size or digest), when its stream starts over at offset
 0, and once the whole payload arrived (the update is then counted or refused, never resumed).
 
-In memory, like the buffer of a stream in progress, and bounded like it: a client holds one
-receiver per round, streaming or kept here (a new stream takes it out, a broken one puts it
-back), and no receiver takes more bytes than its header announced, a size refused above the
-round's upload bound (the largest encoded update of the run's schema, see
+The bytes are in the receiver's sink, a draft file of the spool
+(:class:`~fedrot_server.artifacts.SpoolDraft`, in the run's ``incoming/`` folder), like those
+of a stream in progress, and bounded like them: a client holds one receiver per round,
+streaming or kept here (a new stream takes it out, a broken one puts it back), and no receiver
+takes more bytes than its header announced, a size refused above the round's upload bound (the
+largest encoded update of the run's schema, see
 :meth:`~fedrot_server.uploads.UploadIntake.upload_bound`). A resume has the same header, so it
-cannot grow the partial; another header drops it. A restarted server holds nothing; its
-clients learn that from QueryUpload and send the whole update (the durable spool,
-:mod:`fedrot_server.artifacts`, holds only verified uploads).
+cannot grow the partial; another header drops it. A dropped partial's draft is removed. A
+restarted server holds nothing (it removes every draft at start); its clients learn that from
+QueryUpload and send the whole update (the spool proper holds only verified uploads).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedrot_server.tasks import UploadIdentity
-from fedrot_server.transfers import Announced, PayloadReceiver
+from fedrot_server.transfers import Announced, PayloadReceiver, PayloadSink
 
 
 @dataclass(frozen=True)
@@ -47,24 +50,32 @@ class PartialUploads:
         return held.receiver.received if held is not None and held.identity == identity else 0
 
     def claim(
-        self, client: str, identity: UploadIdentity, *, max_chunk_bytes: int
+        self,
+        client: str,
+        identity: UploadIdentity,
+        *,
+        max_chunk_bytes: int,
+        new_sink: Callable[[], PayloadSink],
     ) -> PayloadReceiver:
         """The receiver a new stream of ``identity`` continues: the held one when it is the same
-        update, else a fresh one (and another update's bytes are dropped). Until
-        :meth:`keep` hands it back, the stream owns it."""
+        update, else a fresh one into ``new_sink()`` (and another update's bytes are dropped).
+        Until :meth:`keep` hands it back, the stream owns it."""
         held = self._held.get(client)
         if held is not None and held.identity == identity:
             del self._held[client]
             return held.receiver
         fresh = PayloadReceiver(Announced(identity.total_size, identity.sha256),
-                                max_chunk_bytes=max_chunk_bytes)  # fmt: skip
-        self._held.pop(client, None)
+                                max_chunk_bytes=max_chunk_bytes, sink=new_sink())  # fmt: skip
+        self.drop(client)
         return fresh
 
     def keep(self, client: str, identity: UploadIdentity, receiver: PayloadReceiver) -> None:
-        """Hold what a broken stream received, for its resumption (nothing when it got no byte)."""
+        """Hold what a broken stream received, for its resumption (a receiver that got no byte
+        is discarded). Its thread must be done (:meth:`PayloadReceiver.drain`)."""
         if receiver.received:
             self._held[client] = PartialUpload(identity, receiver)
+        else:
+            receiver.discard()
 
     @property
     def total_bytes(self) -> int:
@@ -73,7 +84,11 @@ class PartialUploads:
 
     def drop(self, client: str) -> None:
         """Forget ``client``'s held bytes (it withdrew: its update will not come)."""
-        self._held.pop(client, None)
+        held = self._held.pop(client, None)
+        if held is not None:
+            held.receiver.discard()
 
     def clear(self) -> None:
+        for held in self._held.values():
+            held.receiver.discard()
         self._held.clear()

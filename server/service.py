@@ -158,6 +158,7 @@ async def _start_holding(
                                      base_model_path=initial.base_model_path)  # fmt: skip
     artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
                              delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip
+    artifacts.clear_incoming()  # a restarted server holds no part of an upload
     # Before serving; on this thread, which owns the store.
     resumption = load_resumption(store, artifacts, resumable) if resumable else None
     engine = RoundEngine(settings, spec, store=store, worker=worker, strategy=strategy,

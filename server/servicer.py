@@ -42,7 +42,7 @@ from fedrot_server.errors import (
 from fedrot_server.rounds import RoundEngine
 from fedrot_server.tasks import UploadOutcome, UploadTicket
 from fedrot_server.telemetry import InterruptionRow, TelemetryLog
-from fedrot_server.transfers import PayloadReceiver, payload_chunks
+from fedrot_server.transfers import MAX_QUEUED_BYTES, PayloadReceiver, payload_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +129,21 @@ async def _receive(
     receiver: PayloadReceiver, messages: AsyncIterator[pb.UploadUpdateRequest], stall_s: float
 ) -> None:
     """Feed the chunks after an upload's header to ``receiver``: the first continues the bytes
-    it holds or starts over (:meth:`PayloadReceiver.resume_at`)."""
+    it holds or starts over (:meth:`PayloadReceiver.resume_at`). The receiver's thread hashes
+    and writes a chunk while the next one arrives, at most MAX_QUEUED_BYTES behind; however the
+    stream ends, every chunk taken is stored before this returns or raises."""
     resumed = False
-    async for message in _until_stalled(messages, stall_s):
-        if message.WhichOneof("part") != "chunk":
-            raise InvalidRequestError("only chunks may follow the upload header")
-        if not resumed:
-            receiver.resume_at(message.chunk.offset)
-            resumed = True
-        receiver.add(message.chunk.offset, message.chunk.data)
+    try:
+        async for message in _until_stalled(messages, stall_s):
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidRequestError("only chunks may follow the upload header")
+            if not resumed:
+                receiver.resume_at(message.chunk.offset)
+                resumed = True
+            receiver.add(message.chunk.offset, message.chunk.data)
+            await receiver.settle(MAX_QUEUED_BYTES)
+    finally:
+        await receiver.drain()
 
 
 # How an upload stream breaks off once its header was accepted: the bytes stay for a resume.
@@ -257,7 +263,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                 await _receive(receiver, messages_in, self._engine.settings.upload_stall_s)
                 # The whole payload is here: from now on it is counted or refused, never resumed.
                 concluded = receiver.complete
-                payload = receiver.finish()
+                payload = await receiver.finish()
             except INTERRUPTIONS as cut:
                 self._record_interruption(opened, cut)
                 raise

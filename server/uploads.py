@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from fedrot.adapters import Adapter, Factor
 from fedrot.codec import HEADER_SLACK_BYTES, max_encoded_size
+from fedrot_server.artifacts import RunArtifacts
 from fedrot_server.errors import (
     InvalidRequestError,
     PermissionDeniedError,
@@ -35,6 +36,7 @@ from fedrot_server.tasks import (
     UploadRequest,
     UploadTicket,
 )
+from fedrot_server.transfers import ReceivedPayload
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class UploadIntake:
     _lock: asyncio.Lock
     _store: SqliteStore
     _ledger: RoundLedger
+    _artifacts: RunArtifacts
     _roster: Roster
     _clock: Callable[[], float]
     _notify: Callable[[], None]
@@ -78,8 +81,10 @@ class UploadIntake:
                 f"{'+'.join(sorted(rnd.plan.trained))} in float32, with {HEADER_SLACK_BYTES} "
                 f"bytes of header metadata)"
             )
-        receiver = rnd.partials.claim(client, request.identity,
-                                      max_chunk_bytes=self.spec.limits.max_chunk_bytes)  # fmt: skip
+        receiver = rnd.partials.claim(
+            client, request.identity, max_chunk_bytes=self.spec.limits.max_chunk_bytes,
+            new_sink=lambda: self._artifacts.draft_upload(client),
+        )  # fmt: skip
         ticket = UploadTicket(client, request, asyncio.Event(), receiver)
         rnd.uploading[client] = ticket.slot
         return ticket
@@ -133,13 +138,18 @@ class UploadIntake:
                 ) from None
 
     def release(self, ticket: UploadTicket, *, keep_partial: bool = False) -> None:
-        """Give back an upload slot (always call after ``open_upload`` returned a ticket);
-        ``keep_partial``: the stream broke off, hold its bytes for a resume."""
+        """Give back an upload slot (always call after ``open_upload`` returned a ticket, once
+        its receiver is drained); ``keep_partial``: the stream broke off, hold its bytes for a
+        resume. Bytes not held are discarded (unless handed to :meth:`commit_upload`)."""
         rnd = self._round
+        kept = False
         if rnd is not None and rnd.uploading.get(ticket.client) is ticket.slot:
             del rnd.uploading[ticket.client]
             if keep_partial and not rnd.closed:
                 rnd.partials.keep(ticket.client, ticket.request.identity, ticket.receiver)
+                kept = True
+        if not kept:
+            ticket.receiver.discard()
         ticket.slot.set()
 
     def _replay(self, client: str, identity: UploadIdentity) -> UploadOutcome | None:
@@ -158,9 +168,10 @@ class UploadIntake:
             )
         return UploadOutcome(True, previous.size_bytes, upload_id(previous))
 
-    async def commit_upload(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
-        """Aggregate a verified payload (CodecError/SchemaError leave the round unchanged),
-        then spool and record it; only then is it acknowledged.
+    async def commit_upload(self, ticket: UploadTicket, payload: ReceivedPayload) -> UploadOutcome:
+        """Aggregate a verified payload (CodecError/SchemaError leave the round unchanged) while
+        its spool file is synced, then move that file into the spool and record the upload; only
+        then is it acknowledged.
 
         The commit runs to its end even if the client goes away meanwhile (a cancelled call):
         once the worker has the update, only a finished commit (recorded) or the ledger's
@@ -170,7 +181,13 @@ class UploadIntake:
         commit.add_done_callback(_retrieve_exception)
         return await asyncio.shield(commit)
 
-    async def _commit(self, ticket: UploadTicket, payload: bytes) -> UploadOutcome:
+    async def _commit(self, ticket: UploadTicket, payload: ReceivedPayload) -> UploadOutcome:
+        try:
+            return await self._accept(ticket, payload)
+        finally:
+            payload.sink.discard()  # a refused one's bytes; nothing once in the spool
+
+    async def _accept(self, ticket: UploadTicket, payload: ReceivedPayload) -> UploadOutcome:
         client, request = ticket.client, ticket.request
         async with self._lock:
             replay = self._replay(client, request.identity)  # a retry raced a finishing commit
@@ -183,18 +200,18 @@ class UploadIntake:
             row = UploadRow(
                 run_id=self.spec.run_id, round_index=request.round_index, client=client,
                 idempotency_key=request.idempotency_key, sample_count=request.sample_count,
-                size_bytes=len(payload), sha256=request.sha256, received_at=self._clock(),
+                size_bytes=payload.size, sha256=request.sha256, received_at=self._clock(),
                 sequence=rnd.arrivals, metrics=dict(request.metrics),
                 merged_into=rnd.index if late else None,
             )  # fmt: skip
             report = await self._ledger.accept(rnd, row, payload, self._reference)
         self._seen(client)
         logger.info("round %s: accepted %s bytes from %s%s (%s of %s), rotation distance %s",
-                    rnd.index, len(payload), client,
+                    rnd.index, payload.size, client,
                     f" for round {row.round_index} (late)" if late else "", len(rnd.reported),
                     rnd.target, mean_rotation_distance(report.rotations))  # fmt: skip
         self._notify()
-        return UploadOutcome(False, len(payload), upload_id(row))
+        return UploadOutcome(False, payload.size, upload_id(row))
 
     def _open_round_for(self, client: str, round_index: int) -> OpenRound:
         """The round an upload of ``client`` for ``round_index`` goes into, else WrongStateError."""

@@ -24,7 +24,7 @@ import torch
 
 from fedrot.adapters import Adapter, AdapterSchema
 from fedrot.aggregation import AggregationResult, RoundAggregator
-from fedrot.codec import decode_adapter, encode_adapter
+from fedrot.codec import Buffer, decode_adapter, encode_adapter
 from fedrot.diagnostics import ClientReport
 from fedrot.errors import AggregationStateError
 from fedrot.strategies import RoundPlan, Strategy
@@ -92,8 +92,9 @@ class AggregationWorker(ABC):
         """Start aggregating a round whose clients start from ``reference``."""
 
     @abstractmethod
-    async def add_update(self, client_id: str, payload: bytes, weight: float) -> ClientReport:
-        """Decode, validate, complete, align and accumulate one client's upload."""
+    async def add_update(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
+        """Decode, validate, complete, align and accumulate one client's upload. A writable
+        ``payload`` (the spool file's copy-on-write map) is decoded without a copy."""
 
     @abstractmethod
     async def finish_round(self, metadata: Mapping[str, str]) -> FinishedRound:
@@ -141,7 +142,7 @@ class ThreadedWorker(AggregationWorker):
     async def begin_round(self, reference: Adapter, plan: RoundPlan) -> None:
         await self.run(lambda: self._begin(reference, plan))
 
-    async def add_update(self, client_id: str, payload: bytes, weight: float) -> ClientReport:
+    async def add_update(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
         return await self.run(lambda: self._add(client_id, payload, weight))
 
     async def finish_round(self, metadata: Mapping[str, str]) -> FinishedRound:
@@ -162,7 +163,7 @@ class ThreadedWorker(AggregationWorker):
             track_error=self._track_error,
         )
 
-    def _add(self, client_id: str, payload: bytes, weight: float) -> ClientReport:
+    def _add(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
         if self._aggregator is None or self._reference is None or self._plan is None:
             raise WrongStateError("no round is being aggregated")
         decoded = decode_adapter(payload, self._schema, self._plan.trained, max_abs=self._max_abs)

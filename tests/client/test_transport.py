@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from fedrot_client.errors import Interrupted, ServerUnavailableError
-from fedrot_client.transport import MAX_CHUNK_BYTES, RetryPolicy, Transport
+from fedrot_client.transport import MAX_CHUNK_BYTES, RetryPolicy, Transport, encoded_chunk
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 
@@ -112,3 +112,15 @@ def test_a_transfer_that_keeps_moving_is_never_given_up() -> None:
     finally:
         transport.close()
         server.stop(None)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 2**32 + 5, 2**63])
+@pytest.mark.parametrize("size", [1, 127, 128, 16_384, 1_048_576])
+def test_a_hand_encoded_chunk_is_the_message_protobuf_would_send(offset: int, size: int) -> None:
+    """The upload's chunks skip protobuf's copies; the bytes must parse, in protobuf itself, to
+    exactly the message it would have built."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    encoded = encoded_chunk(offset, memoryview(data))
+    expected = pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+    assert pb.UploadUpdateRequest.FromString(encoded) == expected
+    assert encoded == expected.SerializeToString()

@@ -77,19 +77,21 @@ class RecordingStub:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stub, name)
 
-    def future(self, requests: Iterator[pb.UploadUpdateRequest], **kwargs: Any) -> Any:
+    def future(self, requests: Iterator[pb.UploadUpdateRequest | bytes], **kwargs: Any) -> Any:
         offsets: list[int] = []
         self._recorder.sent.append(offsets)
         stall = len(self._recorder.sent) == 1
 
-        def recorded() -> Iterator[pb.UploadUpdateRequest]:
+        def recorded() -> Iterator[pb.UploadUpdateRequest | bytes]:
             for message in requests:
-                if message.WhichOneof("part") == "chunk":
+                parsed = (message if isinstance(message, pb.UploadUpdateRequest)
+                          else pb.UploadUpdateRequest.FromString(message))  # chunks: serialised
+                if parsed.WhichOneof("part") == "chunk":
                     if stall and len(offsets) == HELD_CHUNKS:
                         self._recorder.held.wait(WAIT_S)  # the server took what was sent
                         self.silence_over.wait(WAIT_S)  # then silence, until the call breaks
                         return
-                    offsets.append(message.chunk.offset)
+                    offsets.append(parsed.chunk.offset)
                 yield message
 
         return self._stub.UploadUpdate.future(recorded(), **kwargs)

@@ -309,3 +309,70 @@ def test_tensor_names_come_from_the_header_alone() -> None:
     assert tensor_names(data) == {"m.q.lora_A.weight", "head.weight"}
     with pytest.raises(CodecError, match="unreadable safetensors header"):
         tensor_names(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+
+
+def _safetensors_reads(data: bytes) -> list[tuple[str, dict]] | None:
+    """safetensors' own parse of ``data`` (None: it refuses the bytes)."""
+    try:
+        return safetensors.deserialize(data)
+    except Exception:  # noqa: BLE001 - any refusal counts
+        return None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    mutations=st.lists(MUTATION, min_size=0, max_size=4),
+    header_only=st.booleans(),
+    cut=st.one_of(st.none(), st.integers(min_value=0)),
+)
+def test_the_codec_reads_exactly_what_safetensors_reads(
+    dtype: torch.dtype, mutations: list[tuple[int, int]], header_only: bool, cut: int | None
+) -> None:
+    """Differential: the codec's own parser (zero-copy views) refuses as unreadable exactly the
+    bytes safetensors refuses, and reads the same tensors, bit for bit, from the rest."""
+    data = bytearray(encode_adapter(tensors_for(SCHEMA, dtype), {"round": "1"}))
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for position, value in mutations:
+        data[position % (header_end if header_only else len(data))] = value
+    if cut is not None:
+        del data[cut % len(data) :]
+    reference = _safetensors_reads(bytes(data))
+    try:
+        decoded = decode_adapter(bytearray(data))
+    except CodecError:
+        assert reference is None, reference
+        return
+    except SchemaError:
+        assert reference is not None
+        return
+    assert reference is not None
+    assert decoded.tensors.keys() == {key for key, _ in reference}
+    for key, entry in reference:
+        got = decoded.tensors[key]
+        assert list(got.shape) == entry["shape"]
+        assert got.contiguous().view(torch.uint8).flatten().tolist() == list(entry["data"]), key
+
+
+def test_a_writable_buffer_is_read_without_a_copy() -> None:
+    data = bytearray(encode_adapter(tensors_for(SCHEMA), {"round": "1"}))
+    decoded = decode_adapter(data, SCHEMA)
+    start = memoryview(data).cast("B")
+    address = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for tensor in decoded.tensors.values():
+        assert address <= tensor.data_ptr() < address + len(start)
+    frozen = decode_adapter(bytes(data), SCHEMA)  # read-only bytes: one private copy
+    assert all(not address <= t.data_ptr() < address + len(start) for t in frozen.tensors.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("size", [1, 7, 64, 4099])
+def test_one_non_finite_value_anywhere_is_refused(dtype: torch.dtype, bad: float, size: int) -> None:
+    """The one-pass check (aminmax, NaN propagating) finds a single bad value at any position
+    of tensors of every length (vectorised body and scalar tail)."""
+    for position in sorted({0, size // 2, size - 1}):
+        values = torch.linspace(-1, 1, size).to(dtype)
+        values[position] = bad
+        with pytest.raises(SchemaError, match="1 non-finite value"):
+            validate_tensors({HEAD: values.reshape(1, size)}, None, max_abs=10.0)

@@ -6,12 +6,7 @@ that of a run without the crash (same uploads, same order)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +21,7 @@ from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings
 from fedrot_server.state import RunPhase
 from fedrot_server.store import open_reader
+from server_process import ServerProcess
 from wire import (
     WireClient,
     adapter_of,
@@ -41,41 +37,13 @@ from wire import (
     trained_of,
 )
 
-HERE = Path(__file__).resolve().parent
 NAMES = ("alice", "bob", "carol")
 SAMPLES = {"alice": 10, "bob": 30, "carol": 17}
-SERVING = re.compile(r"serving (\S+) on port (\d+)")
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> ServerSettings:
     return make_settings(tmp_path, NAMES, rounds=2, max_task_wait_s=2.0, linger_s=0.0,
                          final_download_grace_s=60.0, **overrides)  # fmt: skip
-
-
-class ServerProcess:
-    """``synthetic_server.py`` with the given settings; ``run_id`` and ``address`` once serving."""
-
-    def __init__(self, settings: ServerSettings, log: Path) -> None:
-        config = log.with_suffix(".json")
-        config.write_text(json.dumps(settings.model_dump(mode="json", exclude={"config"})))
-        self._log = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "synthetic_server.py"), str(config)],
-            stdout=subprocess.PIPE, stderr=self._log, text=True,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        found = SERVING.search(line)
-        assert found, f"no serving line: {line!r}; log: {log.read_text()}"
-        self.run_id, self.address = found.group(1), f"127.0.0.1:{found.group(2)}"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(60)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        self._log.close()
 
 
 @pytest.fixture

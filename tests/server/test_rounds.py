@@ -104,7 +104,8 @@ async def drive(engine: RoundEngine) -> None:
     # A third attempt while the retry streams: answered as a replay once the retry commits.
     replay = asyncio.ensure_future(engine.open_upload("alice", request(payload)))
     try:
-        outcome = await engine.commit_upload(ticket, payload)
+        ticket.receiver.add(0, payload)
+        outcome = await engine.commit_upload(ticket, await ticket.receiver.finish())
     finally:
         engine.release(ticket)
     assert outcome == UploadOutcome(False, len(payload), "run-test/0/alice")
