@@ -11,18 +11,29 @@ Measures, in one run on the same inputs:
 (c) ``fedit_s``: a plain FedIT weighted average, ``sum_i p_i X_i`` per state-dict key over the
     held updates, the way common FL frameworks write FedAvg.
 
-Also reported: the project's own streaming FedIT (``fedit_streaming_s``), ``gemm_floor_s`` (only
-the three GEMMs per module and client that any FedRot round needs, ``M = A_i A_ref^T``,
-``R^T A_i`` and ``B_i R``, accumulated in place with a fixed ``R``: a lower bound for (a)), and
-the peak memory of
-(a) for N = 5 and N = 50 clients, each N in a fresh subprocess (CPU: peak RSS above the
+Also reported: the project's own streaming FedIT (``fedit_streaming_s``), ``plain_inplace_s``
+(the fastest plain weighted average: per key, one preallocated buffer, ``mul(out=)`` then one
+``add_(alpha=p_i)`` per update, each update read once), ``gemm_floor_s`` (only the three GEMMs
+per module and client that any FedRot round needs, ``M = A_i A_ref^T``, ``R^T A_i`` and
+``B_i R``, accumulated in place with a fixed ``R``: a lower bound for (a) were its sums
+float32; ``gemm_floor_exact_s`` is the same with the float64 sums of float32 terms that make
+(a) independent of the arrival order), and the peak memory
+of (a) for N = 5 and N = 50 clients, each N in a fresh subprocess (CPU: peak RSS above the
 baseline after setting up, via ``/proc/self/clear_refs`` and ``VmHWM``; CUDA:
 ``torch.cuda.max_memory_allocated`` above the baseline). Updates are produced one at a time in
-the memory runs, as a server receives them. Times are the best of ``--repeats`` runs, the
-candidates taking turns (a, b, c, ..., a, b, c, ...) so that their ratios compare the same
-stretch of a shared machine's load.
+the memory runs, as a server receives them. With ``track_error=True`` (the default of a
+server), each N of ``--clients-tracked`` (5, 50, 200) runs in a fresh subprocess too
+(``--gram-budget 0``: with the dense error path from the first client), which
+reports the round's time (every ``add`` and ``finalize``) and its peak memory; those rounds
+cycle through a pool of distinct updates generated before the baseline, so the peak is the
+aggregator's own. ``--precision`` also compares the tracked error's paths on each shape's
+round (Gram blocks, a float32 and a float64 dense accumulator; see
+:mod:`fedrot.error_tracking`). Times are the best of ``--repeats`` runs, the candidates taking
+turns (a, b, c, ..., a, b, c, ...) so that their ratios compare the same stretch of a shared
+machine's load.
 
     .venv/bin/python benchmarks/aggregation.py [--json] [--device cuda] [--threads 1]
+        [--clients-tracked 5,50,200] [--gram-budget B] [--skip-tracked] [--precision]
 """
 
 from __future__ import annotations
@@ -66,6 +77,8 @@ SHAPES = {
 }
 ROUND = 1  # an odd round: FedRot aligns A against the reference
 MEMORY_CLIENTS = (5, 50)
+TRACKED_CLIENTS = (5, 50, 200)
+UPDATE_POOL = 8  # distinct updates the tracked rounds cycle through
 
 
 def make_reference(shape: Shape, device: str, seed: int = 0) -> Adapter:
@@ -152,6 +165,19 @@ def run_plain_fedit(updates: list[Adapter]) -> dict[str, torch.Tensor]:
     }  # type: ignore[misc]
 
 
+def run_plain_inplace(states: list[dict[str, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
+    """The fastest plain weighted average: per key, the preallocated ``out`` buffer is written
+    once (``mul(out=)``) and then gets one in-place ``add_(alpha=p_i)`` per update (the buffer
+    stays in cache while each update is read once)."""
+    weights = [1.0 + i % 3 for i in range(len(states))]
+    total = sum(weights)
+    p = [w / total for w in weights]
+    for key, buffer in out.items():
+        torch.mul(states[0][key], p[0], out=buffer)
+        for state, pi in zip(states[1:], p[1:], strict=True):
+            buffer.add_(state[key], alpha=pi)
+
+
 def run_gemm_floor(reference: Adapter, updates: list[Adapter]) -> None:
     """The GEMMs no FedRot round can skip, nothing else: per module and client the Procrustes
     matrix ``A_i A_ref^T`` and the in-place accumulation of ``R^T A_i`` and ``B_i R`` (a fixed
@@ -166,6 +192,34 @@ def run_gemm_floor(reference: Adapter, updates: list[Adapter]) -> None:
             torch.mm(A, reference.lora[module].A.T, out=cross)
             sum_a.addmm_(rotation.T, A)
             sum_b.addmm_(B, rotation)
+
+
+def run_gemm_floor_exact(reference: Adapter, updates: list[Adapter]) -> None:
+    """:func:`run_gemm_floor` with the accumulation an order-independent sum needs (see
+    :mod:`fedrot.weighted_sums`): each rotated factor written as a float32 term into a reused
+    buffer, converted, and added into a float64 sum."""
+    first = next(iter(reference.lora.values()))
+    device = first.A.device
+    rotation = torch.linalg.qr(torch.randn(first.rank, first.rank))[0].to(device)
+    wide = {"dtype": torch.float64, "device": device}
+    sums = {
+        m: (torch.zeros(p.A.shape, **wide), torch.zeros(p.B.shape, **wide))  # type: ignore
+        for m, p in reference.lora.items()
+    }
+    cross = torch.empty(first.rank, first.rank, device=device)
+    terms = {f: torch.empty(first.factor(f).shape, device=device) for f in Factor}
+    scratch = {
+        f: torch.empty(first.factor(f).shape, **wide)  # type: ignore
+        for f in Factor
+    }
+    for update in updates:
+        for module, (sum_a, sum_b) in sums.items():
+            A, B = update.lora[module].A, update.lora[module].B
+            torch.mm(A, reference.lora[module].A.T, out=cross)
+            torch.mm(rotation.T, A, out=terms[Factor.A])
+            sum_a.add_(scratch[Factor.A].copy_(terms[Factor.A]))
+            torch.mm(B, rotation, out=terms[Factor.B])
+            sum_b.add_(scratch[Factor.B].copy_(terms[Factor.B]))
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -204,12 +258,16 @@ def time_shape(shape: Shape, device: str, lam: float, repeats: int) -> dict[str,
     updates = [make_update(reference, shape, i, device) for i in range(shape.clients)]
     fedrot = run_streaming("fedrot", reference, updates, lam, device)
     loop = run_loop(reference, updates, lam)
+    states = [u.to_state_dict() for u in updates]
+    buffers = {key: torch.empty_like(t) for key, t in states[0].items()}
     candidates: dict[str, Callable[[], object]] = {
         "fedrot_s": lambda: run_streaming("fedrot", reference, updates, lam, device),
         "loop_s": lambda: run_loop(reference, updates, lam),
         "fedit_s": lambda: run_plain_fedit(updates),
+        "plain_inplace_s": lambda: run_plain_inplace(states, buffers),
         "fedit_streaming_s": lambda: run_streaming("fedit", reference, updates, lam, device),
         "gemm_floor_s": lambda: run_gemm_floor(reference, updates),
+        "gemm_floor_exact_s": lambda: run_gemm_floor_exact(reference, updates),
     }
     out = best_times(candidates, repeats, device)
     out["fedrot_tracked_s"] = timed(
@@ -218,9 +276,51 @@ def time_shape(shape: Shape, device: str, lam: float, repeats: int) -> dict[str,
     out["max_rel_diff_vs_loop"] = max_relative_difference(fedrot, loop)
     out["speedup_vs_loop"] = out["loop_s"] / out["fedrot_s"]
     out["ratio_vs_fedit"] = out["fedrot_s"] / out["fedit_s"]
+    out["ratio_vs_plain"] = out["fedrot_s"] / out["plain_inplace_s"]
     out["ratio_vs_fedit_streaming"] = out["fedrot_s"] / out["fedit_streaming_s"]
     out["floor_ratio_vs_fedit"] = out["gemm_floor_s"] / out["fedit_s"]
+    out["ratio_vs_floor_exact"] = out["fedrot_s"] / out["gemm_floor_exact_s"]
     return out
+
+
+def error_precision(shape: Shape, device: str, lam: float) -> dict[str, float]:
+    """How the tracked error's paths agree on this shape's round (``shape.clients`` updates):
+    the largest relative difference over the modules' three norms between the dense path with
+    a float32 ``Q`` and with a float64 one, and between the Gram path and the float64 dense
+    one."""
+    import fedrot.error_tracking as tracking
+
+    reference = make_reference(shape, device)
+    updates = [make_update(reference, shape, i, device) for i in range(shape.clients)]
+    norms = {}
+    settings = {
+        "gram": (float("inf"), torch.float32),
+        "dense32": (0.0, torch.float32),
+        "dense64": (0.0, torch.float64),
+    }
+    saved = tracking.GRAM_BUDGET, tracking.DENSE_DTYPE
+    try:
+        for name, (budget, dtype) in settings.items():
+            tracking.GRAM_BUDGET, tracking.DENSE_DTYPE = budget, dtype
+            strategy = build_strategy("fedrot", StrategyConfig(lam=lam))
+            aggregator = strategy.start_round(reference, strategy.plan(ROUND), device=device)
+            for i, update in enumerate(updates):
+                aggregator.add(f"client-{i}", update, 1.0 + i % 3)
+            modules = aggregator.finalize().report.modules
+            norms[name] = [
+                (m.aggregation_error, m.update_norm, m.factor_average_error) for m in modules
+            ]
+    finally:
+        tracking.GRAM_BUDGET, tracking.DENSE_DTYPE = saved
+
+    def worst(got: list, expected: list) -> float:
+        pairs = [(a, b) for g, e in zip(got, expected) for a, b in zip(g, e)]
+        return max(abs(a - b) / abs(b) for a, b in pairs)
+
+    return {
+        "error_dense32_vs_dense64": worst(norms["dense32"], norms["dense64"]),
+        "error_gram_vs_dense64": worst(norms["gram"], norms["dense64"]),
+    }
 
 
 def _resident_kib(field: str) -> int:
@@ -231,8 +331,9 @@ def _resident_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_peak(shape: Shape, clients: int, device: str, lam: float, track_error: bool) -> float:
-    """Peak memory (MiB) of one streaming FedRot round above the set-up baseline."""
+def measure_peak(shape: Shape, clients: int, device: str, lam: float) -> float:
+    """Peak memory (MiB) of one streaming FedRot round (``track_error=False``) above the
+    set-up baseline; the updates are made one at a time, as a server receives them."""
     reference = make_reference(shape, device)
     warm = make_update(reference, shape, 0, device)  # first-use allocations of the generator
     del warm
@@ -241,20 +342,51 @@ def measure_peak(shape: Shape, clients: int, device: str, lam: float, track_erro
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_streaming("fedrot", reference, updates, lam, device, track_error)
+        run_streaming("fedrot", reference, updates, lam, device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current RSS
     base = _resident_kib("VmRSS")
-    run_streaming("fedrot", reference, updates, lam, device, track_error)
+    run_streaming("fedrot", reference, updates, lam, device)
     return (_resident_kib("VmHWM") - base) / 1024
 
 
-def peak_in_subprocess(args: argparse.Namespace, shape: str, clients: int, tracked: bool) -> float:
+def measure_tracked(
+    shape: Shape, clients: int, device: str, lam: float, gram_budget: float | None = None
+) -> dict[str, float]:
+    """One ``track_error=True`` FedRot round of ``clients`` updates (cycling through a pool of
+    distinct ones made before the baseline): its time (every ``add`` and ``finalize``) and its
+    peak memory (MiB) above the baseline. ``gram_budget`` overrides
+    :data:`fedrot.error_tracking.GRAM_BUDGET` (0: the dense path from the first client)."""
+    if gram_budget is not None:
+        import fedrot.error_tracking
+
+        fedrot.error_tracking.GRAM_BUDGET = gram_budget
+    reference = make_reference(shape, device)
+    pool = [make_update(reference, shape, i, device) for i in range(min(clients, UPDATE_POOL))]
+    updates = (pool[i % len(pool)] for i in range(clients))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = timed(
+            lambda: run_streaming("fedrot", reference, updates, lam, device, True), device
+        )
+        return {"seconds": seconds, "peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    base = _resident_kib("VmRSS")
+    seconds = timed(lambda: run_streaming("fedrot", reference, updates, lam, device, True), device)
+    return {"seconds": seconds, "peak_mb": (_resident_kib("VmHWM") - base) / 1024}
+
+
+def in_subprocess(args: argparse.Namespace, mode: str, shape: str, clients: int) -> str:
+    """The last line that ``--MODE SHAPE N`` prints in a fresh interpreter."""
+    budget = [] if args.gram_budget is None else ["--gram-budget", str(args.gram_budget)]
     command = [
         sys.executable,
         __file__,
-        "--peak",
+        mode,
         shape,
         str(clients),
         "--device",
@@ -263,12 +395,13 @@ def peak_in_subprocess(args: argparse.Namespace, shape: str, clients: int, track
         str(args.threads),
         "--lam",
         str(args.lam),
-    ] + (["--tracked"] if tracked else [])
+        *budget,
+    ]
     # A fixed mmap threshold: every large block is mapped on allocation and unmapped on free,
     # so the RSS peak reflects live tensors rather than glibc's adaptive heap growth.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4096))
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-    return float(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip().splitlines()[-1]
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, dict[str, object]]:
@@ -277,10 +410,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, object]]:
         shape = SHAPES[name]
         row: dict[str, object] = dict(time_shape(shape, args.device, args.lam, args.repeats))
         for clients in MEMORY_CLIENTS:
-            row[f"peak_mb_n{clients}"] = peak_in_subprocess(args, name, clients, False)
+            row[f"peak_mb_n{clients}"] = float(in_subprocess(args, "--peak", name, clients))
+        if args.precision:
+            row.update(error_precision(shape, args.device, args.lam))
         if not args.skip_tracked:
-            for clients in MEMORY_CLIENTS:
-                row[f"peak_mb_n{clients}_tracked"] = peak_in_subprocess(args, name, clients, True)
+            for clients in args.clients_tracked:
+                tracked = json.loads(in_subprocess(args, "--tracked-round", name, clients))
+                row[f"peak_mb_n{clients}_tracked"] = tracked["peak_mb"]
+                row[f"fedrot_tracked_s_n{clients}"] = tracked["seconds"]
         row.update(
             device=args.device,
             threads=args.threads,
@@ -300,19 +437,28 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
         "loop_s",
         "fedit_s",
         "fedit_streaming_s",
+        "plain_inplace_s",
         "gemm_floor_s",
+        "gemm_floor_exact_s",
         "fedrot_tracked_s",
         "speedup_vs_loop",
         "ratio_vs_fedit",
         "ratio_vs_fedit_streaming",
+        "ratio_vs_plain",
         "floor_ratio_vs_fedit",
+        "ratio_vs_floor_exact",
         "peak_mb_n5",
         "peak_mb_n50",
-        "peak_mb_n5_tracked",
-        "peak_mb_n50_tracked",
         "max_rel_diff_vs_loop",
+        "error_dense32_vs_dense64",
+        "error_gram_vs_dense64",
     ]
     names = list(results)
+    keys += sorted(
+        {k for row in results.values() for k in row if "tracked_s_n" in k or "_tracked" in k}
+        - set(keys),
+        key=lambda k: (k.split("_n")[0], int(k.rsplit("_n", 1)[1].split("_")[0])),
+    )
     print(f"{'':26s}" + "".join(f"{n:>16s}" for n in names))
     for key in keys:
         cells = []
@@ -332,11 +478,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many (default 3)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
-        "--skip-tracked", action="store_true", help="skip the track_error=True memory runs"
+        "--skip-tracked", action="store_true", help="skip the track_error=True rounds"
+    )
+    parser.add_argument(
+        "--clients-tracked",
+        type=_client_counts,
+        default=TRACKED_CLIENTS,
+        help="N of the track_error=True rounds, comma-separated (default 5,50,200)",
+    )
+    parser.add_argument(
+        "--gram-budget",
+        type=float,
+        default=None,
+        help="override fedrot.error_tracking.GRAM_BUDGET in the tracked rounds (0: always dense)",
+    )
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="also compare the tracked error's Gram, float32 dense and float64 dense paths",
     )
     parser.add_argument("--peak", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--tracked", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tracked-round", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _client_counts(text: str) -> tuple[int, ...]:
+    counts = tuple(int(part) for part in text.split(",") if part.strip())
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive counts like 5,50,200, got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,7 +515,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.peak:
         shape, clients = SHAPES[args.peak[0]], int(args.peak[1])
-        print(measure_peak(shape, clients, args.device, args.lam, args.tracked))
+        print(measure_peak(shape, clients, args.device, args.lam))
+        return
+    if args.tracked_round:
+        shape, clients = SHAPES[args.tracked_round[0]], int(args.tracked_round[1])
+        tracked = measure_tracked(shape, clients, args.device, args.lam, args.gram_budget)
+        print(json.dumps(tracked))
         return
     results = benchmark(args)
     if args.json:

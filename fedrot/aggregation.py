@@ -1,13 +1,15 @@
 """Streaming round aggregation: one update at a time, aligned on arrival, summed in place.
 
 The round's reference (the adapter broadcast at its start) is fixed, so every update is aligned
-against it as soon as it arrives and blended into running float32 state in place (weighted
-means for the factor-wise strategies, sums normalised at :meth:`RoundAggregator.finalize` for
-the product ones); nothing per client is kept unless ``track_error=True`` asks for the exact
-aggregation error (see docs/design.md, "Memory of a round"). Modules of one shape form a group
-(:mod:`fedrot.module_groups`): small modules are stacked so that one batched call covers the
-group, large ones are handled one by one from the update's own tensors; the r x r work of an
-update (Procrustes, statistics) is one batch per group on the aggregator's device.
+against it as soon as it arrives and added into running float64 weighted sums, one float32 term
+per update (see :mod:`fedrot.weighted_sums`): the published adapter, divided and rounded once at
+:meth:`RoundAggregator.finalize`, is the same for every arrival order. Nothing per client is kept
+beyond what ``track_error=True`` needs for the exact aggregation error, which stays bounded in
+the number of clients (see :mod:`fedrot.error_tracking` and docs/design.md, "Memory of a
+round"). Modules of one shape form a group (:mod:`fedrot.module_groups`): small modules are
+stacked so that one batched call covers the group, large ones are handled one by one from the
+update's own tensors; the r x r work of an update (Procrustes, statistics) is one batch per
+group on the aggregator's device.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedrot.module_groups import (
     group_modules,
     stack_factor,
 )
+from fedrot.weighted_sums import SUM_DTYPE, TermAccumulator, mean_of
 
 if TYPE_CHECKING:
     from fedrot.strategies import RoundPlan
@@ -112,6 +115,7 @@ class StreamingAggregator(RoundAggregator):
         self._schema = AdapterSchema(rank=0, modules={})
         self._groups: tuple[ModuleGroup, ...] = ()
         self._extra_sums: dict[str, Tensor] = {}
+        self._terms = TermAccumulator(torch.device("cpu"))
         self._clients: list[ClientReport] = []
         self._client_ids: set[str] = set()
         self._weights: list[float] = []
@@ -130,8 +134,9 @@ class StreamingAggregator(RoundAggregator):
             first = next(iter(reference.to_state_dict().values()), None)
             self._device = first.device if first is not None else torch.device("cpu")
         self._groups = group_modules(self._schema)
+        self._terms = TermAccumulator(self.device)
         self._extra_sums = {
-            key: torch.zeros(t.shape, dtype=WORK_DTYPE, device=self.device)
+            key: torch.empty(t.shape, dtype=SUM_DTYPE, device=self.device)
             for key, t in reference.extra.items()
         }
         self._bind_groups()
@@ -155,7 +160,8 @@ class StreamingAggregator(RoundAggregator):
             check_update(update, self._schema)
         rotations = self._accumulate(client_id, update, w)
         for key, total in self._extra_sums.items():
-            total.add_(update.extra[key].to(self.device), alpha=w)
+            self._terms.add_scaled(total, update.extra[key].to(self.device), w)
+        self._terms.overwrite = False
         report = ClientReport(client_id=client_id, weight=w, rotations=rotations)
         self._clients.append(report)
         self._client_ids.add(client_id)
@@ -172,7 +178,7 @@ class StreamingAggregator(RoundAggregator):
         total = math.fsum(self._weights)
         lora, deltas, errors = self._finalize_lora(total)
         extra = {
-            key: (s / total).to(dtype=self._reference.extra[key].dtype)
+            key: mean_of(s, total, self._reference.extra[key].dtype)
             for key, s in self._extra_sums.items()
         }
         report = self._report(total, errors)
@@ -208,9 +214,6 @@ class StreamingAggregator(RoundAggregator):
             factor_average_error=avg_err,
             clients=tuple(self._clients),
         )
-
-    def _normalised_weights(self, total: float) -> list[float]:
-        return [w / total for w in self._weights]
 
     def _unstack(self, group: ModuleGroup, rows: dict[Factor, Tensor]) -> dict[str, LoraPair]:
         """Per-module pairs (own contiguous storage, reference dtypes) from row-layout float32

@@ -74,13 +74,14 @@ class ErrorTerms:
     """Everything the error of one group of ``K`` modules needs, in row layout on one device:
     ``A`` stacks ``(K, r, d_in)`` and ``B`` stacks transposed, ``(K, r, d_out)``, float32.
 
-    ``clients_B`` / ``clients_A`` are the clients' factors as aggregated (after any gauge);
-    ``weights`` the normalised ``p_i``; ``mean_*`` the factor averages; ``global_*`` the new
-    global factors; ``ref_*`` the round's reference, or None.
+    ``clients_B[k]`` / ``clients_A[k]`` are module ``k``'s clients' factors as aggregated
+    (after any gauge), one ``(r, d)`` row-layout tensor per client; ``weights`` the normalised
+    ``p_i``; ``mean_*`` the factor averages; ``global_*`` the new global factors; ``ref_*`` the
+    round's reference, or None.
     """
 
-    clients_B: Sequence[Tensor]
-    clients_A: Sequence[Tensor]
+    clients_B: Sequence[Sequence[Tensor]]
+    clients_A: Sequence[Sequence[Tensor]]
     weights: Sequence[float]
     mean_B: Tensor
     mean_A: Tensor
@@ -136,17 +137,29 @@ def _stacked_terms(terms: ErrorTerms, part: slice) -> tuple[Tensor, Tensor]:
     glob_B, glob_A = terms.global_B[part], terms.global_A[part]
     ref_B = terms.ref_B[part] if terms.ref_B is not None else torch.zeros_like(mean_B)
     ref_A = terms.ref_A[part] if terms.ref_A is not None else torch.zeros_like(mean_A)
-    B_rows = torch.cat(
-        [b[part] - mean_B for b in terms.clients_B]
-        + [mean_B - glob_B, glob_B, mean_B - ref_B, ref_B],
-        dim=-2,
+    B_tail = (mean_B - glob_B, glob_B, mean_B - ref_B, ref_B)
+    A_tail = (mean_A, mean_A - glob_A, mean_A, mean_A - ref_A)
+    return _module_rows(terms.clients_B[part], mean_B, B_tail), _module_rows(
+        terms.clients_A[part], mean_A, A_tail
     )
-    A_rows = torch.cat(
-        [a[part] - mean_A for a in terms.clients_A]
-        + [mean_A, mean_A - glob_A, mean_A, mean_A - ref_A],
-        dim=-2,
-    )
-    return B_rows, A_rows
+
+
+def _module_rows(
+    clients: Sequence[Sequence[Tensor]], mean: Tensor, tail: tuple[Tensor, ...]
+) -> Tensor:
+    """Per module ``k``: ``[X_1 - X_bar; ..; X_N - X_bar; tail...]``, stacked over modules
+    into one ``(k, (N + len(tail)) r, d)`` tensor written in place (no other copy)."""
+    k, rank, width = mean.shape
+    terms = len(clients[0]) + len(tail) if clients else len(tail)
+    out = torch.empty(k, terms * rank, width, dtype=mean.dtype, device=mean.device)
+    blocks = out.view(k, terms, rank, width)
+    n = terms - len(tail)
+    for m, per_client in enumerate(clients):
+        if n:
+            torch.stack(list(per_client), out=blocks[m, :n]).sub_(mean[m])
+    for j, t in enumerate(tail, start=n):
+        blocks[:, j].copy_(t)
+    return out
 
 
 def global_norm(values: Sequence[float | None]) -> float | None:

@@ -1,13 +1,13 @@
 """Factor-wise averaging with an optional gauge: FedIT, FedRot-LoRA, FFA-LoRA, RoLoRA, ablations.
 
-The running state is the weighted *mean* so far, updated in place by one fused call per
-factor with no temporaries: ``mean <- beta mean + alpha X`` with ``alpha = w_i / W_i``,
-``beta = W_(i-1) / W_i`` (``W_i`` the weights seen so far), a ``lerp_`` without a gauge, else a
-GEMM that applies the gauge and blends at once (``addmm_`` / ``baddbmm_`` with ``beta``,
-reading the update through transposed views). The first update is written (``beta = 0``), so
-the state is never zero-filled, and ``finalize`` has nothing left to divide. An aligned update
-is read twice per factor: once for the Procrustes matrix ``M = X_i X_ref^T`` (and ``||X_i||``),
-once for the accumulation.
+The running state is the unnormalised weighted sum ``sum_i w_i X_i`` of each trained factor, in
+float64, to which every update adds one float32 term computed from that update alone (see
+:mod:`fedrot.weighted_sums`): ``fl32(w_i X_i)`` without a gauge, else ``fl32((w_i L_i) X_i)``
+from one GEMM that applies the gauge with the weight folded into the r x r multiplier. The
+float64 sum of float32 terms is exact short of a ``2^29`` spread, so the published mean
+(divided by ``W`` and rounded once at ``finalize``) does not depend on the order in which the
+updates arrived. An aligned update is read twice per factor: once for the Procrustes matrix
+``M = X_i X_ref^T`` (and ``||X_i||``), once for the accumulation.
 
 Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
 
@@ -17,7 +17,10 @@ Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
   else in the factors' own layout;
 - *streamed* (large modules): one GEMM per module straight from the update's own tensors (no
   stacking copy; each GEMM hides its call cost), and one sum tensor per module in the factor's
-  own layout that ``finalize`` divides in place and hands out as the new global factor.
+  own layout.
+
+With ``track_error`` each group has a :class:`~fedrot.error_tracking.GroupErrorTracker` (memory
+bounded in the number of clients).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from torch import Tensor
 from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import WORK_DTYPE, RoundSetup, StreamingAggregator
 from fedrot.alignment import as_rows, expanded_gauge_statistics
-from fedrot.diagnostics import ErrorTerms, GroupErrors, RotationStats, group_errors
+from fedrot.diagnostics import GroupErrors, RotationStats
+from fedrot.error_tracking import GroupErrorTracker
 from fedrot.gauges import Gauge, GaugeProblem, GaugeSolver
 from fedrot.module_groups import ModuleGroup, empty_stack, rows_shape, stack_factor, streams_modules
+from fedrot.weighted_sums import SUM_DTYPE, mean_of
 
 Rows = Tensor | list[Tensor]
 """A group's factor in row layout: a ``(K, r, d)`` stack, or ``K`` per-module ``(r, d)`` views."""
@@ -42,14 +47,13 @@ Rows = Tensor | list[Tensor]
 class _FactorGroupState:
     """One module group's running state.
 
-    ``views[f]`` are the per-module running means of trained factor ``f``: slices of the stack
-    ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one (``sums``
-    then empty). ``work`` are stacking buffers and ``reference`` reference stacks, both in the
-    factors' own layout. With a gauge, ``reference_sq`` ``(K,)`` are the aligned factor's
-    squared reference norms and, for a streamed group, ``reference_columns`` its per-module
-    ``X_ref^T`` ``(d, r)`` views. ``clients`` (only with
-    ``track_error``) holds each client's factors as aggregated, as row-layout stacks. The
-    sums hold the weighted mean of the updates so far and are uninitialised until the first.
+    ``views[f]`` are the per-module float64 weighted sums of trained factor ``f``: slices of
+    the stack ``sums[f]`` for a stacked group, separate own-layout tensors for a streamed one
+    (``sums`` then empty). ``work`` are float32 stacking buffers and ``reference`` reference
+    stacks, both in the factors' own layout. With a gauge, ``reference_sq`` ``(K,)`` are the
+    aligned factor's squared reference norms and, for a streamed group, ``reference_columns``
+    its per-module ``X_ref^T`` ``(d, r)`` views. ``errors`` tracks the aggregation error (only
+    with ``track_error``).
     """
 
     streamed: bool
@@ -59,7 +63,7 @@ class _FactorGroupState:
     reference: dict[Factor, Tensor] = field(default_factory=dict)
     reference_sq: Tensor | None = None
     reference_columns: list[Tensor] = field(default_factory=list)
-    clients: list[dict[Factor, Tensor]] = field(default_factory=list)
+    errors: GroupErrorTracker | None = None
 
 
 class FactorAggregator(StreamingAggregator):
@@ -76,7 +80,6 @@ class FactorAggregator(StreamingAggregator):
         self._gauge = gauge if use_gauge else None
         self._aligned = setup.plan.aligned if use_gauge else None
         self._state: list[_FactorGroupState] = []
-        self._seen = 0.0
         super().__init__(reference, setup)
 
     def _aligned_factor(self) -> Factor | None:
@@ -94,13 +97,19 @@ class FactorAggregator(StreamingAggregator):
         if streamed:
             shapes = {Factor.A: (group.rank, group.d_in), Factor.B: (group.d_out, group.rank)}
             views = {
-                f: [torch.empty(shapes[f], device=self.device) for _ in group.modules]
+                f: [
+                    torch.empty(shapes[f], dtype=SUM_DTYPE, device=self.device)
+                    for _ in group.modules
+                ]
                 for f in trained
             }
             state = _FactorGroupState(streamed=True, views=views)
         else:
             shape = rows_shape if self._aligned is not None else ModuleGroup.stack_shape
-            sums = {f: torch.empty(shape(group, f), device=self.device) for f in trained}
+            sums = {
+                f: torch.empty(shape(group, f), dtype=SUM_DTYPE, device=self.device)
+                for f in trained
+            }
             state = _FactorGroupState(
                 streamed=False,
                 views={f: list(s.unbind(0)) for f, s in sums.items()},
@@ -110,6 +119,9 @@ class FactorAggregator(StreamingAggregator):
         state.reference = {f: self.reference_stack(group, f) for f in needed}
         if self._aligned is not None:
             self._bind_reference_rows(group, state, self._aligned)
+        if self.setup.track_error:
+            rows = {f: as_rows(state.reference[f], f) for f in Factor}
+            state.errors = GroupErrorTracker(group, rows, products=trained == set(Factor))
         return state
 
     def _bind_reference_rows(
@@ -140,37 +152,35 @@ class FactorAggregator(StreamingAggregator):
 
     def _accumulate(self, client_id: str, update: Adapter, w: float) -> tuple[RotationStats, ...]:
         stats: list[RotationStats] = []
-        seen = self._seen + w
-        step = _Step(beta=self._seen / seen, alpha=w / seen)
         for group, state in zip(self._groups, self._state, strict=True):
             if self._aligned is None:
-                self._add_plain(group, state, update, step)
+                self._add_plain(group, state, update, w)
             else:
-                stats.extend(self._add_aligned(client_id, group, state, update, step))
-        self._seen = seen
+                stats.extend(self._add_aligned(client_id, group, state, update, w))
         return tuple(stats)
 
     def _add_plain(
-        self, group: ModuleGroup, state: _FactorGroupState, update: Adapter, step: _Step
+        self, group: ModuleGroup, state: _FactorGroupState, update: Adapter, w: float
     ) -> None:
-        """``mean <- beta mean + alpha X`` per trained factor, in place: module by module
-        straight from the update's tensors when they are on the device, else via a converting
-        stack."""
+        """``sum += fl32(w X)`` per trained factor: module by module straight from the update's
+        tensors for a streamed group, one call on a stacked copy otherwise."""
         for which, views in state.views.items():
-            factors = [update.lora[m].factor(which) for m in group.modules]
-            if state.streamed or all(f.device == self.device for f in factors):
-                for view, factor in zip(views, factors, strict=True):
-                    _blend(view, factor.to(self.device), step)
+            if state.streamed:
+                for view, module in zip(views, group.modules, strict=True):
+                    factor = update.lora[module].factor(which)
+                    self._terms.add_scaled(view, factor.to(self.device), w)
             else:
                 stack = stack_factor(update, group, which, state.work[which])
-                _blend(state.sums[which], stack, step)
-        if self.setup.track_error:
-            state.clients.append(
-                {
-                    f: torch.stack([as_rows(x, f) for x in self._module_factors(update, group, f)])
-                    for f in state.views
-                }
-            )
+                self._terms.add_scaled(state.sums[which], stack, w)
+        if state.errors is not None:
+            rows = {
+                f: [
+                    as_rows(x, f).clone(memory_format=torch.contiguous_format)
+                    for x in self._module_factors(update, group, f)
+                ]
+                for f in state.views
+            }
+            state.errors.add(w, rows)
 
     def _rows(
         self, update: Adapter, group: ModuleGroup, state: _FactorGroupState, which: Factor
@@ -187,19 +197,21 @@ class FactorAggregator(StreamingAggregator):
         self, client_id: str, group: ModuleGroup, state: _FactorGroupState, moving: Rows
     ) -> GaugeProblem:
         """The Procrustes matrices ``M = X_i X_ref^T`` of one group and the norms ``||X_i||^2``:
-        one batched GEMM and one norm for a stack, else one of each per module."""
+        one batched GEMM and one norm for a stack, else one of each per module, in turn."""
         assert state.reference_sq is not None
         if isinstance(moving, Tensor):
             assert self._aligned is not None
             reference = as_rows(state.reference[self._aligned], self._aligned)
             cross = torch.bmm(moving, reference.mT)
             moving_sq = torch.linalg.vector_norm(moving, dim=(-2, -1)).square_()
-        else:
+        else:  # the norm right after the GEMM, while the module's factor is still in cache
             cross = torch.empty(len(moving), group.rank, group.rank, device=self.device)
+            moving_sq = torch.empty(len(moving), device=self.device)
             columns = state.reference_columns
-            for out, rows, ref in zip(cross.unbind(0), moving, columns, strict=True):
-                torch.mm(rows, ref, out=out)
-            moving_sq = torch.stack([torch.linalg.vector_norm(rows) for rows in moving]).square_()
+            for k, (rows, ref) in enumerate(zip(moving, columns, strict=True)):
+                torch.mm(rows, ref, out=cross[k])
+                torch.linalg.vector_norm(rows, out=moving_sq[k])
+            moving_sq.square_()
         return GaugeProblem(client_id, group.modules, cross, moving_sq, state.reference_sq)
 
     def _add_aligned(
@@ -208,7 +220,7 @@ class FactorAggregator(StreamingAggregator):
         group: ModuleGroup,
         state: _FactorGroupState,
         update: Adapter,
-        step: _Step,
+        w: float,
     ) -> list[RotationStats]:
         aligned = self._aligned
         assert aligned is not None and self._gauge is not None
@@ -217,144 +229,101 @@ class FactorAggregator(StreamingAggregator):
         problem = self._problem(client_id, group, state, moving)
         gauge = self._gauge.solve(problem)
         left = dict(zip((aligned, other), _left_factors(gauge), strict=True))
-        self._add_rotated(state, aligned, left[aligned], moving, moving_own, step)
+        self._add_rotated(state, aligned, left[aligned] * w, moving, moving_own)
+        kept = {aligned: _rotated(left[aligned], moving)} if state.errors is not None else {}
         rest, rest_own = self._rows(update, group, state, other)
-        self._add_rotated(state, other, left[other], rest, rest_own, step)
-        if self.setup.track_error:
-            state.clients.append(
-                {aligned: _rotated(left[aligned], moving), other: _rotated(left[other], rest)}
-            )
+        self._add_rotated(state, other, left[other] * w, rest, rest_own)
+        if state.errors is not None:
+            kept[other] = _rotated(left[other], rest)
+            state.errors.add(w, kept)
         return _rotation_stats(group, gauge, problem)
 
     def _add_rotated(
-        self,
-        state: _FactorGroupState,
-        which: Factor,
-        left: Tensor,
-        rows: Rows,
-        own: list[Tensor],
-        step: _Step,
+        self, state: _FactorGroupState, which: Factor, left: Tensor, rows: Rows, own: list[Tensor]
     ) -> None:
-        """``mean <- beta mean + alpha L X`` (row layout), in place (``beta = 0`` ignores the
-        uninitialised state). Stacked: one ``baddbmm_``. Streamed: one ``addmm_`` per module
-        on its own-layout mean, ``A <- beta A + alpha L A_i`` or ``B <- beta B + alpha B_i L^T``."""
-        beta, alpha = step.beta, step.alpha
+        """``sum += fl32((w L) X)`` (row layout, ``left = w L``). Stacked: one ``bmm``.
+        Streamed: one GEMM per module in its own layout, ``(w L) A_i`` or ``B_i (w L)^T``."""
         if isinstance(rows, Tensor):
-            state.sums[which].baddbmm_(left, rows, beta=beta, alpha=alpha)
+            term = self._terms.term_buffer(rows.shape)
+            self._terms.add(state.sums[which], torch.bmm(left, rows, out=term))
             return
         for total, gauge, x in zip(state.views[which], left.unbind(0), own, strict=True):
+            term = self._terms.term_buffer(total.shape)
             if which is Factor.A:
-                total.addmm_(gauge, x, beta=beta, alpha=alpha)
+                torch.mm(gauge, x, out=term)
             else:
-                total.addmm_(x, gauge.mT, beta=beta, alpha=alpha)
+                torch.mm(x, gauge.mT, out=term)
+            self._terms.add(total, term)
 
     def _finalize_lora(
         self, total: float
     ) -> tuple[dict[str, LoraPair], dict[str, Tensor], list[GroupErrors] | None]:
         lora: dict[str, LoraPair] = {}
         errors: list[GroupErrors] = []
-        p = self._normalised_weights(total)
         for group, state in zip(self._groups, self._state, strict=True):
             if state.streamed:
-                pairs = self._finalize_streamed(group, state)
-                lora.update(pairs)
-                if self.setup.track_error:
-                    means = {f: self._stacked_rows(state, f) for f in Factor}
-                    errors.append(self._group_errors(group, state, means, pairs, p))
-                continue
-            means = {f: self._sum_rows(state, f) for f in Factor}
-            pairs = self._unstack(group, means)
+                pairs, means = self._finalize_streamed(group, state, total)
+            else:
+                means = {f: self._mean_rows(state, f, total) for f in Factor}
+                pairs = self._unstack(group, means)
             lora.update(pairs)
-            if self.setup.track_error:
-                errors.append(self._group_errors(group, state, means, pairs, p))
+            if state.errors is not None:
+                glob = {
+                    f: torch.stack([as_rows(pairs[m].factor(f), f) for m in group.modules])
+                    for f in Factor
+                }
+                glob = {f: g.to(WORK_DTYPE) for f, g in glob.items()}
+                errors.append(
+                    state.errors.finalize(total, means, glob, has_reference=self._has_reference)
+                )
+                state.errors = None
         return lora, {}, errors if self.setup.track_error else None
 
-    def _sum_rows(self, state: _FactorGroupState, which: Factor) -> Tensor:
-        """A stacked group's ``which`` mean in row layout, or the reference for a frozen
-        factor (float32)."""
+    def _mean_rows(self, state: _FactorGroupState, which: Factor, total: float) -> Tensor:
+        """A stacked group's ``which`` mean in row layout (float32, rounded once from the
+        float64 sum), or the reference for a frozen factor."""
         if which not in state.sums:
             return as_rows(state.reference[which], which)
-        total = state.sums[which]
-        return total if self._aligned is not None else as_rows(total, which)
+        mean = mean_of(state.sums.pop(which), total)
+        return mean if self._aligned is not None else as_rows(mean, which)
 
     def _finalize_streamed(
-        self, group: ModuleGroup, state: _FactorGroupState
-    ) -> dict[str, LoraPair]:
-        """A streamed group's new global pairs: each module's means handed out as they are
-        (converted to the reference dtype if it differs); frozen factors are copies of the
-        reference's."""
+        self, group: ModuleGroup, state: _FactorGroupState, total: float
+    ) -> tuple[dict[str, LoraPair], dict[Factor, Tensor]]:
+        """A streamed group's new global pairs (each module's mean rounded once from its float64
+        sum to the reference dtype; frozen factors copies of the reference's) and, when the
+        error is tracked, the float32 row-layout mean stacks."""
         assert self._reference is not None
+        means: dict[Factor, list[Tensor]] = {f: [] for f in Factor}
         out = {}
         for k, module in enumerate(group.modules):
             ref = self._reference.lora[module]
             tensors = {}
             for f in Factor:
                 like = ref.factor(f)
-                if f in state.views:
-                    tensors[f] = state.views[f][k].to(like.dtype)
-                else:
+                if f not in state.views:
                     tensors[f] = like.to(device=self.device, copy=True)
+                    continue
+                mean = mean_of(state.views[f][k], total)
+                state.views[f][k] = mean
+                tensors[f] = mean if like.dtype == mean.dtype else mean.to(like.dtype)
+                means[f].append(as_rows(mean, f))
             out[module] = LoraPair(A=tensors[Factor.A], B=tensors[Factor.B])
-        return out
-
-    def _stacked_rows(self, state: _FactorGroupState, which: Factor) -> Tensor:
-        """The mean ``which`` factors of a streamed group as a float32 row-layout stack."""
-        if which not in state.views:
-            return as_rows(state.reference[which], which)
-        return torch.stack([as_rows(v, which) for v in state.views[which]])
-
-    def _group_errors(
-        self,
-        group: ModuleGroup,
-        state: _FactorGroupState,
-        means: dict[Factor, Tensor],
-        pairs: dict[str, LoraPair],
-        p: list[float],
-    ) -> GroupErrors:
-        clients, state.clients = state.clients, []
-        glob = {
-            f: torch.stack([as_rows(pairs[m].factor(f), f) for m in group.modules]).to(WORK_DTYPE)
+        if state.errors is None:
+            return out, {}
+        stacks = {
+            f: torch.stack(means[f]) if f in state.views else as_rows(state.reference[f], f)
             for f in Factor
         }
-        ref = {f: as_rows(state.reference[f], f) for f in Factor}
-        return group_errors(
-            ErrorTerms(
-                clients_B=[c.get(Factor.B, ref[Factor.B]) for c in clients],
-                clients_A=[c.get(Factor.A, ref[Factor.A]) for c in clients],
-                weights=p,
-                mean_B=means[Factor.B],
-                mean_A=means[Factor.A],
-                global_B=glob[Factor.B],
-                global_A=glob[Factor.A],
-                ref_B=ref[Factor.B] if self._has_reference else None,
-                ref_A=ref[Factor.A] if self._has_reference else None,
-            )
-        )
+        return out, stacks
 
 
-@dataclass(frozen=True)
-class _Step:
-    """One update's blend into the running mean: ``mean <- beta mean + alpha X`` with
-    ``alpha = w_i / W_i`` and ``beta = W_(i-1) / W_i``; ``beta = 0`` for the first update."""
-
-    beta: float
-    alpha: float
-
-
-def _blend(mean: Tensor, x: Tensor, step: _Step) -> None:
-    """``mean <- beta mean + alpha x`` in place, one pass: ``lerp_`` (``beta = 1 - alpha``), or
-    a scaled copy for the first update (the uninitialised ``mean`` is never read)."""
-    if step.beta == 0.0:
-        torch.mul(x, step.alpha, out=mean)
-    elif x.dtype == mean.dtype:
-        mean.lerp_(x, step.alpha)
-    else:
-        mean.mul_(step.beta).add_(x, alpha=step.alpha)
-
-
-def _rotated(left: Tensor, rows: Rows) -> Tensor:
-    """``L X`` as a new contiguous ``(K, r, d)`` float32 stack (for ``track_error``)."""
-    return torch.bmm(left, rows if isinstance(rows, Tensor) else torch.stack(rows))
+def _rotated(left: Tensor, rows: Rows) -> list[Tensor]:
+    """``L X`` per module as separate ``(r, d)`` float32 tensors (kept by the error tracker,
+    which releases them module by module)."""
+    if isinstance(rows, Tensor):
+        return [torch.mm(g, x) for g, x in zip(left.unbind(0), rows.unbind(0), strict=True)]
+    return [torch.mm(g, x) for g, x in zip(left.unbind(0), rows, strict=True)]
 
 
 def _left_factors(gauge: Gauge) -> tuple[Tensor, Tensor]:
