@@ -311,7 +311,7 @@ def _metadata_of(header: dict[str, object]) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise CodecError("safetensors __metadata__ must map strings to strings")
+        raise CodecError("unreadable safetensors header: __metadata__ must map strings to strings")
     return {_text(k): _text(v) for k, v in metadata.items()}
 
 
