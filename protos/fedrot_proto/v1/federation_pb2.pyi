@@ -65,18 +65,20 @@ UPLOAD_STATUS_ACCEPTED: UploadStatus
 UPLOAD_STATUS_DUPLICATE: UploadStatus
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "task", "num_labels", "seed", "fingerprint")
+    __slots__ = ("name", "task", "num_labels", "seed", "fingerprint", "label_names")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: ModelTask
     num_labels: int
     seed: int
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., num_labels: _Optional[int] = ..., seed: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., num_labels: _Optional[int] = ..., seed: _Optional[int] = ..., fingerprint: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save")
@@ -176,14 +178,16 @@ class EnrollRequest(_message.Message):
     def __init__(self, info: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("client_id", "run", "run_status")
+    __slots__ = ("client_id", "run", "run_status", "wait")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     RUN_STATUS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run: RunSpec
     run_status: RunStatus
-    def __init__(self, client_id: _Optional[str] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., run_status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
+    wait: WaitTask
+    def __init__(self, client_id: _Optional[str] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., run_status: _Optional[_Union[RunStatus, str]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("run_id", "max_wait")
@@ -260,14 +264,16 @@ class TrainTask(_message.Message):
     def __init__(self, round: _Optional[int] = ..., trained_factors: _Optional[_Iterable[_Union[Factor, str]]] = ..., hyperparameters: _Optional[_Union[TrainingHyperparameters, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., global_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
 
 class DoneTask(_message.Message):
-    __slots__ = ("rounds_completed", "final_adapter", "reason")
+    __slots__ = ("rounds_completed", "final_adapter", "reason", "server_continues")
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FINAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CONTINUES_FIELD_NUMBER: _ClassVar[int]
     rounds_completed: int
     final_adapter: AdapterRef
     reason: str
-    def __init__(self, rounds_completed: _Optional[int] = ..., final_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    server_continues: bool
+    def __init__(self, rounds_completed: _Optional[int] = ..., final_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., reason: _Optional[str] = ..., server_continues: _Optional[bool] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("wait", "train", "done")
@@ -407,3 +413,15 @@ class QueryUploadResponse(_message.Message):
     status: UploadStatus
     upload_id: str
     def __init__(self, bytes_received: _Optional[int] = ..., status: _Optional[_Union[UploadStatus, str]] = ..., upload_id: _Optional[str] = ...) -> None: ...
+
+class DeclineRunRequest(_message.Message):
+    __slots__ = ("run_id", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineRunResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

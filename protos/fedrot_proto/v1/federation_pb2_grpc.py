@@ -64,6 +64,11 @@ class FederationServiceStub:
                 request_serializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.SerializeToString,
                 response_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.FromString,
                 _registered_method=True)
+        self.DeclineRun = channel.unary_unary(
+                '/fedrot.v1.FederationService/DeclineRun',
+                request_serializer=fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunRequest.SerializeToString,
+                response_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -114,6 +119,15 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineRun(self, request, context):
+        """The client cannot take part in this run (its data does not fit the run's task or label
+        names): the server stops offering it the run's rounds (an open round it was asked to
+        report in is re-planned without it), and Enroll answers `wait` until another run starts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.QueryUpload,
                     request_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.FromString,
                     response_serializer=fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.SerializeToString,
+            ),
+            'DeclineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRun,
+                    request_deserializer=fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunRequest.FromString,
+                    response_serializer=fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class FederationService:
             '/fedrot.v1.FederationService/QueryUpload',
             fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadRequest.SerializeToString,
             fedrot__proto_dot_v1_dot_federation__pb2.QueryUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedrot.v1.FederationService/DeclineRun',
+            fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunRequest.SerializeToString,
+            fedrot__proto_dot_v1_dot_federation__pb2.DeclineRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
