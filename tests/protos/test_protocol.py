@@ -33,7 +33,7 @@ def test_every_rpc_has_its_own_request_and_response() -> None:
         assert method.output_type.name == f"{method.name}Response"
         seen.add(method.name)
     assert seen == {"Enroll", "GetTask", "DownloadAdapter", "UploadUpdate", "Heartbeat",
-                    "QueryUpload"}
+                    "QueryUpload", "DeclineRun"}
 
 
 def test_package_is_versioned() -> None:
