@@ -12,6 +12,10 @@ The public API (documented name by name in ``docs/sdk.md``)::
             task.submit(model, num_samples=n, metrics={"train_loss": loss})
         fed.save_final("out/")
 
+    for fed in fedrot_client.runs("host:port", token="...", state_dir="..."):  # a standing server
+        with fed:
+            ...  # the same, once per run
+
 :mod:`fedrot_client.hf` runs a ``transformers.Trainer`` (or TRL's ``SFTTrainer``) per task.
 ``fedrot-client`` (:mod:`fedrot_client.daemon`) is the built-in trainer on the same API.
 Importing this package is light: the SDK's modules load on first use.
@@ -31,13 +35,14 @@ if TYPE_CHECKING:
         RoundClosedError,
         RoundLostError,
         RunChangedError,
+        RunDeclinedError,
         ServerUnavailableError,
         StateError,
         Stopped,
         UpdateRefusedError,
         UsageError,
     )
-    from fedrot_client.connection import connect
+    from fedrot_client.connection import connect, runs
     from fedrot_client.federation import Federation
     from fedrot_client.plan import TrainingPlan
     from fedrot_client.run_info import RoundRecord, RunInfo, Submission
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "connect": "fedrot_client.connection",
+    "runs": "fedrot_client.connection",
     "Federation": "fedrot_client.federation",
     "Task": "fedrot_client.task",
     "Submission": "fedrot_client.run_info",
@@ -56,8 +62,8 @@ _EXPORTS = {
     "SettingsError": "fedrot_client.settings",
     **dict.fromkeys(
         ("UsageError", "FrozenFactorError", "RoundLostError", "RoundClosedError",
-         "UpdateRefusedError", "RunChangedError", "Stopped", "ModelError", "RejectedError",
-         "ServerUnavailableError", "StateError"),
+         "UpdateRefusedError", "RunChangedError", "RunDeclinedError", "Stopped", "ModelError",
+         "RejectedError", "ServerUnavailableError", "StateError"),
         "fedrot_client.errors",
     ),  # fmt: skip
 }

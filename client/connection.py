@@ -1,16 +1,19 @@
-"""Opening a federation: :func:`connect` (the SDK's entry point) and the transport it uses."""
+"""Opening federations: :func:`connect` (one run), :func:`runs` (one federation per run of a
+standing server) and the transport they use."""
 
 from __future__ import annotations
 
 import platform
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from fedrot_client.enrolment import PastRuns
 from fedrot_client.federation import Federation
+from fedrot_client.following import follow_runs
 from fedrot_client.settings import ConnectionSettings, connection_settings
 from fedrot_client.transport import RetryPolicy, Transport
 
@@ -41,6 +44,49 @@ def connect(
     facts = {**describe_host(checked.device), **(info or {})}
     return Federation(checked, transport, stop=stop, info=facts, owns_transport=True,
                       handle_signals=handle_signals)  # fmt: skip
+
+
+def runs(
+    server: str | None = None,
+    *,
+    token: str | None = None,
+    state_dir: str | Path | None = None,
+    info: Mapping[str, str] | None = None,
+    handle_signals: bool = True,
+    one_run: bool = False,
+    **settings: object,
+) -> Iterator[Federation]:
+    """One :class:`Federation` per run of the server at ``server``, for as long as it serves
+    runs this client takes part in: use each in a ``with`` block, as :func:`connect`'s::
+
+        for fed in fedrot_client.runs("server:50051", token="...", state_dir="state"):
+            with fed:
+                ...  # build the model, go through fed.tasks(), save the final adapter
+
+    The next federation comes once a run ended and the server said it continues (a standing
+    server), or after :meth:`Federation.decline`; entering it waits for the next run. The
+    iteration ends after a run that ends the server, after a stop, or after the first run when
+    ``one_run``. The arguments are :func:`connect`'s; the settings are checked here, at once.
+    """
+    given = {"server": server, "token": token, "state_dir": state_dir, **settings}
+    checked = connection_settings(**{k: v for k, v in given.items() if v is not None})
+    return _follow(checked, {**describe_host(checked.device), **(info or {})},
+                   handle_signals=handle_signals, one_run=one_run)  # fmt: skip
+
+
+def _follow(settings: ConnectionSettings, info: Mapping[str, str], *, handle_signals: bool,
+            one_run: bool) -> Iterator[Federation]:  # fmt: skip
+    stop = threading.Event()
+    transport = open_transport(settings, stop)
+
+    def open_federation(past: PastRuns) -> Federation:
+        return Federation(settings, transport, stop=stop, info=info, past=past,
+                          handle_signals=handle_signals, following=True)  # fmt: skip
+
+    try:
+        yield from follow_runs(open_federation, one_run=one_run)
+    finally:
+        transport.close()
 
 
 def open_transport(settings: ConnectionSettings, stop: threading.Event) -> Transport:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from fedrot_client.errors import DataError
+from fedrot_client.errors import DataError, UnknownLabelError
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,13 @@ class LabelVocabulary:
                 return index
             if value.strip().lstrip("-").isdigit():
                 return self._checked_id(int(value))
-            raise ValueError(f"unknown label {value!r}; expected one of {self._preview()}")
+            raise UnknownLabelError(f"unknown label {value!r}; expected one of "
+                                    f"{self._preview()}")  # fmt: skip
         raise ValueError(f"label {value!r} has type {type(value).__name__}, not str or int")
 
     def _checked_id(self, value: int) -> int:
         if not 0 <= value < len(self.names):
-            raise ValueError(f"label id {value} is outside 0..{len(self.names) - 1}")
+            raise UnknownLabelError(f"label id {value} is outside 0..{len(self.names) - 1}")
         return value
 
     def _index(self) -> dict[str, int]:
@@ -175,6 +176,8 @@ def _label_of(
         raise DataError(f"{where}: missing label field {field!r}")
     try:
         return vocabulary.id_of(row[field])
+    except UnknownLabelError as exc:
+        raise UnknownLabelError(f"{where}: field {field!r}: {exc}") from exc
     except ValueError as exc:
         raise DataError(f"{where}: field {field!r}: {exc}") from exc
 

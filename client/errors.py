@@ -9,6 +9,28 @@ class DataError(FedRotError, ValueError):
     """A data file, row or field that cannot be used; the message names the file and the row."""
 
 
+class UnknownLabelError(DataError):
+    """A label value that the label names in use (the run's, or ``--labels``) do not hold, or
+    an id outside them; the message names the value (and, from a file, the file and row)."""
+
+
+class DataMismatchError(DataError):
+    """The client's data does not fit the run: another task (classification data for a
+    causal-LM run, instruction data for a classification run) or other label names. The
+    message is the one line the client declines the run with."""
+
+
+class RunDeclinedError(FedRotError):
+    """This client declined a run (``reason``) and the server has no other run for it (a
+    single-run server, or one that predates DeclineRun), or it was to take part in one run
+    only."""
+
+    def __init__(self, reason: str, run_id: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.run_id = run_id
+
+
 class ModelError(FedRotError, ValueError):
     """A base model that cannot be loaded, or that differs from the run's specification."""
 

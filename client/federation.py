@@ -19,6 +19,11 @@ updates under the round's idempotency key. A state folder remembers the rounds d
 restarted client neither trains a round twice nor loses an update. A server that restarted
 with a new run of the same configuration is joined again transparently. SIGTERM and SIGINT
 (handled in the main thread) end the ``with`` block quietly: ``fed.stopped`` is then true.
+
+A federation is one run. A standing server with no run for this client yet makes the ``with``
+block wait at its start; when a run ends, ``fed.server_continues`` says whether the server
+stays up for more, and :func:`fedrot_client.runs` hands out one federation per run. A client
+whose data does not fit the run says so with :meth:`Federation.decline`.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import grpc
 from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase
 
 from fedrot.adapters import BOTH_FACTORS, AdapterSchema
 from fedrot.codec import decode_adapter, validate_tensors
 from fedrot.errors import SchemaError
+from fedrot_client.enrolment import PastRuns, enroll_in_a_run
 from fedrot_client.errors import (
     Interrupted,
     ModelError,
@@ -86,6 +93,8 @@ class Federation:
         info: Mapping[str, str] | None = None,
         owns_transport: bool = False,
         handle_signals: bool = False,
+        past: PastRuns | None = None,
+        following: bool = False,
     ) -> None:
         self._settings = settings
         self._transport = transport
@@ -102,7 +111,12 @@ class Federation:
         self._done: pb.DoneTask | None = None
         self._base: BaseModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._past = past or PastRuns()  # runs declined or finished before (runs())
+        self._following = following
+        self._declined: str | None = None
+        self.declined_unheard = False  # decline() could not tell the server (it predates it)
         self.stopped = False
+        self.run_changed = False  # runs() only: the with block ended on a RunChangedError
 
     # -- the with block ----------------------------------------------------------------------
     def __enter__(self) -> Federation:
@@ -138,6 +152,10 @@ class Federation:
             self.stopped = True
             logger.info("stopped (%s)", exc)
             return True
+        if isinstance(exc, RunChangedError) and self._following:
+            self.run_changed = True  # runs() joins the new run with a new federation
+            logger.warning("%s", exc)
+            return True
         return False
 
     def _shutdown(self) -> None:
@@ -148,6 +166,11 @@ class Federation:
         if self._owns_transport:
             self._transport.close()
         self._phase = "closed"
+
+    @property
+    def entered(self) -> bool:
+        """Whether the ``with`` block has started (it may have ended since)."""
+        return self._phase != "new"
 
     def require_open(self) -> None:
         """Raise :class:`UsageError` outside the ``with`` block."""
@@ -176,6 +199,17 @@ class Federation:
     def finished(self) -> bool:
         """Whether the server said the run is done (:meth:`tasks` ended)."""
         return self._done is not None
+
+    @property
+    def server_continues(self) -> bool:
+        """Whether the server said, when the run ended, that it stays up for further runs (a
+        standing server: enrol again, e.g. with :func:`fedrot_client.runs`, to join the next)."""
+        return self._done is not None and self._done.server_continues
+
+    @property
+    def declined(self) -> str | None:
+        """Why this client declined the run (:meth:`decline`), or None."""
+        return self._declined
 
     @property
     def stopping(self) -> bool:
@@ -226,7 +260,7 @@ class Federation:
     # -- rounds ------------------------------------------------------------------------------
     def tasks(self) -> Iterator[Task]:
         """The run's rounds for this client, one :class:`Task` at a time, until the server says
-        the run is done. Long-polls between rounds. Each task must end (``submit`` or
+        the run is done (nothing once the run was declined). Long-polls between rounds. Each task must end (``submit`` or
         ``withdraw``) inside the loop body; a body that moves on without either withdraws it,
         and an exception escaping the body withdraws it too (a stop does not)."""
         self.require_open()
@@ -234,7 +268,7 @@ class Federation:
             raise UsageError(f"round {self._current.round_index} is still open: end it before "
                              "asking for tasks again")  # fmt: skip
         failures = 0
-        while self._done is None:
+        while self._done is None and self._declined is None:
             response = self._next_task(failures)
             if response is None:
                 failures += 1
@@ -322,6 +356,31 @@ class Federation:
         return task
 
     # -- the end -----------------------------------------------------------------------------
+    def decline(self, reason: str) -> None:
+        """Tell the server this client cannot take part in the run (its data does not fit:
+        another task, other label names); ``reason`` is one line a person can act on. The
+        server stops offering the run to this client; :meth:`tasks` then yields nothing and
+        :attr:`declined` holds the reason. A standing server offers the next run later."""
+        self.require_open()
+        if self._current is not None and not self._current.ended:
+            raise UsageError(f"round {self._current.round_index} is still open: end it before "
+                             "declining the run")  # fmt: skip
+        line = " ".join(reason.split()) or "the client cannot take part"
+        try:
+            self._transport.decline_run(self.run.run_id, line)
+        except Interrupted as exc:
+            raise_stopped(self._stop, exc)
+        except RejectedError as exc:
+            if exc.code not in (*ROUND_GONE, grpc.StatusCode.UNIMPLEMENTED):
+                raise
+            # UNIMPLEMENTED: a server from before DeclineRun cannot be told (nor offer another
+            # run); FAILED_PRECONDITION / NOT_FOUND: the run is over already.
+            self.declined_unheard = exc.code == grpc.StatusCode.UNIMPLEMENTED
+            logger.warning("could not tell the server that this client declines run %s: %s",
+                           self.run.run_id, exc)  # fmt: skip
+        self._declined = line
+        logger.warning("declined run %s: %s", self.run.run_id, line)
+
     def save_final(self, directory: str | Path) -> Path:
         """Save the run's final global adapter as a PEFT folder (``adapter_config.json`` and
         ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` and
@@ -356,7 +415,9 @@ class Federation:
 
     # -- enrolment ---------------------------------------------------------------------------
     def _enroll(self) -> pb.EnrollResponse:
-        enrolment = self._transport.enroll(self._info)
+        """Enrol in a run (waiting while a standing server has none for this client)."""
+        enrolment = enroll_in_a_run(self._transport, self._info, self._stop, past=self._past,
+                                    least_pause_s=self._settings.backoff_initial_s)  # fmt: skip
         run = enrolment.run
         logger.info("enrolled in run %s as %s (%s rounds, strategy %s)", run.run_id,
                     enrolment.client_id, run.rounds, run.strategy.name)  # fmt: skip
@@ -368,10 +429,7 @@ class Federation:
 
     def _rejoin(self) -> None:
         """Enrol again after the server forgot our run; the new run must fit the model."""
-        try:
-            enrolment = self._enroll()
-        except Interrupted as exc:
-            raise_stopped(self._stop, exc)
+        enrolment = self._enroll()
         old, new = self._enrolment.run, enrolment.run
         if (new.model, new.lora, new.schema) != (old.model, old.lora, old.schema):
             raise RunChangedError(

@@ -44,8 +44,8 @@ class RoundLedger:
         self.records: list[RoundRecord] = []
 
     def join(self, run_id: str, client_id: str, limits: pb.TransferLimits) -> None:
-        """Record the enrolment (a new run forgets the old run's rounds); StateError when the
-        state folder is another client's."""
+        """Record the enrolment (each run's rounds are kept apart in the state folder);
+        StateError when the state folder is another client's."""
         self._state.record_enrolment(run_id, client_id)
         self._run_id = run_id
         self._chunk_bytes = min(limits.chunk_bytes or DEFAULT_CHUNK_BYTES,
@@ -94,7 +94,7 @@ class RoundLedger:
         except RejectedError as exc:
             self._refused(pending, exc)
         self._state.record_completed(pending.run_id, pending.round_index)
-        self._state.clear_pending()
+        self._state.clear_pending(pending.run_id)
         status = "duplicate" if reply.status == pb.UPLOAD_STATUS_DUPLICATE else "accepted"
         self.records.append(RoundRecord(pending.round_index, status, pending.sample_count,
                                         pending.metrics.get("train_loss"), len(payload)))
@@ -111,7 +111,7 @@ class RoundLedger:
                                      f"{exc.details}", round_index) from exc  # fmt: skip
         if exc.code not in ROUND_GONE:
             raise exc
-        self._state.clear_pending()
+        self._state.clear_pending(pending.run_id)
         self.records.append(RoundRecord(round_index, "dropped"))
         logger.warning("round %s: the server no longer takes it (%s); dropped", round_index,
                        exc.details)  # fmt: skip
@@ -121,7 +121,7 @@ class RoundLedger:
     def give_up_round(self, round_index: int, why: str, *, tell_server: bool = True) -> None:
         """Drop a round for good: its saved update is discarded and the round marked done here;
         the server is told (withdrawal) unless ``tell_server`` is false."""
-        self._state.clear_pending()
+        self._state.clear_pending(self._run_id)
         self._state.record_completed(self._run_id, round_index)
         self.records.append(RoundRecord(round_index, "dropped"))
         logger.warning("round %s: dropped: %s", round_index, why)

@@ -1,8 +1,11 @@
 """``fedrot-client``: the client daemon's entry point (settings, logging, signals, exit codes).
 
-Exit status: 0 when the run ended or the daemon was stopped by SIGTERM/SIGINT; 2 for bad
-settings, data, or a base model that differs from the run's; 1 when the server refused us
-(a bad token) or stayed away past ``--reconnect-timeout-s``.
+Exit status: 0 when the server's last run ended (or the one run of ``--one-run``) or the
+daemon was stopped by SIGTERM/SIGINT; 2 for bad settings, data, a base model that differs from
+the run's, or a run declined because the data does not fit it (another task or other label
+names) when the server has no other run for this client or ``--one-run`` is set: the one line
+naming the first difference is logged; 1 when the server refused us (a bad token) or stayed
+away past ``--reconnect-timeout-s``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fedrot_client.errors import (
     DataError,
     ModelError,
     RejectedError,
+    RunDeclinedError,
     ServerUnavailableError,
     StateError,
 )
@@ -43,7 +47,10 @@ def run(settings: ClientSettings) -> int:
     signals = StopSignals(stop, transport)
     signals.install()
     try:
-        outcome = ClientDaemon(settings, transport, stop=stop).run()
+        ClientDaemon(settings, transport, stop=stop).run()
+    except RunDeclinedError as exc:
+        logger.error("%s", exc)
+        return EXIT_REFUSED_TO_START
     except (ModelError, DataError, SettingsError) as exc:
         logger.error("refusing to start: %s", exc)
         return EXIT_REFUSED_TO_START
@@ -60,11 +67,6 @@ def run(settings: ClientSettings) -> int:
         stop.set()
         transport.close()
         signals.restore()
-    if outcome.finished:
-        folder = outcome.final_adapter_dir
-        where = f"; final adapter in {folder}" if folder else ""
-        logger.info("run %s finished (%s rounds trained here)%s", outcome.run_id,
-                    sum(r.status != "dropped" for r in outcome.rounds), where)  # fmt: skip
     return EXIT_OK
 
 

@@ -25,14 +25,19 @@ FACTOR_MESSAGES: dict[Factor, int] = {factor: number for number, factor in FACTO
 
 
 def model_spec_of(message: pb.ModelSpec, local_name: str | None = None) -> ModelSpec:
-    """The base model to load: the run's, or ``local_name`` (a local copy of it) when given."""
+    """The base model to load: the run's, or ``local_name`` (a local copy of it) when given;
+    a classifier's class names are the run's ``label_names`` (its config's ``id2label``)."""
     task = TASK_KINDS.get(message.task)
     if task is None:
         raise ValueError(f"run spec model.task {message.task} is not a known ModelTask")
-    num_labels = message.num_labels if task is TaskKind.CLASSIFICATION else 2
-    return ModelSpec(
-        name=local_name or message.name, task=task, num_labels=num_labels, seed=message.seed
-    )
+    classification = task is TaskKind.CLASSIFICATION
+    names = tuple(message.label_names) if classification else ()
+    num_labels = (message.num_labels or len(names)) if classification else 2
+    if names and len(names) != num_labels:
+        raise ValueError(f"run spec model.label_names names {len(names)} classes, but "
+                         f"model.num_labels is {num_labels}")  # fmt: skip
+    return ModelSpec(name=local_name or message.name, task=task, num_labels=num_labels,
+                     seed=message.seed, label_names=names)  # fmt: skip
 
 
 def lora_spec_of(message: pb.LoraConfig) -> LoraSpec:

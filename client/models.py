@@ -63,18 +63,27 @@ class ModelSpec:
     """Which base model a run uses: ``name`` is a registry name or a folder path.
 
     ``seed`` fixes every weight the checkpoint does not hold (the classification head; all of
-    ``tiny-bert``), so equal specs give equal models in every process.
+    ``tiny-bert``), so equal specs give equal models in every process. ``label_names`` (the
+    run's class names in id order; empty: unnamed) become the model config's ``id2label`` and
+    ``label2id``; they change no weight, so not the fingerprint.
     """
 
     name: str
     task: TaskKind = TaskKind.CLASSIFICATION
     num_labels: int = 2
     seed: int = 0
+    label_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", TaskKind(self.task))
+        object.__setattr__(self, "label_names", tuple(self.label_names))
         if self.task is TaskKind.CLASSIFICATION and self.num_labels < 2:
             raise ValueError(f"num_labels must be >= 2 for classification, got {self.num_labels}")
+        if self.label_names and (self.task is not TaskKind.CLASSIFICATION
+                                 or len(self.label_names) != self.num_labels
+                                 or len(set(self.label_names)) != len(self.label_names)):
+            raise ValueError(f"label_names must be {self.num_labels} distinct class names of a "
+                             f"classification model, got {list(self.label_names)}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,7 @@ def load_base_model(spec: ModelSpec, *, load_in_4bit: bool = False) -> BaseModel
     else:
         model, tokenizer = loader(spec)
     model.eval()
+    name_labels(model, spec.label_names)
     heads = head_modules(model) if spec.task is TaskKind.CLASSIFICATION else ()
     fingerprint = fingerprint_model(model, tokenizer, exclude=heads)
     logger.info("loaded base model %s (%s), fingerprint %s", spec.name, spec.task, fingerprint)
@@ -232,9 +242,18 @@ def _load_four_bit(spec: ModelSpec) -> BaseModel:
                          "cache, see base_model_folder)")  # fmt: skip
     model, tokenizer = load_from_folder(folder, spec, extra=options)
     model.eval()
+    name_labels(model, spec.label_names)
     heads = head_modules(model) if spec.task is TaskKind.CLASSIFICATION else ()
     logger.info("loaded base model %s in 4 bits (not fingerprinted)", spec.name)
     return BaseModel(model, tokenizer, spec, heads, "")
+
+
+def name_labels(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Name a classifier's classes in its config (``id2label``, ``label2id``), which
+    ``save_pretrained`` writes and ``from_pretrained`` reads; nothing when ``names`` is empty."""
+    if names:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: index for index, name in enumerate(names)}
 
 
 def head_modules(model: nn.Module) -> tuple[str, ...]:
@@ -277,27 +296,83 @@ def model_cache() -> Path:
 def base_model_folder(spec: ModelSpec, fingerprint: str,
                       load: Callable[[], BaseModel] | None = None) -> Path:  # fmt: skip
     """A local folder that ``AutoModel...from_pretrained`` loads as this base model, for an
-    adapter's ``base_model_name_or_path``: a folder spec is itself; a registry model (a GGUF
-    file, weights built in code) is saved once with ``save_pretrained`` under
-    :func:`model_cache`, keyed by name, task, labels and fingerprint. ``load`` gives the base
-    model when it must be saved (default: :func:`load_base_model`)."""
+    adapter's ``base_model_name_or_path``: a folder spec is itself; a registry model or a
+    folder holding a GGUF file (weights built in code, or quantized) is saved once with
+    ``save_pretrained`` under :func:`model_cache`, keyed by name, task, labels and fingerprint;
+    a classifier whose config does not name ``spec.label_names`` is given a
+    :func:`labelled_folder` of it. ``load`` gives the base model when it must be saved
+    (default: :func:`load_base_model`)."""
+    folder = _plain_folder(spec, fingerprint, load)
+    if spec.label_names and _named_labels(folder) != list(spec.label_names):
+        return labelled_folder(folder, spec.label_names)
+    return folder
+
+
+def _plain_folder(spec: ModelSpec, fingerprint: str,
+                  load: Callable[[], BaseModel] | None) -> Path:  # fmt: skip
+    key = spec.name
     if spec.name not in MODEL_REGISTRY:
-        return Path(spec.name).expanduser().resolve()
+        given = Path(spec.name).expanduser().resolve()
+        if (given / "config.json").is_file():
+            return given
+        key = f"{given.name}-{_digest(str(given))[:8]}"  # a GGUF file: saved as plain weights
     digest = fingerprint.removeprefix("sha256:")[:16] or "unchecked"
     labels = f"-{spec.num_labels}" if spec.task is TaskKind.CLASSIFICATION else ""
-    folder = model_cache() / f"{spec.name}-{spec.task}{labels}-{digest}"
+    folder = model_cache() / f"{key}-{spec.task}{labels}-{digest}"
     if (folder / "config.json").is_file():
         return folder
     base = (load or (lambda: load_base_model(spec)))()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     save_plain(base, staging)
-    try:
-        os.replace(staging, folder)
-    except OSError:  # another process saved it first
-        shutil.rmtree(staging, ignore_errors=True)
+    _publish_folder(staging, folder)
     logger.info("saved base model %s as a folder: %s", spec.name, folder)
     return folder
+
+
+def labelled_folder(folder: Path, names: tuple[str, ...]) -> Path:
+    """A folder that loads as the model of ``folder`` with its classes named ``names``
+    (``id2label`` and ``label2id`` in id order): a ``config.json`` of its own and a symbolic
+    link to each other file of ``folder`` (which must stay where it is), made once under
+    :func:`model_cache` ``/labelled``."""
+    key = _digest(json.dumps([str(folder), list(names)], ensure_ascii=False))[:16]
+    view = model_cache() / "labelled" / f"{folder.name}-{key}"
+    if (view / "config.json").is_file():
+        return view
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["id2label"] = {str(index): name for index, name in enumerate(names)}
+    config["label2id"] = {name: index for index, name in enumerate(names)}
+    if "num_labels" in config:
+        config["num_labels"] = len(names)
+    view.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=view.parent, prefix=f".{view.name}."))
+    for path in folder.iterdir():
+        if path.name != "config.json":
+            (staging / path.name).symlink_to(path.resolve())
+    (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")  # fmt: skip
+    _publish_folder(staging, view)
+    return view
+
+
+def _named_labels(folder: Path) -> list[str] | None:
+    """The class names ``folder``'s config gives in id order (None: none, or unreadable)."""
+    try:
+        id2label = json.loads((folder / "config.json").read_text(encoding="utf-8"))["id2label"]
+        return [id2label[str(index)] for index in range(len(id2label))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _publish_folder(staging: Path, folder: Path) -> None:
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save_plain(base: BaseModel, folder: Path) -> None:

@@ -18,7 +18,9 @@ class RunInfo:
     ``model`` is the run's base model (``name``, ``task``, ``num_labels``, ``seed``) and
     ``fingerprint`` its ``sha256:`` digest (empty when the server did not compute one);
     ``lora`` the LoRA configuration (``rank``, ``alpha``, ``dropout``, ``target_modules``);
-    ``schema`` the exact keys and shapes of every adapter of the run.
+    ``schema`` the exact keys and shapes of every adapter of the run; ``label_names`` the
+    class names of a classification run in id order (empty when the run names none: ids
+    ``0 .. num_labels - 1``).
     """
 
     run_id: str
@@ -31,6 +33,7 @@ class RunInfo:
     alignment_strength: float
     schema: AdapterSchema
     heartbeat_interval_s: float
+    label_names: tuple[str, ...] = ()
 
     @property
     def task(self) -> TaskKind:
@@ -51,6 +54,7 @@ class RunInfo:
             alignment_strength=run.strategy.alignment_strength,
             schema=schema_of(run.schema),
             heartbeat_interval_s=run.heartbeat_interval.ToNanoseconds() / 1e9,
+            label_names=tuple(run.model.label_names),
         )
 
 

@@ -143,13 +143,19 @@ class ClientSettings(ConnectionSettings):
     text_field: str = Field("text", min_length=1)
     label_field: str = Field("label", min_length=1)
     labels: Path | None = Field(
-        None, description="JSON list of label names in id order (default: integer labels)"
+        None, description="JSON list of the data's label names in id order (default: the run's "
+        "label names, else integer labels); a run naming other classes is declined"
     )
     chat_template: Path | None = Field(
         None, description="Jinja chat template for chat data (default: the tokenizer's own)"
     )
     final_adapter_dir: Path | None = Field(
-        None, description="save the run's final adapter here as a PEFT folder when it ends"
+        None, description="save each run's final adapter as a PEFT folder: here, or in a "
+        "subfolder per run id while following a standing server's runs"
+    )
+    one_run: bool = Field(
+        False, description="leave after one run (default: stay connected to a standing server "
+        "and join its next runs)"
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     progress: bool = Field(True, description="training progress bar (only ever on a tty)")
@@ -160,19 +166,29 @@ class ClientSettings(ConnectionSettings):
         return FieldNames(self.text_field, self.label_field if classification else None)
 
     def label_vocabulary(self, num_labels: int) -> LabelVocabulary:
-        """The label names of ``labels`` (checked against the run's ``num_labels``), or ids."""
-        if self.labels is None:
+        """The label names of ``labels`` (checked against the run's ``num_labels``), or ids;
+        for a run that names no classes."""
+        vocabulary = self.given_labels()
+        if vocabulary is None:
             return LabelVocabulary.of_size(num_labels)
+        if len(vocabulary) != num_labels:
+            raise SettingsError(
+                f"labels {self.labels}: expected a list of {num_labels} names (the run's "
+                f"num_labels), got {len(vocabulary)}"
+            )
+        return vocabulary
+
+    def given_labels(self) -> LabelVocabulary | None:
+        """The label names of the ``labels`` file in id order, or None when none is given."""
+        if self.labels is None:
+            return None
         try:
             names = json.loads(self.labels.read_text())
         except (OSError, ValueError) as exc:
             raise SettingsError(f"labels {self.labels}: not a readable JSON list: {exc}") from exc
-        if not isinstance(names, list) or len(names) != num_labels:
-            size = len(names) if isinstance(names, list) else type(names).__name__
-            raise SettingsError(
-                f"labels {self.labels}: expected a list of {num_labels} names (the run's "
-                f"num_labels), got {size}"
-            )
+        if not isinstance(names, list):
+            raise SettingsError(f"labels {self.labels}: expected a JSON list of names, got "
+                                f"{type(names).__name__}")  # fmt: skip
         try:
             return LabelVocabulary(tuple(str(n) for n in names))
         except ValueError as exc:

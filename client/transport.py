@@ -199,6 +199,12 @@ class Transport:
             "GetTask", lambda: self._unary(self._stub.GetTask, request, timeout=timeout)
         )
 
+    def decline_run(self, run_id: str, reason: str) -> pb.DeclineRunResponse:
+        """Tell the server this client cannot take part in ``run_id`` (``reason``: one line a
+        person can act on); it stops offering the run's rounds to this client."""
+        request = pb.DeclineRunRequest(run_id=run_id, reason=reason)
+        return self._retrying("DeclineRun", lambda: self._unary(self._stub.DeclineRun, request))
+
     def heartbeat(
         self, run_id: str, round_index: int, phase: int, progress: float
     ) -> pb.HeartbeatResponse:

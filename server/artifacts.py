@@ -179,6 +179,16 @@ def spool_name(client: str, trained_round: int, merged_round: int) -> str:
     return f"{client}@round-{trained_round}.safetensors"
 
 
+def adapter_metadata(run_id: str, produced_by: int | None) -> dict[str, str]:
+    """The safetensors header metadata of a global adapter: ``round`` names its folder
+    (``"initial"``, or ``t`` for ``rounds/<t>/``, the round whose aggregation made it),
+    ``starts_round`` the round that trains from it (the round a client downloads it for),
+    ``format`` what transformers' safetensors loader asks for."""
+    first = 0 if produced_by is None else produced_by + 1
+    named = "initial" if produced_by is None else str(produced_by)
+    return {"run_id": run_id, "round": named, "starts_round": str(first), "format": "pt"}
+
+
 def saved_modules(extra_keys: Iterable[str]) -> list[str]:
     """PEFT ``modules_to_save`` names implied by an adapter's extra keys.
 
@@ -285,8 +295,7 @@ class RunArtifacts:
                 scaled = self._delta_scale * delta.to(torch.float32)
                 total = self._base_deltas.get(key)
                 self._base_deltas[key] = scaled if total is None else total + scaled
-            metadata = {"run_id": self.run_id, "round": str(round_index + 1)}
-            payload = encode_adapter(self._base_deltas, metadata)
+            payload = encode_adapter(self._base_deltas, adapter_metadata(self.run_id, round_index))
             write_atomically(self.round_dir(round_index) / BASE_DELTAS_FILE, payload)
         return folder
 

@@ -26,7 +26,8 @@ def _client_specs(spec: RunSpec) -> tuple[Any, Any]:
     from fedrot_client.models import ModelSpec
 
     model = ModelSpec(name=spec.model.name, task=spec.model.task,
-                      num_labels=spec.model.num_labels, seed=spec.model.seed)  # fmt: skip
+                      num_labels=spec.model.num_labels, seed=spec.model.seed,
+                      label_names=tuple(spec.model.labels))  # fmt: skip
     lora = LoraSpec(r=spec.lora.rank, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
                     target_modules=tuple(spec.lora.target_modules),
                     modules_to_save=tuple(spec.lora.modules_to_save) or None)  # fmt: skip
@@ -141,8 +142,9 @@ def _read_held_out(spec: RunSpec, settings: EvaluationSettings, path: Path) -> t
         if not classification and is_instruction_data(path, s.split):
             return True, load_instructions(path, split=s.split)
         vocabulary = None
-        if classification:
-            vocabulary = (LabelVocabulary(tuple(s.labels)) if s.labels
+        if classification:  # the run's class names (model.labels), else its ids
+            names = tuple(spec.model.labels)
+            vocabulary = (LabelVocabulary(names) if names
                           else LabelVocabulary.of_size(spec.model.num_labels))  # fmt: skip
         fields = FieldNames(text=s.text_field, label=s.label_field if classification else None)
         return False, load_dataset(path, vocabulary=vocabulary, fields=fields, split=s.split)

@@ -9,9 +9,12 @@ not possible now (no open round, the run is over) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
+
+from fedrot_server.state import RunPhase
 
 
 class Activity(StrEnum):
@@ -25,12 +28,25 @@ class Activity(StrEnum):
 
 
 @dataclass(frozen=True)
+class ClientProgress:
+    """What a client's latest heartbeat said: the round it works on, its phase
+    (downloading, training, uploading, ...) and the fraction of that phase done, at ``at``."""
+
+    round_index: int
+    phase: str
+    fraction: float
+    at: float
+
+
+@dataclass(frozen=True)
 class LiveStatus:
-    """The live state of the run ``run_id`` (not in the database)."""
+    """The live state of the run ``run_id`` (not in the database); ``progress``: each
+    client's latest heartbeat in this run."""
 
     run_id: str
     activity: Activity
     paused: bool
+    progress: Mapping[str, ClientProgress] = field(default_factory=dict)
 
 
 class RunControl(Protocol):
@@ -48,3 +64,17 @@ class RunControl(Protocol):
 
     async def revoke(self, client: str) -> None:
         """Revoke ``client``'s token; it leaves the open round and is never sampled again."""
+
+
+class RunQueue(Protocol):
+    """A standing server's runs as the admin API submits and stops them
+    (:class:`~fedrot_server.run_manager.RunManager` implements it; on the event loop)."""
+
+    def submit(self, settings: Mapping[str, Any]) -> str:
+        """Queue a run of ``settings`` (RunSettings names); its id.
+        :class:`~fedrot_server.errors.RunSettingsError` names each bad setting;
+        WrongStateError on a server that takes no submitted runs."""
+
+    async def stop_run(self, run_id: str) -> RunPhase:
+        """Cancel a queued run or stop the active one; the phase it was in. NotFoundError,
+        or WrongStateError for a run that already ended."""

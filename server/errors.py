@@ -58,3 +58,12 @@ class TooLargeError(ServerError):
 
 class ResumeOffsetError(ServerError):
     """An upload resumed at another offset than the bytes the server holds of it."""
+
+
+class RunSettingsError(SettingsError):
+    """A submitted run's settings are invalid: ``problems`` holds ``(dotted name, problem)``
+    for each bad one."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("invalid run settings: " + "; ".join(f"{n}: {p}" for n, p in problems))
+        self.problems = problems

@@ -1,8 +1,9 @@
-"""``fedrot-server``: settings -> store -> engine -> worker -> gRPC server (with health).
+"""``fedrot-server``: settings -> store -> runs -> gRPC server (with health).
 
 Runs one federated run, keeps serving for ``linger_s`` after it ends (or until every client
-was told DONE), then exits 0. SIGTERM or SIGINT stops gracefully (exit 0); a failed run or bad
-settings exit 1 or 2.
+was told DONE), then exits 0. With ``--standing`` it serves with no run and runs the runs
+submitted over the admin API one after another, until SIGTERM. SIGTERM or SIGINT stops
+gracefully (exit 0); a failed run or bad settings exit 1 or 2.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from fedrot_server.errors import SettingsError
+from fedrot_server.hosted_runs import EvaluatorFactory
 from fedrot_server.service import FederationServer, start_server
-from fedrot_server.settings import ServerSettings, load_settings
+from fedrot_server.settings import EvaluationSettings, ServerSettings, load_settings
 from fedrot_server.spec import Evaluator, Initializer, RunSpec
 
 logger = logging.getLogger("fedrot_server")
@@ -33,6 +35,21 @@ def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | No
     return load_initial_model, HeldOutEvaluator(RunSpec.from_settings(settings), settings.evaluation)
 
 
+def held_out_evaluator(spec: RunSpec, evaluation: EvaluationSettings) -> Evaluator | None:
+    """A standing server's evaluator of one run (None when the run sets no
+    ``evaluation.data``); its held-out rows are read and checked as the run starts."""
+    from fedrot_server.base_models import HeldOutEvaluator
+
+    return None if evaluation.data is None else HeldOutEvaluator(spec, evaluation)
+
+
+def standing_seams() -> tuple[Initializer, EvaluatorFactory]:
+    """The production seams of a standing server: each run's evaluator is built for it."""
+    from fedrot_server.base_models import load_initial_model
+
+    return load_initial_model, held_out_evaluator
+
+
 async def serve(
     settings: ServerSettings,
     *,
@@ -45,21 +62,27 @@ async def serve(
     Without ``initializer`` the production seams are used (:func:`default_seams`);
     ``started`` receives the running server (its bound port) once it serves.
     """
-    if initializer is None:
+    evaluator_for: EvaluatorFactory | None = None
+    if initializer is None and settings.standing:
+        initializer, evaluator_for = standing_seams()
+    elif initializer is None:
         initializer, evaluator = default_seams(settings)
-    server = await start_server(settings, initializer=initializer, evaluator=evaluator)
+    server = await start_server(settings, initializer=initializer, evaluator=evaluator,
+                                evaluator_for=evaluator_for)  # fmt: skip
     if started is not None:
         started.set_result(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    run = asyncio.ensure_future(server.engine.wait_finished())
+    # A single-run server's run ending; a standing server's queue failing (it never ends).
+    run = asyncio.ensure_future(server.runs.wait_ended())
     stopped = asyncio.ensure_future(stop.wait())
     code = 0
     try:
         await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if run.done() and run.exception() is not None:
+            logger.error("the run failed: %s", run.exception())
             code = 1
         elif run.done():
             told = asyncio.ensure_future(server.engine.wait_all_told(settings.linger_s))

@@ -19,6 +19,7 @@ from fedrot_server.tasks import (
     AdapterRef,
     DoneTask,
     Enrolment,
+    EnrolmentWait,
     HeartbeatReply,
     Task,
     TrainTask,
@@ -38,6 +39,7 @@ RUN_STATUS = {
     RunPhase.RUNNING: pb.RUN_STATUS_RUNNING,
     RunPhase.FINISHED: pb.RUN_STATUS_FINISHED,
     RunPhase.STOPPED: pb.RUN_STATUS_FINISHED,
+    RunPhase.QUEUED: pb.RUN_STATUS_WAITING_FOR_CLIENTS,
 }
 
 
@@ -80,6 +82,13 @@ def check_heartbeat(request: pb.HeartbeatRequest) -> None:
         )
 
 
+def phase_name(phase: int) -> str:
+    """``CLIENT_PHASE_TRAINING`` -> ``"training"``; ``""`` for UNSPECIFIED."""
+    if phase == pb.CLIENT_PHASE_UNSPECIFIED:
+        return ""
+    return pb.ClientPhase.Name(phase).removeprefix("CLIENT_PHASE_").lower()
+
+
 def schema_message(schema: AdapterSchema) -> pb.AdapterSchema:
     return pb.AdapterSchema(
         rank=schema.rank,
@@ -94,7 +103,8 @@ def run_spec_message(spec: RunSpec, schema: AdapterSchema, fingerprint: str) -> 
         run_id=spec.run_id,
         model=pb.ModelSpec(name=model.name, task=MODEL_TASKS[model.task],
                            num_labels=model.num_labels, seed=model.seed,
-                           fingerprint=model.fingerprint or fingerprint),  # fmt: skip
+                           fingerprint=model.fingerprint or fingerprint,
+                           label_names=model.labels),  # fmt: skip
         lora=pb.LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                            target_modules=lora.target_modules,
                            modules_to_save=lora.modules_to_save),  # fmt: skip
@@ -110,7 +120,9 @@ def run_spec_message(spec: RunSpec, schema: AdapterSchema, fingerprint: str) -> 
     )
 
 
-def enroll_response(enrolment: Enrolment) -> pb.EnrollResponse:
+def enroll_response(enrolment: Enrolment | EnrolmentWait) -> pb.EnrollResponse:
+    if isinstance(enrolment, EnrolmentWait):
+        return pb.EnrollResponse(client_id=enrolment.client_id, wait=wait_message(enrolment.wait))
     return pb.EnrollResponse(
         client_id=enrolment.client_id,
         run=run_spec_message(enrolment.spec, enrolment.schema, enrolment.fingerprint),
@@ -124,13 +136,17 @@ def adapter_ref(ref: AdapterRef) -> pb.AdapterRef:
 
 def task_response(task: Task) -> pb.GetTaskResponse:
     if isinstance(task, WaitTask):
-        wait = pb.WaitTask(retry_after=duration(task.retry_after_s), reason=task.reason)
-        return pb.GetTaskResponse(wait=wait)
+        return pb.GetTaskResponse(wait=wait_message(task))
     if isinstance(task, DoneTask):
         done = pb.DoneTask(rounds_completed=task.rounds_completed, reason=task.reason,
-                           final_adapter=adapter_ref(task.final_adapter))  # fmt: skip
+                           final_adapter=adapter_ref(task.final_adapter),
+                           server_continues=task.server_continues)  # fmt: skip
         return pb.GetTaskResponse(done=done)
     return pb.GetTaskResponse(train=train_message(task))
+
+
+def wait_message(task: WaitTask) -> pb.WaitTask:
+    return pb.WaitTask(retry_after=duration(task.retry_after_s), reason=task.reason)
 
 
 def train_message(task: TrainTask) -> pb.TrainTask:
@@ -202,3 +218,15 @@ def heartbeat_response(reply: HeartbeatReply) -> pb.HeartbeatResponse:
         round_open=reply.round_open,
         heartbeat_interval=duration(reply.interval_s),
     )
+
+
+MAX_DECLINE_REASON = 1000
+
+
+def decline_reason(request: pb.DeclineRunRequest) -> str:
+    """The reason of a DeclineRun on one line; longer than MAX_DECLINE_REASON is refused."""
+    if len(request.reason) > MAX_DECLINE_REASON:
+        raise InvalidRequestError(f"decline reason: {len(request.reason)} characters, at most "
+                                  f"{MAX_DECLINE_REASON}")  # fmt: skip
+    reason = " ".join(request.reason.split())
+    return reason or "no reason given"

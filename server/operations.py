@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from fedrot_server.control import Activity, LiveStatus
+from fedrot_server.control import Activity, ClientProgress, LiveStatus
 from fedrot_server.errors import WrongStateError
 from fedrot_server.participants import Roster
 from fedrot_server.round_state import OpenRound
@@ -37,7 +37,10 @@ class OperatorActions:
     _store: SqliteStore
     _roster: Roster
     _notify: Callable[[], None]
+    _cancel_rounds: Callable[[], Awaitable[None]]
+    _clock: Callable[[], float]
     _paused: bool = False
+    _progress: dict[str, ClientProgress]
 
     def status(self) -> LiveStatus:
         """The run's id, what it is doing and whether it is paused."""
@@ -48,7 +51,7 @@ class OperatorActions:
             activity = Activity.WAITING
         else:
             activity = Activity.AGGREGATING if rnd.closed else Activity.TRAINING
-        return LiveStatus(self.spec.run_id, activity, self._paused)
+        return LiveStatus(self.spec.run_id, activity, self._paused, dict(self._progress))
 
     async def pause(self) -> None:
         self._check_not_over("pause")
@@ -84,6 +87,23 @@ class OperatorActions:
                 if rnd.arrivals:
                     rnd.check_complete()
         logger.warning("client %s revoked by the operator", client)
+        self._notify()
+
+    async def stop_run(self) -> None:
+        """End the run for good, as *stopped*: no round opens or closes any more (an open
+        round is dropped, unaggregated), every client hears DONE with the last published
+        adapter, which stays downloadable. A restart does not resume it."""
+        self._check_not_over("stop")
+        self._phase = RunPhase.STOPPED  # first: whoever sees the rounds cancelled reads it
+        self._store.set_run_phase(self.spec.run_id, RunPhase.STOPPED, self._clock())
+        await self._cancel_rounds()
+        async with self._lock:
+            rnd, self._round = self._round, None
+            if rnd is not None:
+                rnd.closed = True
+                rnd.partials.clear()
+        logger.warning("run %s stopped by the operator%s", self.spec.run_id,
+                       "" if rnd is None else f" (round {rnd.index} dropped)")  # fmt: skip
         self._notify()
 
     def _check_not_over(self, action: str) -> None:

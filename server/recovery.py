@@ -138,7 +138,8 @@ def load_resumption(store: SqliteStore, artifacts: RunArtifacts, run: RunRow) ->
         _spooled(artifacts, row) for row in store.merged_uploads(run.run_id, completed)
     )  # fmt: skip
     target = None if open_round is None else store.round_target(run.run_id, completed)
-    clients = tuple(c.name for c in store.clients(run.run_id) if not c.revoked)
+    clients = tuple(c.name for c in store.clients(run.run_id)
+                    if not c.revoked and c.declined is None)  # fmt: skip
     logger.info("resuming run %s: %s rounds closed, round %s %s with %s accepted uploads",
                 run.run_id, completed, completed, "open" if open_round else "not yet open",
                 len(uploads))  # fmt: skip

@@ -39,7 +39,8 @@ from typing import Any
 from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
 from fedrot.strategies import RoundPlan, Strategy
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.artifacts import RunArtifacts, adapter_metadata
+from fedrot_server.control import ClientProgress
 from fedrot_server.errors import NotFoundError, WrongStateError
 from fedrot_server.evaluations import RoundEvaluations
 from fedrot_server.operations import OperatorActions
@@ -103,6 +104,8 @@ class RoundEngine(UploadIntake, OperatorActions):
         self._published: tuple[int, EncodedAdapter] | None = None
         self._bytes_out: dict[int, int] = {}
         self._told_done: set[str] = set()
+        self._progress: dict[str, ClientProgress] = {}
+        self._declined: dict[str, str] = {}
         self._phase = RunPhase.WAITING
         self._task: asyncio.Task[None] | None = None
 
@@ -114,9 +117,10 @@ class RoundEngine(UploadIntake, OperatorActions):
             await self._restore(self._resumption)
         else:
             record = run_record(self.spec, self._initial, self.settings)
-            self._store.create_run(self.spec.run_id, record, self._clock())
+            settings = self.settings.run_settings().model_dump(mode="json")
+            self._store.create_run(self.spec.run_id, record, self._clock(), settings)
         if self._published is None:
-            encoded = await self._worker.encode(self._reference, self._metadata(0))
+            encoded = await self._worker.encode(self._reference, self._metadata(None))
             await asyncio.to_thread(self._artifacts.save_adapter, None, encoded.payload)
             self._published = (0, encoded)
         self._task = asyncio.create_task(self._run(), name=f"fedrot-run-{self.spec.run_id}")
@@ -128,14 +132,34 @@ class RoundEngine(UploadIntake, OperatorActions):
         """Cancel the rounds. What was recorded stays, and so does the run's phase: the next
         start resumes the run (a restart, a rescheduled pod), unless told ``resume = false``.
         Clients are not told the run is over; they retry until the server is back."""
+        await self._cancel_rounds()
+        if self._evaluations is not None:
+            await self._evaluations.close()
+
+    async def _cancel_rounds(self) -> None:
         task = self._task
         while task is not None and not task.done():
             task.cancel()  # again, should a wait inside have swallowed the first
             await asyncio.wait({task}, timeout=1.0)
         if task is not None and not task.cancelled():
             task.exception()  # seen here; wait_finished re-raises it
-        if self._evaluations is not None:
-            await self._evaluations.close()
+
+    async def wait_ended(self) -> RunPhase:
+        """Return the phase the run ended in, finished or stopped by the operator
+        (:meth:`stop_run`), once it ended; re-raise the error that ended it early."""
+        assert self._task is not None, "start() first"
+        await asyncio.wait({self._task})
+        if self._task.cancelled():
+            if self._phase is RunPhase.STOPPED:
+                return self._phase
+            raise asyncio.CancelledError  # cancelled by stop(): the server is going down
+        self._task.result()
+        return self._phase
+
+    def takes(self, client: str) -> bool:
+        """Whether ``client`` may join this run: the run names no clients or names it, and it
+        did not decline the run."""
+        return self.settings.takes(client) and client not in self._declined
 
     async def wait_finished(self) -> None:
         """Return when the run ended; re-raise the error that ended it early."""
@@ -206,9 +230,15 @@ class RoundEngine(UploadIntake, OperatorActions):
     def count_download(self, round_index: int, size: int) -> None:
         self._bytes_out[round_index] = self._bytes_out.get(round_index, 0) + size
 
-    def heartbeat(self, client: str, run_id: str, round_index: int) -> HeartbeatReply:
+    def heartbeat(
+        self, client: str, run_id: str, round_index: int, phase: str = "", fraction: float = 0.0
+    ) -> HeartbeatReply:
+        """The reply to ``client``'s heartbeat; its ``phase`` and ``fraction`` done are kept
+        (in memory) for the dashboard's live progress."""
         self._require_client(client, run_id)
         self._seen(client)
+        if phase:
+            self._progress[client] = ClientProgress(round_index, phase, fraction, self._clock())
         rnd = self._round
         is_open = rnd is not None and (
             (rnd.index == round_index and rnd.expects(client))
@@ -229,6 +259,23 @@ class RoundEngine(UploadIntake, OperatorActions):
             rnd.partials.drop(client)
             rnd.check_complete()
         logger.warning("round %s: %s withdrew (it cannot send an update)", round_index, client)
+        self._notify()
+
+    async def decline(self, client: str, run_id: str, reason: str) -> None:
+        """``client`` cannot take part in the run (its data does not fit): it is never offered
+        the run's rounds again (an open round stops waiting for it, as after a withdrawal, and
+        replaces it at the deadline), and the reason is recorded for the dashboard."""
+        self._require_client(client, run_id)
+        self._declined[client] = reason
+        self._store.decline(run_id, client, reason)
+        self._roster.remove(client)
+        async with self._lock:
+            rnd = self._round
+            if rnd is not None and rnd.expects(client):
+                rnd.withdrawn.add(client)
+                rnd.partials.drop(client)
+                rnd.check_complete()
+        logger.warning("client %s declined run %s: %s", client, run_id, reason)
         self._notify()
 
     # The rounds.
@@ -330,7 +377,7 @@ class RoundEngine(UploadIntake, OperatorActions):
             rnd.closed = True
             rnd.partials.clear()
         self._notify()
-        finished = await self._worker.finish_round(self._metadata(rnd.index + 1))
+        finished = await self._worker.finish_round(self._metadata(rnd.index))
         summary = round_summary(rnd.participants, list(rnd.reported.values()), finished,
                                 bytes_out=self._bytes_out.get(rnd.index, 0),
                                 seconds=self._now() - rnd.started, extensions=rnd.extensions,
@@ -399,6 +446,9 @@ class RoundEngine(UploadIntake, OperatorActions):
     def _require_client(self, client: str, run_id: str) -> None:
         if run_id != self.spec.run_id:
             raise WrongStateError(f"run {run_id!r} is not the current run {self.spec.run_id!r}")
+        if client in self._declined:
+            raise WrongStateError(f"client {client!r} declined run {run_id}: "
+                                  f"{self._declined[client]}")  # fmt: skip
         if client not in self._roster:
             raise NotFoundError(f"client {client!r} has not enrolled in run {self.spec.run_id}")
 
@@ -414,6 +464,10 @@ class RoundEngine(UploadIntake, OperatorActions):
             self._published = (done, EncodedAdapter(payload, sha256_hex(payload)))
         for client in resumed.clients:
             self._roster.touch(client, self._now())
+        for row in self._store.clients(self.spec.run_id):
+            if row.declined is not None:
+                self._declined[row.name] = row.declined
+                self._roster.remove(row.name)
         await self._evaluate_unscored()
 
     async def _evaluate_unscored(self) -> None:
@@ -442,8 +496,9 @@ class RoundEngine(UploadIntake, OperatorActions):
     def _published_round(self) -> int:
         return self._published[0] if self._published is not None else 0
 
-    def _metadata(self, round_index: int) -> dict[str, str]:
-        return {"run_id": self.spec.run_id, "round": str(round_index), "format": "pt"}
+    def _metadata(self, produced_by: int | None) -> dict[str, str]:
+        """The header metadata of the adapter round ``produced_by`` makes (None: the initial)."""
+        return adapter_metadata(self.spec.run_id, produced_by)
 
     def _mark_told_done(self, client: str) -> None:
         if client not in self._told_done:

@@ -1,4 +1,5 @@
-"""Assemble a running server: settings -> store -> run spec -> worker -> engine -> gRPC.
+"""Assemble a running server: settings -> store -> runs (each: spec -> worker -> engine) ->
+gRPC and the dashboard.
 
 :func:`start_server` is what ``fedrot-server`` and the tests call; the model seams
 (``initializer``, ``evaluator``) are parameters, so tests run on tiny synthetic adapters.
@@ -6,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,17 +15,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from fedrot.strategies import StrategyName, build_strategy
 from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
-from fedrot_server.artifacts import RunArtifacts, peft_config
 from fedrot_server.auth import TokenAuthenticator
 from fedrot_server.checks import parse_listen
 from fedrot_server.errors import SettingsError
-from fedrot_server.recovery import check_compatible, find_resumable, load_resumption, run_record
+from fedrot_server.hosted_runs import EvaluatorFactory, RunSeams
+from fedrot_server.hosted_runs import check_initial as check_initial  # re-exported
 from fedrot_server.rounds import RoundEngine
+from fedrot_server.run_manager import RunManager
 from fedrot_server.servicer import FederationServicer
 from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
-from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
+from fedrot_server.spec import Evaluator, Initializer, RunSpec
 from fedrot_server.state_lock import StateDirLock
 from fedrot_server.store import SqliteStore, TokenChanges, open_reader
 from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
@@ -48,19 +48,31 @@ GRPC_OPTIONS = (
 
 @dataclass
 class FederationServer:
-    """A started server: ``port`` is the bound port (useful with ``listen = host:0``)."""
+    """A started server: ``port`` is the bound port (useful with ``listen = host:0``);
+    ``runs`` hosts its runs (``engine``, ``spec`` and ``worker`` are the active run's)."""
 
     settings: ServerSettings
-    spec: RunSpec
     store: SqliteStore
-    engine: RoundEngine
-    worker: ThreadedWorker
+    runs: RunManager
     grpc_server: grpc.aio.Server
     health: health_aio.HealthServicer
     port: int
     telemetry: TelemetryLog | None = None
     dashboard: DashboardServer | None = None
     lock: StateDirLock | None = None
+
+    @property
+    def engine(self) -> RoundEngine:
+        return self.runs.active_engine()
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.engine.spec
+
+    @property
+    def worker(self) -> ThreadedWorker:
+        assert self.runs.active is not None, "no run is active"
+        return self.runs.active.worker
 
     @property
     def dashboard_port(self) -> int | None:
@@ -79,9 +91,9 @@ class FederationServer:
             if self.dashboard is not None:
                 await self.dashboard.stop()
             await self.health.enter_graceful_shutdown()
-            await self.engine.stop()
+            await self.runs.stop()
             await self.grpc_server.stop(grace_s)
-            await self.worker.close()
+            await self.runs.close()
             self.store.close()
             if self.telemetry is not None:
                 self.telemetry.close()
@@ -90,27 +102,24 @@ class FederationServer:
                 self.lock.release()
 
 
-def check_initial(initial: InitialModel, spec: RunSpec) -> None:
-    rank = initial.schema.rank
-    if rank != spec.lora.rank:
-        raise SettingsError(f"lora.rank = {spec.lora.rank}, but the initial adapter has rank {rank}")
-    if not initial.adapter.lora:
-        raise SettingsError(f"the initial adapter has no LoRA module (targets {spec.lora.target_modules})")
-
-
 async def start_server(
     settings: ServerSettings,
     *,
     initializer: Initializer,
     evaluator: Evaluator | None = None,
+    evaluator_for: EvaluatorFactory | None = None,
     run_id: str | None = None,
 ) -> FederationServer:
     """Build everything, bind ``settings.listen``, start serving and start the run (or resume
-    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`).
-    SettingsError when another server holds ``state_dir``."""
+    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`); a
+    standing server (``settings.standing``) starts with no run, or its unfinished one, and
+    takes submitted runs. Every run is evaluated by ``evaluator``, or by the one
+    ``evaluator_for`` builds for it. SettingsError when another server holds ``state_dir``."""
     lock = StateDirLock(settings.state_dir)
+    seams = (RunSeams(initializer, evaluator_for) if evaluator_for is not None
+             else RunSeams.fixed(initializer, evaluator))  # fmt: skip
     try:
-        server = await _start_holding(settings, initializer, evaluator, run_id)
+        server = await _start_holding(settings, seams, run_id)
     except BaseException:
         lock.release()
         raise
@@ -131,62 +140,52 @@ def log_token_changes(changes: TokenChanges) -> None:
 
 
 async def _start_holding(
-    settings: ServerSettings,
-    initializer: Initializer,
-    evaluator: Evaluator | None,
-    run_id: str | None,
+    settings: ServerSettings, seams: RunSeams, run_id: str | None
 ) -> FederationServer:
     device = resolve_device(settings.device)
     credentials = server_credentials(settings)
     store = SqliteStore(settings.database_path)
     log_token_changes(store.sync_client_tokens(settings.client_tokens()))
-    resumable = find_resumable(store, settings.resume, run_id)
-    spec = RunSpec.from_settings(settings, resumable.run_id if resumable else run_id)
-    initial = await asyncio.to_thread(initializer, spec)
-    check_initial(initial, spec)
-    if resumable is not None:
-        check_compatible(resumable, run_record(spec, initial, settings))
-    strategy = build_strategy(spec.strategy.name, spec.strategy_config())
-    if spec.strategy.name is StrategyName.FEDEX:
-        logger.warning("fedex: the base-weight deltas are saved with each round but protocol "
-                       "v1 does not send them to clients, who train on the unchanged base")  # fmt: skip
-    worker = ThreadedWorker(strategy, initial.schema, device=device,
-                            track_error=settings.track_error,
-                            max_abs=settings.max_upload_value,
-                            threads=settings.thread_counts()[0])  # fmt: skip
-    config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra,
-                                     base_model_path=initial.base_model_path)  # fmt: skip
-    artifacts = RunArtifacts(settings.state_dir, spec.run_id, config,
-                             delta_scale=spec.lora.alpha / spec.lora.rank)  # fmt: skip
-    artifacts.clear_incoming()  # a restarted server holds no part of an upload
-    # Before serving; on this thread, which owns the store.
-    resumption = load_resumption(store, artifacts, resumable) if resumable else None
-    engine = RoundEngine(settings, spec, store=store, worker=worker, strategy=strategy,
-                         initial=initial, artifacts=artifacts, evaluator=evaluator,
-                         resumption=resumption)  # fmt: skip
+    runs = RunManager(settings, store=store, seams=seams, device=device)
+    try:
+        return await _serve_runs(settings, store, runs, credentials, run_id)
+    except BaseException:
+        await runs.stop()
+        await runs.close()
+        raise
+
+
+async def _serve_runs(
+    settings: ServerSettings,
+    store: SqliteStore,
+    runs: RunManager,
+    credentials: grpc.ServerCredentials | None,
+    run_id: str | None,
+) -> FederationServer:
+    await runs.prepare(run_id)
     telemetry = TelemetryLog(settings.database_path)
     # First of the listeners: a taken dashboard port fails the start before anything serves.
-    dashboard = await serve_dashboard(settings, engine) if settings.dashboard_listen else None
+    dashboard = await serve_dashboard(settings, runs) if settings.dashboard_listen else None
     server = grpc.aio.server(options=GRPC_OPTIONS)
     federation_pb2_grpc.add_FederationServiceServicer_to_server(
-        FederationServicer(engine, TokenAuthenticator(store), telemetry), server
+        FederationServicer(runs, TokenAuthenticator(store), telemetry), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = add_port(server, settings.listen, credentials)
     await server.start()
-    await engine.start()
+    await runs.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s on port %s, %s (device %s, state %s)", SERVICE_NAME, port,
-                security_of(settings), device, settings.state_dir)  # fmt: skip
-    return FederationServer(settings, spec, store, engine, worker, server, health, port,
-                            telemetry, dashboard)  # fmt: skip
+    logger.info("serving %s on port %s, %s (device %s, state %s%s)", SERVICE_NAME, port,
+                security_of(settings), runs.device, settings.state_dir,
+                ", standing: taking submitted runs" if settings.standing else "")  # fmt: skip
+    return FederationServer(settings, store, runs, server, health, port, telemetry, dashboard)
 
 
-async def serve_dashboard(settings: ServerSettings, engine: RoundEngine) -> DashboardServer:
+async def serve_dashboard(settings: ServerSettings, runs: RunManager) -> DashboardServer:
     """Start the web dashboard on ``settings.dashboard_listen`` over read-only views of the
-    state, with ``engine`` as its run control."""
+    state, with ``runs`` as its run control and run queue."""
     try:  # the dashboard's packages come with the server extra
         from fedrot_server.dashboard import create_app
         from fedrot_server.dashboard.serving import start_dashboard
@@ -198,7 +197,7 @@ async def serve_dashboard(settings: ServerSettings, engine: RoundEngine) -> Dash
         ) from None
     host, port = parse_listen(settings.dashboard_listen)
     reader, telemetry = open_reader(settings.database_path), open_telemetry_reader(settings.database_path)
-    app = create_app(reader, telemetry=telemetry, control=engine,
+    app = create_app(reader, telemetry=telemetry, control=runs, runs=runs,
                      runs_root=settings.state_dir / "runs", admin_token=settings.admin_token,
                      read_token=settings.dashboard_read_token,
                      client_timeout_s=settings.client_timeout_s)  # fmt: skip

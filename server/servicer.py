@@ -39,7 +39,7 @@ from fedrot_server.errors import (
     UploadInProgressError,
     WrongStateError,
 )
-from fedrot_server.rounds import RoundEngine
+from fedrot_server.run_manager import RunManager
 from fedrot_server.tasks import UploadOutcome, UploadTicket
 from fedrot_server.telemetry import InterruptionRow, TelemetryLog
 from fedrot_server.transfers import MAX_QUEUED_BYTES, PayloadReceiver, payload_chunks
@@ -159,16 +159,17 @@ def _how_it_broke(cut: BaseException) -> str:
 
 
 class FederationServicer(pb_grpc.FederationServiceServicer):
-    """``fedrot.v1.FederationService`` over a :class:`RoundEngine`; with ``telemetry``, refused
-    and interrupted uploads and bytes sent are recorded for the dashboard."""
+    """``fedrot.v1.FederationService`` over the server's runs (:class:`RunManager`, which
+    routes each call by run id); with ``telemetry``, refused and interrupted uploads and bytes
+    sent are recorded for the dashboard."""
 
     def __init__(
         self,
-        engine: RoundEngine,
+        runs: RunManager,
         authenticator: TokenAuthenticator,
         telemetry: TelemetryLog | None = None,
     ) -> None:
-        self._engine = engine
+        self._runs = runs
         self._auth = authenticator
         self._telemetry = telemetry
 
@@ -177,13 +178,13 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     @unary_errors
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
-        enrolment = self._engine.enroll(self._client(context), dict(request.info))
+        enrolment = self._runs.enroll(self._client(context), dict(request.info))
         return messages.enroll_response(enrolment)
 
     @unary_errors
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
         max_wait = request.max_wait.ToNanoseconds() / 1e9 if request.HasField("max_wait") else None
-        task = await self._engine.next_task(self._client(context), request.run_id, max_wait)
+        task = await self._runs.next_task(self._client(context), request.run_id, max_wait)
         return messages.task_response(task)
 
     @stream_errors
@@ -191,15 +192,15 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         self, request: pb.DownloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadAdapterResponse]:
         client = self._client(context)
-        encoded = self._engine.adapter_for(client, request.run_id, request.round)
-        chunk_bytes = self._engine.spec.limits.chunk_bytes
+        encoded = await self._runs.adapter_for(client, request.run_id, request.round)
+        chunk_bytes = self._runs.settings.chunk_bytes
         chunks = payload_chunks(encoded.payload, offset=request.offset, chunk_bytes=chunk_bytes)
         yield messages.download_header(encoded, chunk_bytes)
         sent = 0
         for offset, data in chunks:
             yield messages.download_chunk(offset, data)
             sent += len(data)
-        self._engine.count_download(request.round, sent)
+        self._runs.count_download(request.run_id, request.round, sent)
         if self._telemetry is not None:
             self._telemetry.record_download(request.run_id, request.round, client, sent)
 
@@ -209,24 +210,28 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     ) -> pb.UploadUpdateResponse:
         client = self._client(context)
         messages_in = aiter(request_iterator)
-        first = await _next_within(messages_in, self._engine.settings.upload_stall_s)
-        round_index = first.header.round if first is not None and first.HasField("header") else -1
+        first = await _next_within(messages_in, self._runs.settings.upload_stall_s)
+        header = first.header if first is not None and first.HasField("header") else None
+        round_index = header.round if header is not None else -1
+        run_id = header.run_id if header is not None else ""
         try:
             return await self._upload(client, first, messages_in)
         except INTERRUPTIONS:
             raise  # recorded by _upload as an interruption
         except Exception as error:
-            self._record_refusal(client, round_index, error)
+            self._record_refusal(client, run_id, round_index, error)
             raise
 
-    def _record_refusal(self, client: str, round_index: int, error: Exception) -> None:
+    def _record_refusal(self, client: str, run_id: str, round_index: int, error: Exception) -> None:
         """Record a refused upload (reason: its status name) for the dashboard."""
         if self._telemetry is None:
             return
         code, message = status_of(error)
         try:
-            self._telemetry.record_refusal(self._engine.spec.run_id, round_index, client,
-                                           code.name, message, time.time())  # fmt: skip
+            active = self._runs.active
+            run_id = run_id or (active.run_id if active is not None else "")
+            self._telemetry.record_refusal(run_id, round_index, client, code.name, message,
+                                           time.time())  # fmt: skip
         except Exception:  # noqa: BLE001 - telemetry must not change the answer
             logger.warning("could not record a refused upload of %s", client, exc_info=True)
 
@@ -237,7 +242,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         held, total = ticket.receiver.received, ticket.request.total_size
         detail = (f"{_how_it_broke(cut)} after {held} of {total} bytes (held for a resume "
                   "while the round is open)")  # fmt: skip
-        row = InterruptionRow(self._engine.spec.run_id, ticket.request.round_index,
+        row = InterruptionRow(ticket.request.run_id, ticket.request.round_index,
                               ticket.client, held, total, detail, time.time())  # fmt: skip
         try:
             self._telemetry.record_interruption(row)
@@ -254,22 +259,23 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidRequestError("an upload must start with a header message")
         request = messages.upload_request(first.header)
-        opened = await self._engine.open_upload(client, request)
+        engine = self._runs.engine_for(request.run_id)
+        opened = await engine.open_upload(client, request)
         if isinstance(opened, UploadOutcome):
             return messages.upload_response(opened)
         receiver, concluded = opened.receiver, False
         try:
             try:
-                await _receive(receiver, messages_in, self._engine.settings.upload_stall_s)
+                await _receive(receiver, messages_in, self._runs.settings.upload_stall_s)
                 # The whole payload is here: from now on it is counted or refused, never resumed.
                 concluded = receiver.complete
                 payload = await receiver.finish()
             except INTERRUPTIONS as cut:
                 self._record_interruption(opened, cut)
                 raise
-            outcome = await self._engine.commit_upload(opened, payload)
+            outcome = await engine.commit_upload(opened, payload)
         finally:
-            self._engine.release(opened, keep_partial=not concluded)
+            engine.release(opened, keep_partial=not concluded)
         return messages.upload_response(outcome)
 
     @unary_errors
@@ -277,14 +283,25 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext
     ) -> pb.QueryUploadResponse:
         identity = messages.upload_identity(request)
-        progress = await self._engine.query_upload(self._client(context), request.run_id, identity)
+        engine = self._runs.engine_for(request.run_id)
+        progress = await engine.query_upload(self._client(context), request.run_id, identity)
         return messages.query_response(progress)
 
     @unary_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         client = self._client(context)
         messages.check_heartbeat(request)
+        engine = self._runs.engine_for(request.run_id)
         if request.phase == pb.CLIENT_PHASE_WITHDRAWN:
-            await self._engine.withdraw(client, request.run_id, request.round)
-        reply = self._engine.heartbeat(client, request.run_id, request.round)
+            await engine.withdraw(client, request.run_id, request.round)
+        reply = engine.heartbeat(client, request.run_id, request.round,
+                                 messages.phase_name(request.phase), request.progress)  # fmt: skip
         return messages.heartbeat_response(reply)
+
+    @unary_errors
+    async def DeclineRun(
+        self, request: pb.DeclineRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeclineRunResponse:
+        reason = messages.decline_reason(request)
+        await self._runs.decline(self._client(context), request.run_id, reason)
+        return pb.DeclineRunResponse()

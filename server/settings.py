@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -29,8 +30,9 @@ from pydantic_settings import SettingsConfigDict
 from fedrot.strategies import StrategyName
 from fedrot_server.checks import check_dashboard_token, check_secret, parse_listen
 from fedrot_server.checks import read_secret_file
-from fedrot_server.errors import SettingsError
+from fedrot_server.errors import RunSettingsError, SettingsError
 
+logger = logging.getLogger(__name__)
 ENV_PREFIX = "FEDROT_SERVER_"
 MIB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * MIB
@@ -101,6 +103,21 @@ def parse_portion(value: object) -> Portion:
 PortionField = Annotated[Portion, NoDecode, BeforeValidator(parse_portion), PlainSerializer(str)]
 
 
+def check_label_names(labels: Sequence[str], task: str, num_labels: int) -> None:
+    """The run's class names: classification only, ``num_labels`` of them, distinct, non-empty."""
+    if not labels:
+        return
+    if task != "classification":
+        raise ValueError(f"labels name classes, but task is {task}")
+    if len(labels) != num_labels:
+        raise ValueError(f"labels has {len(labels)} names but num_labels is {num_labels}")
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if repeated:
+        raise ValueError(f"labels must be distinct, repeated: {repeated}")
+    if not all(name.strip() for name in labels):
+        raise ValueError("labels must be non-empty names")
+
+
 class ModelSettings(BaseModel):
     """The base model every client loads (see ``fedrot_client.models.ModelSpec``)."""
 
@@ -108,15 +125,28 @@ class ModelSettings(BaseModel):
 
     name: str = Field("tiny-bert", min_length=1)
     task: Literal["classification", "causal-lm"] = "classification"
+    # Classification: the run's class names in id order (label id i is labels[i]); they go to
+    # every client, the held-out evaluation and the published adapters' id2label. num_labels
+    # follows from them when not given. Empty: the ids 0 .. num_labels - 1, unnamed.
+    labels: list[str] = Field(default_factory=list)
     num_labels: int = Field(2, ge=1)
     seed: int = Field(0, ge=0)
     # "sha256:<hex>"; empty: taken from the loaded base model (or not checked).
     fingerprint: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _num_labels_from_labels(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("labels"), list | tuple):
+            if data["labels"] and data.get("num_labels") is None:
+                return {**data, "num_labels": len(data["labels"])}
+        return data
+
     @model_validator(mode="after")
     def _labels_for_classification(self) -> ModelSettings:
         if self.task == "classification" and self.num_labels < 2:
             raise ValueError(f"classification needs num_labels >= 2, got {self.num_labels}")
+        check_label_names(self.labels, self.task, self.num_labels)
         return self
 
 
@@ -204,7 +234,7 @@ class EvaluationSettings(BaseModel):
     split: str | None = None
     text_field: str = "text"
     label_field: str = "label"
-    # Label names in id order; empty: the ids 0 .. num_labels - 1.
+    # Deprecated alias of model.labels (the run's class names), which it fills when unset.
     labels: list[str] = Field(default_factory=list)
     batch_size: int = Field(64, ge=1)
     # Causal LM on instruction data: greedy generation of at most max_new_tokens per prompt,
@@ -225,10 +255,101 @@ class EvaluationSettings(BaseModel):
         return value
 
 
-class ServerSettings(BaseSettings):
-    """The aggregation server's settings. Sources, highest priority first: flags, environment
-    variables (FEDROT_SERVER_ and the name in capitals, __ between nested names:
-    --lora.rank is FEDROT_SERVER_LORA__RANK), the --config file, the defaults."""
+class RunSettings(BaseModel):
+    """The settings of one federated run. A single-run server takes them flat among its own
+    (``--rounds 5``, ``--lora.rank 8``, ``FEDROT_SERVER_ROUNDS``, the config file); a standing
+    server (``--standing``) takes them per submitted run (``POST /api/v1/runs``, the same
+    names). Both validate this one model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    strategy: StrategySettings = StrategySettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    rounds: int = Field(5, ge=1, description="rounds the run lasts")
+    clients: list[str] = Field(
+        default_factory=list,
+        description="the clients the run takes (names from the tokens); empty: every client",
+    )
+    min_clients: int = Field(2, ge=1, description="live clients needed to open a round")
+    clients_per_round: PortionField = Field(
+        Portion(fraction=1.0), description="participants per round: a count, a fraction or all"
+    )
+    quorum: PortionField = Field(
+        Portion(count=1),
+        description="reports that close a round at its deadline (count, or fraction of those asked)",
+    )
+    round_deadline_s: float = Field(600.0, gt=0, description="seconds a round waits for reports")
+    seed: int = Field(0, ge=0, description="seeds sampling, LoRA init and clients' batch order")
+    late_updates: Literal["drop", "stale"] = Field(
+        "drop",
+        description="an update for a closed round: drop (refused), or stale (aligned to the "
+        "current reference and added with weight * staleness_weight ** rounds_late)",
+    )
+    staleness_weight: float = Field(
+        0.5, gt=0, le=1, description="weight factor per round of lateness of a stale update"
+    )
+
+    @field_validator("clients")
+    @classmethod
+    def _check_client_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not CLIENT_NAME.fullmatch(name):
+                raise ValueError(f"client name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - "
+                                 "(not a dot first)")  # fmt: skip
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"clients named twice: {repeated}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_run_consistency(self) -> RunSettings:
+        per_round, quorum = self.clients_per_round.count, self.quorum.count
+        if per_round is not None and quorum is not None and quorum > per_round:
+            raise ValueError(f"quorum {quorum} exceeds clients_per_round {per_round}")
+        if self.clients and self.min_clients > len(self.clients):
+            raise ValueError(f"min_clients {self.min_clients} exceeds the {len(self.clients)} "
+                             f"clients the run names")  # fmt: skip
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_evaluation_labels(cls, data: Any) -> Any:
+        """``evaluation.labels`` (deprecated) names the classes when ``model.labels`` does not;
+        given both, they must be equal."""
+        if not isinstance(data, dict):
+            return data
+        alias = _given(data.get("evaluation"), "labels")
+        if not alias:
+            return data
+        model = data.get("model")
+        named = _given(model, "labels")
+        if named:
+            if list(named) != list(alias):
+                raise ValueError("evaluation.labels (deprecated) differs from model.labels: "
+                                 "give the class names once, as model.labels")  # fmt: skip
+            return data
+        logger.warning("evaluation.labels is deprecated: give the run's class names as "
+                       "model.labels")  # fmt: skip
+        if isinstance(model, ModelSettings):
+            model = {name: getattr(model, name) for name in model.model_fields_set}
+        return {**data, "model": {**(model if isinstance(model, dict) else {}), "labels": alias}}
+
+    def takes(self, client: str) -> bool:
+        """Whether the run takes ``client`` (it names no clients, or names this one)."""
+        return not self.clients or client in self.clients
+
+
+RUN_FIELDS = tuple(RunSettings.model_fields)
+
+
+class ServerSettings(BaseSettings, RunSettings):
+    """The aggregation server's settings: its own, and (flat, inherited from
+    :class:`RunSettings`) the run a single-run server serves. Sources, highest priority first:
+    flags, environment variables (FEDROT_SERVER_ and the name in capitals, __ between nested
+    names: --lora.rank is FEDROT_SERVER_LORA__RANK), the --config file, the defaults."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -243,21 +364,12 @@ class ServerSettings(BaseSettings):
     config: Path | None = Field(None, description="TOML or JSON file of settings")
     listen: str = Field("127.0.0.1:50051", description="host:port to serve on (port 0: any)")
     state_dir: Path = Field(Path("state"), description="SQLite database and run artifacts")
-    model: ModelSettings = ModelSettings()
-    lora: LoraSettings = LoraSettings()
-    strategy: StrategySettings = StrategySettings()
-    training: TrainingSettings = TrainingSettings()
-    evaluation: EvaluationSettings = EvaluationSettings()
-    rounds: int = Field(5, ge=1, description="rounds the run lasts")
-    min_clients: int = Field(2, ge=1, description="live clients needed to open a round")
-    clients_per_round: PortionField = Field(
-        Portion(fraction=1.0), description="participants per round: a count, a fraction or all"
+    standing: bool = Field(
+        False,
+        description="serve with no run and take runs submitted over the admin API (POST "
+        "/api/v1/runs), one at a time in submission order; the run settings given at start "
+        "are then ignored",
     )
-    quorum: PortionField = Field(
-        Portion(count=1),
-        description="reports that close a round at its deadline (count, or fraction of those asked)",
-    )
-    round_deadline_s: float = Field(600.0, gt=0, description="seconds a round waits for reports")
     client_timeout_s: float = Field(
         120.0, gt=0,
         description="a client silent this long is not sampled (and is replaced in an extended round)",
@@ -270,7 +382,6 @@ class ServerSettings(BaseSettings):
     upload_stall_s: float = Field(
         60.0, gt=0, description="an upload with no message for this long is abandoned"
     )
-    seed: int = Field(0, ge=0, description="seeds sampling, LoRA init and clients' batch order")
     tokens: dict[str, str] = Field(default_factory=dict, description="client name=token pairs")
     tokens_file: Path | None = Field(None, description="file of name=token lines")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS")
@@ -302,14 +413,6 @@ class ServerSettings(BaseSettings):
         True,
         description="resume the run a crash left unfinished in state_dir (its settings must "
         "match); false: always start a new run",
-    )
-    late_updates: Literal["drop", "stale"] = Field(
-        "drop",
-        description="an update for a closed round: drop (refused), or stale (aligned to the "
-        "current reference and added with weight * staleness_weight ** rounds_late)",
-    )
-    staleness_weight: float = Field(
-        0.5, gt=0, le=1, description="weight factor per round of lateness of a stale update"
     )
     linger_s: float = Field(
         30.0, ge=0, description="keep serving this long after the run so every client hears DONE"
@@ -397,26 +500,15 @@ class ServerSettings(BaseSettings):
             raise ValueError("give both tls_cert_file and tls_key_file, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        per_round, quorum = self.clients_per_round.count, self.quorum.count
-        if per_round is not None and quorum is not None and quorum > per_round:
-            raise ValueError(f"quorum {quorum} exceeds clients_per_round {per_round}")
         return self
 
-    @model_validator(mode="after")
-    def _check_evaluation_labels(self) -> ServerSettings:
-        labels, model = self.evaluation.labels, self.model
-        if not labels:
-            return self
-        if model.task != "classification":
-            raise ValueError(f"evaluation.labels names classes, but model.task is {model.task}")
-        if len(labels) != model.num_labels:
-            raise ValueError(f"evaluation.labels has {len(labels)} names but model.num_labels "
-                             f"is {model.num_labels}")  # fmt: skip
-        repeated = sorted({name for name in labels if labels.count(name) > 1})
-        if repeated or not all(name.strip() for name in labels):
-            raise ValueError(f"evaluation.labels: names must be distinct and non-empty "
-                             f"(repeated: {repeated})")  # fmt: skip
-        return self
+    def run_settings(self) -> RunSettings:
+        """The run given at start (a single-run server's run)."""
+        return RunSettings.model_validate({name: getattr(self, name) for name in RUN_FIELDS})
+
+    def for_run(self, run: RunSettings) -> ServerSettings:
+        """These settings with ``run``'s per-run fields: what the engine of ``run`` reads."""
+        return self.model_copy(update={name: getattr(run, name) for name in RUN_FIELDS})
 
     def client_tokens(self) -> dict[str, str]:
         """``name -> token`` from ``tokens_file`` (lines ``name=token``) and ``tokens`` (which
@@ -440,6 +532,13 @@ class ServerSettings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.state_dir / "fedrot.sqlite3"
+
+
+def _given(section: object, name: str) -> Any:
+    """Field ``name`` of a settings section given as a dict or a model (None when absent)."""
+    if isinstance(section, dict):
+        return section.get(name)
+    return getattr(section, name, None)
 
 
 def check_token(name: str, token: str) -> None:
@@ -493,6 +592,21 @@ def load_settings(argv: Sequence[str] = ()) -> ServerSettings:
         return ServerSettings(_cli_parse_args=list(argv), **from_file)
     except ValidationError as exc:
         raise SettingsError(describe_errors(exc)) from exc
+
+
+def validate_run_settings(data: Any) -> RunSettings:
+    """A submitted run's settings (a JSON object of :class:`RunSettings` names);
+    :class:`RunSettingsError` listing ``(dotted name, problem)`` for each bad one."""
+    try:
+        return RunSettings.model_validate(data)
+    except ValidationError as exc:
+        raise RunSettingsError(describe_problems(exc)) from exc
+
+
+def describe_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(dotted name, what is wrong)`` per bad setting ("settings" when the whole is wrong)."""
+    return [(".".join(str(part) for part in error["loc"]) or "settings", error["msg"])
+            for error in exc.errors()]  # fmt: skip
 
 
 def describe_errors(exc: ValidationError) -> str:

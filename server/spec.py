@@ -17,6 +17,7 @@ from fedrot_server.settings import (
     MAX_CHUNK_BYTES,
     LoraSettings,
     ModelSettings,
+    RunSettings,
     ServerSettings,
     StrategySettings,
     TrainingSettings,
@@ -47,15 +48,19 @@ class RunSpec:
     heartbeat_interval_s: float
 
     @classmethod
-    def from_settings(cls, settings: ServerSettings, run_id: str | None = None) -> RunSpec:
+    def from_settings(
+        cls, settings: ServerSettings, run_id: str | None = None, run: RunSettings | None = None
+    ) -> RunSpec:
+        """The spec of ``run`` (default: the run given at start) on a server of ``settings``."""
+        run = settings if run is None else run
         return cls(
             run_id=run_id or new_run_id(),
-            model=settings.model,
-            lora=settings.lora,
-            strategy=settings.strategy,
-            training=settings.training,
-            rounds=settings.rounds,
-            seed=settings.seed,
+            model=run.model,
+            lora=run.lora,
+            strategy=run.strategy,
+            training=run.training,
+            rounds=run.rounds,
+            seed=run.seed,
             limits=TransferLimits(
                 chunk_bytes=settings.chunk_bytes,
                 max_chunk_bytes=MAX_CHUNK_BYTES,

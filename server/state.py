@@ -14,6 +14,10 @@ from typing import Any, Protocol
 
 
 class RunPhase(StrEnum):
+    """``queued``: submitted to a standing server, not started yet (a queued run stopped
+    before it started is ``stopped`` with no round)."""
+
+    QUEUED = "queued"
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -33,6 +37,7 @@ class RunRow:
     phase: RunPhase
     rounds_completed: int
     finished_at: float | None = None
+    queue_position: int | None = None  # 1 = the next to start; None: not queued
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ClientRow:
     last_seen: float
     revoked: bool
     info: Mapping[str, str] = field(default_factory=dict)
+    declined: str | None = None  # the reason the client gave for declining the run
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,12 @@ ADDED_COLUMNS = (
     ("uploads", "merged_into", "INTEGER"),
     ("rounds", "target", "INTEGER"),
     ("clients", "revoked_by", "TEXT"),
+    # A run's settings as submitted or given at start (RunSettings JSON), and its place in
+    # submission order (what a standing server's queue is ordered by).
+    ("runs", "settings", "TEXT"),
+    ("runs", "sequence", "INTEGER"),
+    # Why the client declined the run (DeclineRun); NULL: it did not.
+    ("enrollments", "declined", "TEXT"),
 )
 # Who revoked a client: the operator (dashboard) or the tokens source, which no longer names it.
 REVOKED_BY_OPERATOR = "operator"
@@ -157,12 +163,32 @@ class SqliteReader:
         return rows[0] if rows else None
 
     def runs(self) -> list[RunRow]:
+        """Every run in submission order (queued ones with their place in the queue)."""
         rows = self._query("SELECT * FROM runs ORDER BY created_at, run_id")
-        return [_run_row(r) for r in rows]
+        places = self._queue_places()
+        return [_run_row(r, places.get(r["run_id"])) for r in rows]
 
     def run(self, run_id: str) -> RunRow | None:
         row = self._query_one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
-        return _run_row(row) if row else None
+        return _run_row(row, self._queue_places().get(run_id)) if row else None
+
+    def queued_runs(self) -> list[RunRow]:
+        """The runs waiting to start, the next first (submission order)."""
+        rows = self._query("SELECT * FROM runs WHERE phase = ?", (RunPhase.QUEUED.value,))
+        rows.sort(key=lambda r: (_column(r, "sequence") or 0, r["created_at"]))
+        return [_run_row(r, place) for place, r in enumerate(rows, start=1)]
+
+    def _queue_places(self) -> dict[str, int]:
+        return {run.run_id: run.queue_position or 0 for run in self.queued_runs()}
+
+    def run_settings(self, run_id: str) -> dict[str, Any] | None:
+        """The run's settings as recorded (None: a run recorded before they were kept)."""
+        row = self._query_one("SELECT settings FROM runs WHERE run_id = ?", (run_id,))
+        return None if row is None or row["settings"] is None else json.loads(row["settings"])
+
+    def client_names(self) -> set[str]:
+        """Every client the server knows (revoked ones included)."""
+        return {r["name"] for r in self._query("SELECT name FROM clients")}
 
     def clients(self, run_id: str) -> list[ClientRow]:
         rows = self._query(
@@ -177,6 +203,7 @@ class SqliteReader:
                 last_seen=r["last_seen"],
                 revoked=bool(r["revoked"]),
                 info=json.loads(r["info"]),
+                declined=_column(r, "declined"),
             )
             for r in rows
         ]
@@ -331,11 +358,36 @@ class SqliteStore(SqliteReader):
 
     # Runs and enrolments.
 
-    def create_run(self, run_id: str, spec: Mapping[str, Any], at: float) -> None:
+    def create_run(
+        self,
+        run_id: str,
+        spec: Mapping[str, Any],
+        at: float,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a started run, *waiting*: a new row, or the queued row of ``run_id`` (which
+        keeps its submission time and place)."""
+        if self._write("UPDATE runs SET spec = ?, phase = ? WHERE run_id = ? AND phase = ?",
+                       (_dumps(spec), RunPhase.WAITING.value, run_id,
+                        RunPhase.QUEUED.value)).rowcount:  # fmt: skip
+            return
+        self._insert_run(run_id, spec, at, settings, RunPhase.WAITING)
+
+    def queue_run(
+        self, run_id: str, spec: Mapping[str, Any], settings: Mapping[str, Any], at: float
+    ) -> None:
+        """Record a submitted run, *queued* behind every run submitted before it."""
+        self._insert_run(run_id, spec, at, settings, RunPhase.QUEUED)
+
+    def _insert_run(self, run_id: str, spec: Mapping[str, Any], at: float,
+                    settings: Mapping[str, Any] | None, phase: RunPhase) -> None:  # fmt: skip
+        last = self._db.execute("SELECT MAX(sequence) FROM runs").fetchone()[0]
         self._write(
-            "INSERT INTO runs (run_id, created_at, spec, phase) VALUES (?, ?, ?, ?)",
-            (run_id, at, _dumps(spec), RunPhase.WAITING.value),
-        )
+            "INSERT INTO runs (run_id, created_at, spec, phase, settings, sequence) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, at, _dumps(spec), phase.value,
+             None if settings is None else _dumps(settings), (last or 0) + 1),
+        )  # fmt: skip
 
     def set_run_phase(self, run_id: str, phase: RunPhase, at: float | None = None) -> None:
         finished = at if phase in (RunPhase.FINISHED, RunPhase.STOPPED) else None
@@ -352,6 +404,11 @@ class SqliteStore(SqliteReader):
             "last_seen = excluded.last_seen, info = excluded.info",
             (run_id, client, at, at, _dumps(dict(info))),
         )
+
+    def decline(self, run_id: str, client: str, reason: str) -> None:
+        """Record that ``client`` declined run ``run_id``, and why."""
+        self._write("UPDATE enrollments SET declined = ? WHERE run_id = ? AND client = ?",
+                    (reason, run_id, client))  # fmt: skip
 
     def touch(self, run_id: str, client: str, at: float) -> None:
         self._write(
@@ -471,7 +528,12 @@ def open_reader(path: Path) -> SqliteReader:
     return SqliteReader(connection)
 
 
-def _run_row(r: sqlite3.Row) -> RunRow:
+def _column(r: sqlite3.Row, name: str) -> Any:
+    """``r[name]``; None in a database that predates the column (a reader never adds it)."""
+    return r[name] if name in r.keys() else None
+
+
+def _run_row(r: sqlite3.Row, queue_position: int | None = None) -> RunRow:
     return RunRow(
         run_id=r["run_id"],
         created_at=r["created_at"],
@@ -479,6 +541,7 @@ def _run_row(r: sqlite3.Row) -> RunRow:
         phase=RunPhase(r["phase"]),
         rounds_completed=r["rounds_completed"],
         finished_at=r["finished_at"],
+        queue_position=queue_position,
     )
 
 

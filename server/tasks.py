@@ -46,12 +46,23 @@ class TrainTask:
 
 @dataclass(frozen=True)
 class DoneTask:
+    """The run is over; ``server_continues``: the server stays up for further runs."""
+
     rounds_completed: int
     final_adapter: AdapterRef
     reason: str
+    server_continues: bool = False
 
 
 Task = WaitTask | TrainTask | DoneTask
+
+
+@dataclass(frozen=True)
+class EnrolmentWait:
+    """No run this client may join now: enrol again after ``wait``."""
+
+    client_id: str
+    wait: WaitTask
 
 
 @dataclass(frozen=True)

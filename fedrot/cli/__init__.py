@@ -1,6 +1,7 @@
 """The ``fedrot`` command: ``fedrot aggregate ...`` (see :mod:`fedrot.cli.aggregate`),
-``fedrot simulate ...`` (:mod:`fedrot.cli.simulate`) and ``fedrot split ...``
-(:mod:`fedrot.cli.split`).
+``fedrot simulate ...`` (:mod:`fedrot.cli.simulate`), ``fedrot split ...``
+(:mod:`fedrot.cli.split`) and ``fedrot run submit|list|stop`` (:mod:`fedrot.cli.runs`, a
+standing server's runs over its admin API).
 
 The one corner of the ``fedrot`` package that reads and writes files. Bad input ends the
 command with one line on stderr, ``fedrot: error: <file>: <problem>``, and exit status 2
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fedrot.cli import aggregate, simulate, split
+from fedrot.cli import aggregate, runs, simulate, split
 from fedrot.cli.files import InputError
 
 PROG = "fedrot"
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_parser(commands)
     simulate.add_parser(commands)
     split.add_parser(commands)
+    runs.add_parser(commands)
     return parser
 
 

@@ -131,8 +131,8 @@ def server_settings(
 ) -> dict[str, Any]:
     """The ``fedrot-server`` settings that match the split (absolute paths)."""
     model: dict[str, Any] = {"name": args.model, "task": args.task}
-    if args.task == "classification":
-        model["num_labels"] = len(labels or ())
+    if args.task == "classification":  # the run's class names; num_labels follows from them
+        model["labels"] = list(labels or ())
     settings: dict[str, Any] = {
         "state_dir": str(out / "server-state"),
         "min_clients": args.clients,
@@ -145,7 +145,7 @@ def server_settings(
         evaluation: dict[str, Any] = {"data": str(out / "eval.jsonl"),
                                       "text_field": args.text_field}  # fmt: skip
         if args.task == "classification":
-            evaluation.update(label_field=args.label_field, labels=labels or [])
+            evaluation["label_field"] = args.label_field
         settings["evaluation"] = evaluation
     return settings
 

@@ -45,7 +45,7 @@ def guard_of(request: Request) -> Guard:
 
 
 def require_read(request: Request) -> None:
-    guard_of(request).check_read(request)
+    guard_of(request).check_read(request, sources_of(request).clock())
 
 
 def require_admin(request: Request) -> None:
@@ -60,7 +60,8 @@ actions = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin)], respon
 
 @reads.get("/runs", response_model=list[RunInfo], tags=["runs"])
 def list_runs(sources: SourcesDep) -> list[RunInfo]:
-    return [views.run_info(run) for run in sources.runs()]
+    """Every recorded run, oldest first, with its strategy and best held-out figure."""
+    return [views.run_info(run, rounds) for run, rounds in sources.runs_with_rounds()]
 
 
 @reads.get("/runs/{run_id}", response_model=Overview, tags=["runs"])
@@ -78,7 +79,8 @@ def list_clients(run_id: str, sources: SourcesDep) -> list[ClientInfo]:
     run_id = state.run.run_id
     events = views.UploadEvents(sources.refusals(run_id), sources.interruptions(run_id))
     return views.clients_view(state, sources.files, events, down, now=sources.clock(),
-                              timeout_s=sources.client_timeout_s)  # fmt: skip
+                              timeout_s=sources.client_timeout_s,
+                              live=sources.live(run_id))  # fmt: skip
 
 
 @reads.get("/runs/{run_id}/rounds", response_model=list[RoundInfo], tags=["rounds"])
@@ -97,7 +99,8 @@ def get_round(run_id: str, round_index: int, sources: SourcesDep) -> RoundInfo:
 
 @reads.get("/runs/{run_id}/modules", response_model=RoundModules, tags=["rounds"])
 def get_modules(run_id: str, sources: SourcesDep, round: int | None = None) -> RoundModules:
-    """Per-module aggregation error and rotation size of ``round`` (default: the latest)."""
+    """Per-module aggregation error and rotation size of ``round`` (an index from 0; default:
+    the latest closed round with a report). A closed round without a report: no modules."""
     state = sources.state(run_id)
     if round is not None and all(r.round_index != round for r in state.rounds):
         raise not_found(f"run {state.run.run_id} has no round {round}")
@@ -123,8 +126,11 @@ def get_adapter(run_id: str, which: str, sources: SourcesDep) -> AdapterInfo:
 
 @reads.get("/runs/{run_id}/adapters/{which}/safetensors", response_class=FileResponse,
            tags=["adapters"])  # fmt: skip
+@reads.head("/runs/{run_id}/adapters/{which}/safetensors", response_class=FileResponse,
+            tags=["adapters"], operation_id="head_weights")  # fmt: skip
 def download_weights(run_id: str, which: str, sources: SourcesDep) -> FileResponse:
-    """The raw safetensors weights; its sha256 is in the ``X-Content-SHA256`` header."""
+    """The raw safetensors weights; its sha256 is in the ``X-Content-SHA256`` header (HEAD:
+    the headers alone)."""
     run_id, round_index, files = find_adapter(sources, run_id, which)
     return FileResponse(files.weights, media_type="application/octet-stream",
                         filename=f"{run_id}-{adapter_name(round_index)}.safetensors",
@@ -132,6 +138,8 @@ def download_weights(run_id: str, which: str, sources: SourcesDep) -> FileRespon
 
 
 @reads.get("/runs/{run_id}/adapters/{which}/zip", response_class=FileResponse, tags=["adapters"])
+@reads.head("/runs/{run_id}/adapters/{which}/zip", response_class=FileResponse, tags=["adapters"],
+            operation_id="head_zip")  # fmt: skip
 def download_zip(run_id: str, which: str, sources: SourcesDep) -> FileResponse:
     """A zip of the PEFT directory (``adapter_config.json`` + weights) under one folder."""
     run_id, round_index, files = find_adapter(sources, run_id, which)

@@ -2,7 +2,8 @@
 
 Pages: ``/`` (one page, plain JS polling the API), ``/static/*`` (its script, style and the
 plotly.js bundle shipped in the ``plotly`` wheel: no CDN). Machine endpoints: ``/api/v1/...``
-(JSON, OpenAPI at ``/api/v1/openapi.json``), ``/healthz`` and ``/metrics`` (Prometheus).
+(JSON, OpenAPI at ``/api/v1/openapi.json``, browsable at ``/api/v1/docs`` with no CDN),
+``/healthz`` and ``/metrics`` (Prometheus); ``/favicon.ico``.
 Never imports torch: it reads SQLite rows and JSON reports and serves files as they are.
 """
 
@@ -17,9 +18,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fedrot_server.control import RunControl
-from fedrot_server.dashboard import api
-from fedrot_server.dashboard.errors import install_handlers, not_found
+from fedrot_server.control import RunControl, RunQueue
+from fedrot_server.dashboard import api, run_submissions, session
+from fedrot_server.dashboard.errors import install_handlers
 from fedrot_server.dashboard.files import RunFiles
 from fedrot_server.dashboard.metrics import build_registry, metrics_text
 from fedrot_server.dashboard.schemas import Health
@@ -46,21 +47,26 @@ def create_app(
     runs_root: Path,
     telemetry: TelemetryView | None = None,
     control: RunControl | None = None,
+    runs: RunQueue | None = None,
     admin_token: str | None = None,
     read_token: str | None = None,
     client_timeout_s: float = 120.0,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The dashboard over ``reader`` (and ``telemetry``), serving adapters from ``runs_root``
-    (``<state_dir>/runs``); admin actions go to ``control`` (None: refused with 409)."""
+    (``<state_dir>/runs``); admin actions go to ``control`` (None: refused with 409), run
+    submissions to ``runs`` (a standing server's queue; None: refused with 409)."""
     app = FastAPI(title="FedRot dashboard", version="1", openapi_url=f"{api.PREFIX}/openapi.json",
                   docs_url=None, redoc_url=None)  # fmt: skip
     app.state.sources = Sources(reader, RunFiles(runs_root), telemetry, control,
                                 client_timeout_s=client_timeout_s, clock=clock)  # fmt: skip
     app.state.guard = Guard.of(read_token, admin_token)
+    app.state.runs = runs
     install_handlers(app)
     app.include_router(api.reads)
     app.include_router(api.actions)
+    app.include_router(run_submissions.router)
+    app.include_router(session.router)
     add_pages(app)
     add_operations(app, build_registry(app.state.sources))
     return app
@@ -72,6 +78,16 @@ def add_pages(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get(f"{api.PREFIX}/docs", include_in_schema=False)
+    def api_docs() -> FileResponse:
+        """The OpenAPI schema as a page (rendered by ``static/apidocs.js``, no CDN)."""
+        return FileResponse(STATIC / "apidocs.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon",
+                            headers={"Cache-Control": "max-age=86400"})  # fmt: skip
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
@@ -93,7 +109,3 @@ def add_operations(app: FastAPI, registry) -> None:  # noqa: ANN001 - CollectorR
         """Prometheus text format: rounds, clients, bytes, errors, held-out metrics, refusals,
         round durations."""
         return Response(metrics_text(registry), media_type=PROMETHEUS_TEXT)
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon() -> Response:
-        raise not_found("no favicon")

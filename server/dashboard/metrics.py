@@ -71,7 +71,7 @@ class RunCollector(Collector):
         for client in state.clients:
             status = views.client_status(client, open_round, reported, now, timeout)
             counts[status] = counts.get(status, 0) + 1
-        for status in ("training", "reported", "live", "silent", "revoked"):
+        for status in ("training", "reported", "live", "silent", "revoked", "declined"):
             family.add_metric([run, status], counts.get(status, 0))
         return family
 

@@ -18,13 +18,26 @@ class ErrorBody(BaseModel):
     detail: Any = None
 
 
+class BestMetric(BaseModel):
+    """A run's best held-out figure over its closed rounds."""
+
+    name: str = Field(description="accuracy, exact_match (fractions in [0, 1]) or perplexity")
+    value: float
+    round: int = Field(description="the round (from 0) that reached it")
+
+
 class RunInfo(BaseModel):
     run_id: str
     created_at: float
-    phase: str = Field(description="waiting, running, finished or stopped (as recorded)")
+    phase: str = Field(description="queued, waiting, running, finished or stopped (as recorded)")
     rounds_completed: int
     rounds_total: int | None
     finished_at: float | None
+    queue_position: int | None = Field(None, description="a queued run's place (1: next)")
+    strategy: str | None = None
+    alignment_strength: float | None = Field(None, description="lambda: 0 = FedIT, 1 = hard")
+    task: str | None = None
+    best: BestMetric | None = Field(None, description="best held-out metric (None: none yet)")
 
 
 class Overview(BaseModel):
@@ -39,10 +52,19 @@ class Overview(BaseModel):
     activity: str = Field(description="waiting, training, aggregating or done")
     paused: bool
     live: bool = Field(description="whether this dashboard's server runs this run now")
-    current_round: int | None
+    current_round: int | None = Field(description="index of the latest round, from 0")
+    round_number: int | None = Field(description="the latest round counted from 1 (round N of M)")
     round_phase: str | None
-    deadline: float | None
-    seconds_left: float | None
+    stage: str = Field(
+        description="what the run does now: queued, waiting, training, aggregating, evaluating, "
+        "finished or stopped"
+    )
+    deadline: float | None = Field(description="the open round's deadline while clients train")
+    seconds_left: float | None = Field(description="until that deadline (None: not training)")
+    eta_s: float | None = Field(
+        description="estimated seconds until the last round closes, from the mean duration of "
+        "the closed rounds (None: no closed round yet, or the run is over)"
+    )
     clients_enrolled: int
     clients_sampled: int
     clients_reported: int
@@ -50,7 +72,7 @@ class Overview(BaseModel):
 
 
 class ClientInfo(BaseModel):
-    """One client of a run; ``status``: training, reported, live, silent or revoked."""
+    """One client of a run; ``status``: training, reported, live, silent, revoked or declined."""
 
     name: str
     status: str
@@ -75,6 +97,15 @@ class ClientInfo(BaseModel):
     )
     interruption_detail: str | None
     info: dict[str, str]
+    declined: str | None = Field(
+        None, description="why the client declined the run (DeclineRun); None: it did not"
+    )
+    phase: str | None = Field(
+        None, description="the phase of the open round its latest heartbeat reported "
+        "(downloading, training, uploading, withdrawn); None: no heartbeat about it",
+    )  # fmt: skip
+    progress: float | None = Field(None, description="fraction of that phase done, in [0, 1]")
+    progress_at: float | None = Field(None, description="when that heartbeat came (unix time)")
 
 
 class RoundInfo(BaseModel):
@@ -100,6 +131,14 @@ class RoundInfo(BaseModel):
     )
     aggregation_error: float | None
     relative_aggregation_error: float | None
+    fedit_aggregation_error: float | None = Field(
+        None, description="what FedIT's error would have been for the same uploads (if reported)"
+    )
+    fedit_relative_aggregation_error: float | None = None
+    rotation_drift_share: float | None = Field(
+        None, description="share in [0, 1] of the clients' factor drift the rotation removed"
+    )
+    evaluating: bool = Field(False, description="its held-out evaluation is still running")
     bytes_in: int
     bytes_out: int
     duration_s: float | None
@@ -118,7 +157,10 @@ class ModuleInfo(BaseModel):
 
 
 class RoundModules(BaseModel):
-    round: int | None = Field(description="the latest closed round with a report (None: none)")
+    round: int | None = Field(
+        description="the round shown: the one asked for, else the latest closed round with a "
+        "report (None: none)"
+    )
     aligned: str | None
     modules: list[ModuleInfo]
 
@@ -143,3 +185,11 @@ class ActionResult(BaseModel):
 class Health(BaseModel):
     status: str
     runs: int
+
+
+class SessionInfo(BaseModel):
+    """What this browser may do: read (open, or signed in) and whether admin is set up."""
+
+    read_token_required: bool
+    can_read: bool
+    admin_enabled: bool = Field(description="an admin token is configured")

@@ -13,7 +13,7 @@ from fedrot_server.control import LiveStatus, RunControl
 from fedrot_server.dashboard.errors import not_found
 from fedrot_server.dashboard.files import RunFiles, ZipCache
 from fedrot_server.dashboard.views import RunState
-from fedrot_server.state import RunRow, StateReader
+from fedrot_server.state import RoundRow, RunRow, StateReader
 from fedrot_server.telemetry import DownloadRow, InterruptionRow, RefusalRow, TelemetryView
 
 CURRENT = "current"
@@ -35,6 +35,11 @@ class Sources:
     def runs(self) -> list[RunRow]:
         with self.lock:
             return self.reader.runs()
+
+    def runs_with_rounds(self) -> list[tuple[RunRow, list[RoundRow]]]:
+        """Every run with its rounds (for the runs table), oldest first."""
+        with self.lock:
+            return [(run, self.reader.rounds(run.run_id)) for run in self.reader.runs()]
 
     def run(self, run_id: str) -> RunRow:
         """The run ``run_id``; ``"current"``: the live run, else the latest one. 404 if none."""

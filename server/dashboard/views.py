@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedrot_server.control import Activity, LiveStatus
+from fedrot_server.control import Activity, ClientProgress, LiveStatus
 from fedrot_server.dashboard.files import RunFiles
+from fedrot_server.dashboard.progress import Stage, best_metric, eta_seconds, stage_of
 from fedrot_server.dashboard.schemas import (
     ClientInfo,
     ModuleInfo,
@@ -54,12 +55,18 @@ class RunState:
         return [u for t in sorted(self.uploads) for u in self.uploads[t] if u.client == client]
 
 
-def run_info(run: RunRow) -> RunInfo:
-    rounds = run.spec.get("rounds")
+def run_info(run: RunRow, rounds: Sequence[RoundRow] = ()) -> RunInfo:
+    """The run's row in the runs table (``rounds``: its rounds, for the best metric)."""
+    spec = run.spec
+    rounds_total, strategy = spec.get("rounds"), _section(spec, "strategy")
+    strength = strategy.get("alignment_strength")
     return RunInfo(run_id=run.run_id, created_at=run.created_at, phase=run.phase.value,
                    rounds_completed=run.rounds_completed,
-                   rounds_total=rounds if isinstance(rounds, int) else None,
-                   finished_at=run.finished_at)  # fmt: skip
+                   rounds_total=rounds_total if isinstance(rounds_total, int) else None,
+                   finished_at=run.finished_at, queue_position=run.queue_position,
+                   strategy=strategy.get("name"),
+                   alignment_strength=strength if isinstance(strength, int | float) else None,
+                   task=_section(spec, "model").get("task"), best=best_metric(rounds))  # fmt: skip
 
 
 def activity_of(state: RunState, live: LiveStatus | None) -> Activity:
@@ -79,15 +86,20 @@ def overview(state: RunState, live: LiveStatus | None, now: float) -> Overview:
     reported = len(state.reported_now) if is_open else 0
     if current is not None and not is_open:
         reported = len(current.reporters)
+    stage = stage_of(state.run, state.rounds, live)
+    counting = is_open and stage is Stage.TRAINING  # aggregating: the deadline no longer runs
     return Overview(
-        run=run_info(state.run), base_model=model.get("name"), task=model.get("task"),
-        strategy=strategy.get("name"), alignment_strength=strategy.get("alignment_strength"),
+        run=run_info(state.run, state.rounds), base_model=model.get("name"),
+        task=model.get("task"), strategy=strategy.get("name"),
+        alignment_strength=strategy.get("alignment_strength"),
         lora_rank=lora.get("rank"), activity=activity_of(state, live).value,
         paused=bool(live and live.paused), live=live is not None,
         current_round=None if current is None else current.round_index,
-        round_phase=None if current is None else current.phase.value,
-        deadline=current.deadline if is_open else None,
-        seconds_left=max(0.0, current.deadline - now) if is_open else None,
+        round_number=None if current is None else current.round_index + 1,
+        round_phase=None if current is None else current.phase.value, stage=stage.value,
+        deadline=current.deadline if counting else None,
+        seconds_left=max(0.0, current.deadline - now) if counting else None,
+        eta_s=eta_seconds(state.run, state.rounds, stage, now),
         clients_enrolled=len(state.clients),
         clients_sampled=0 if current is None else len(current.participants),
         clients_reported=reported, server_time=now,
@@ -117,6 +129,10 @@ def round_info(row: RoundRow, uploads: Sequence[UploadRow]) -> RoundInfo:
         evaluation=evaluation,
         aggregation_error=summary.get("aggregation_error"),
         relative_aggregation_error=summary.get("relative_aggregation_error"),
+        fedit_aggregation_error=_number(summary.get("fedit_aggregation_error")),
+        fedit_relative_aggregation_error=_number(summary.get("fedit_relative_aggregation_error")),
+        rotation_drift_share=_number(summary.get("rotation_drift_share")),
+        evaluating=bool(summary.get("evaluating", False)),
         bytes_in=summary.get("bytes_in", sum(u.size_bytes for u in uploads)),
         bytes_out=summary.get("bytes_out", 0), duration_s=summary.get("duration_s"),
         extensions=summary.get("extensions", 0), adapter_sha256=row.adapter_sha256,
@@ -131,9 +147,12 @@ def weighted_mean(uploads: Sequence[UploadRow], name: str) -> float | None:
 
 def client_status(client: ClientRow, open_round: RoundRow | None, reported: set[str],
                   now: float, timeout_s: float) -> str:  # fmt: skip
-    """revoked, training (a participant of the open round), reported, live or silent."""
+    """revoked, declined (the run: its data does not fit), training (a participant of the
+    open round), reported, live or silent."""
     if client.revoked:
         return "revoked"
+    if client.declined:
+        return "declined"
     if open_round is not None and client.name in open_round.participants:
         return "reported" if client.name in reported else "training"
     return "live" if now - client.last_seen <= timeout_s else "silent"
@@ -163,8 +182,12 @@ def clients_view(
     *,
     now: float,
     timeout_s: float,
+    live: LiveStatus | None = None,
 ) -> list[ClientInfo]:
+    """Every client of the run; ``live`` (this server runs it now) adds each client's latest
+    heartbeat: its phase and the fraction of it done, for the open round only."""
     rotations = latest_rotations(state, files)
+    progress = {} if live is None else live.progress
     open_round, reported = state.open_round, state.reported_now
     out = []
     for client in state.clients:
@@ -188,8 +211,17 @@ def clients_view(
             refusal_detail=None if refusal is None else refusal.detail,
             last_upload_interrupted=cut is not None,
             interruption_detail=None if cut is None else cut.detail, info=dict(client.info),
+            declined=client.declined,
+            **heartbeat_fields(progress.get(client.name), open_round),
         ))  # fmt: skip
     return out
+
+
+def heartbeat_fields(beat: ClientProgress | None, open_round: RoundRow | None) -> dict[str, Any]:
+    """``phase`` and ``progress`` of a heartbeat about the open round (else none)."""
+    if beat is None or open_round is None or beat.round_index != open_round.round_index:
+        return {"phase": None, "progress": None, "progress_at": None}
+    return {"phase": beat.phase, "progress": beat.fraction, "progress_at": beat.at}
 
 
 def latest_rotations(
@@ -215,7 +247,10 @@ def modules_view(state: RunState, files: RunFiles, round_index: int | None = Non
     round that has a report)."""
     candidates = [r.round_index for r in state.rounds if r.phase is RoundPhase.CLOSED]
     if round_index is not None:
-        candidates = [t for t in candidates if t == round_index]
+        report = files.report(state.run.run_id, round_index) if round_index in candidates else None
+        if report is None:
+            return RoundModules(round=round_index, aligned=None, modules=[])
+        return module_table(round_index, _section(report, "aggregation"))
     for index in reversed(candidates):
         report = files.report(state.run.run_id, index)
         if report is not None:
@@ -238,6 +273,11 @@ def module_table(round_index: int, aggregation: Mapping[str, Any]) -> RoundModul
         for m in aggregation.get("modules", [])
     ]
     return RoundModules(round=round_index, aligned=aggregation.get("aligned"), modules=modules)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` when it is a number (a summary key a newer server writes may be absent)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _mean(values: Sequence[float] | None) -> float | None:

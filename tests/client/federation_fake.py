@@ -4,6 +4,14 @@ One client, a tiny-BERT run; each accepted upload replaces the global factors it
 opens the next round. Faults are switched on by arguments: a download that breaks off after
 its first chunk, an upload refused once with UNAVAILABLE after all its bytes arrived, a round
 the heartbeat reports closed, a long poll that blocks until released.
+
+A standing server is scripted too: ``runs`` runs one after the other (ids ``run-test``,
+``run-test-2``, ...), each starting from the same initial adapter; Enroll answers ``wait``
+``waits`` times before each run starts, and for good after the last when ``standing``; DONE
+says ``server_continues`` while another run follows (or ``standing``). DeclineRun ends the run
+for the client on a standing server (``standing`` or ``runs`` > 1); a single-run server offers
+the declined run again (``after_decline``: or refuses the enrolment, or answers ``wait``).
+``run_labels[k]`` are run k's label names.
 """
 
 from __future__ import annotations
@@ -48,9 +56,17 @@ class Script:
     learning_rate: float = 0.05
     refuse_rounds: frozenset[int] = frozenset()  # uploads refused with INVALID_ARGUMENT
     deadline_polls: int | None = None  # a round offered this often passes its deadline
+    runs: int = 1
+    standing: bool = False
+    waits: int = 0
+    retry_after_s: float = 0.01
+    run_labels: tuple[tuple[str, ...], ...] = ()
+    decline_unimplemented: bool = False
+    reoffer_finished: int = 0  # Enroll answers a finished run this often before the next
+    after_decline: str = "reoffer"  # a single-run server's Enroll: "reoffer", "refuse", "wait"
     log: dict[str, list] = field(default_factory=lambda: {
         "download_offsets": [], "upload_headers": [], "accepted": [],
-        "heartbeats": []})  # fmt: skip
+        "heartbeats": [], "enrolments": [], "declined": []})  # fmt: skip
 
 
 class FakeFederation(pb_grpc.FederationServiceServicer):
@@ -59,10 +75,17 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         self.log = script.log
         base = load_base_model(MODEL)
         self.fingerprint = base.fingerprint if script.fingerprint is None else script.fingerprint
-        self.global_tensors = export_adapter(attach_lora(base, LORA, seed=7))
+        self.initial_tensors = export_adapter(attach_lora(base, LORA, seed=7))
+        self.global_tensors = dict(self.initial_tensors)
         self.schema = AdapterSchema.of(Adapter.from_state_dict(self.global_tensors))
         self.round = 0
-        self.run_id = RUN_ID
+        self.run_index = -1  # no run yet: the first Enroll (after `waits` waits) starts run 0
+        self.run_id = ""
+        self.run_over = True
+        self.declined = False
+        self.waits_left = script.waits
+        self.reoffered = 0
+        self.waited = threading.Event()
         self.lock = threading.Lock()
         self.keys: set[str] = set()
         self.poll_started = threading.Event()
@@ -82,6 +105,23 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         with self.lock:
             return encode_adapter(self.global_tensors)
 
+    def _start_next_run(self) -> None:
+        self.run_index += 1
+        self.run_id = RUN_ID if self.run_index == 0 else f"{RUN_ID}-{self.run_index + 1}"
+        self.round, self.run_over, self.declined = 0, False, False
+        self.waits_left = self.script.waits
+        self.global_tensors = dict(self.initial_tensors)
+
+    def _has_next_run(self) -> bool:
+        return self.run_index + 1 < self.script.runs
+
+    def _wait(self, reason: str) -> pb.EnrollResponse:
+        wait = pb.WaitTask(reason=reason)
+        wait.retry_after.FromNanoseconds(int(self.script.retry_after_s * 1e9))
+        self.log["enrolments"].append(("wait", reason))
+        self.waited.set()
+        return pb.EnrollResponse(client_id=CLIENT_ID, wait=wait)
+
     def run_spec(self) -> pb.RunSpec:
         schema = pb.AdapterSchema(rank=self.schema.rank)
         for name, (d_out, d_in) in sorted(self.schema.modules.items()):
@@ -91,8 +131,10 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         spec = pb.RunSpec(
             run_id=self.run_id,
             model=pb.ModelSpec(name=MODEL.name, task=pb.MODEL_TASK_CLASSIFICATION,
-                               num_labels=MODEL.num_labels, seed=MODEL.seed,
-                               fingerprint=self.fingerprint),  # fmt: skip
+                               num_labels=len(self._labels()) or MODEL.num_labels,
+                               seed=MODEL.seed,
+                               fingerprint=self.fingerprint,
+                               label_names=list(self._labels())),  # fmt: skip
             lora=pb.LoraConfig(rank=LORA.r, alpha=LORA.alpha, dropout=LORA.dropout,
                                target_modules=list(LORA.target_modules)),  # fmt: skip
             strategy=pb.StrategySpec(name="fedrot", alignment_strength=0.4, odd_round_factor="A"),
@@ -105,10 +147,43 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
         return spec
 
     # -- the service ---------------------------------------------------------------------------
+    def _labels(self) -> tuple[str, ...]:
+        labels = self.script.run_labels
+        return labels[self.run_index] if 0 <= self.run_index < len(labels) else ()
+
     def Enroll(self, request, context):  # noqa: N802
         self._authenticate(context)
-        return pb.EnrollResponse(client_id=CLIENT_ID, run=self.run_spec(),
-                                 run_status=pb.RUN_STATUS_RUNNING)  # fmt: skip
+        with self.lock:
+            stands = self.script.standing or self.script.runs > 1
+            over = self.run_over or (self.declined and stands)
+            started = self.run_index >= 0
+            if started and self.run_over and self.script.reoffer_finished > self.reoffered:
+                self.reoffered += 1
+                over = False  # a server slow to move on offers the finished run again
+            if over and self._has_next_run() and self.waits_left > 0:
+                self.waits_left -= 1
+                return self._wait("the next run has not started")
+            if over and self._has_next_run():
+                self._start_next_run()
+            elif over and self.script.standing:
+                return self._wait("no run scheduled")
+            if self.declined and not stands and self.script.after_decline == "wait":
+                return self._wait(f"client declined run {self.run_id}")
+            if self.declined and not stands and self.script.after_decline == "refuse":
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"client declined run {self.run_id}")  # fmt: skip
+            self.log["enrolments"].append(("run", self.run_id))
+            return pb.EnrollResponse(client_id=CLIENT_ID, run=self.run_spec(),
+                                     run_status=pb.RUN_STATUS_RUNNING)  # fmt: skip
+
+    def DeclineRun(self, request, context):  # noqa: N802
+        self._authenticate(context, request.run_id)
+        if self.script.decline_unimplemented:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        with self.lock:
+            self.log["declined"].append((request.run_id, request.reason))
+            self.declined = True
+        return pb.DeclineRunResponse()
 
     def GetTask(self, request, context):  # noqa: N802
         self._authenticate(context, request.run_id)
@@ -121,9 +196,11 @@ class FakeFederation(pb_grpc.FederationServiceServicer):
             if self.script.deadline_polls and self.polls[self.round] > self.script.deadline_polls:
                 self.round += 1  # the round closed without this client
         if self.round >= self.script.rounds:
+            self.run_over = True
             return pb.GetTaskResponse(done=pb.DoneTask(
                 rounds_completed=self.round, reason="all rounds done",
-                final_adapter=self._ref(self.round)))  # fmt: skip
+                final_adapter=self._ref(self.round),
+                server_continues=self.script.standing or self._has_next_run()))  # fmt: skip
         task = pb.TrainTask(
             round=self.round,
             trained_factors=list(self.script.trained[self.round]),

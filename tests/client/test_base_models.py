@@ -16,6 +16,7 @@ from fedrot_client.models import (
     MODEL_REGISTRY,
     ModelSpec,
     TaskKind,
+    base_model_folder,
     check_fingerprint,
     fingerprint_model,
     load_base_model,
@@ -66,6 +67,41 @@ def test_a_saved_folder_loads_as_the_same_model(tiny_spec, tmp_path: Path) -> No
     again = load_base_model(ModelSpec(str(tmp_path / "tiny"), num_labels=2))
     assert again.fingerprint == base.fingerprint
     assert again.head_modules == ("classifier",)
+
+
+def test_label_names_name_the_classes_and_change_no_weight(tiny_spec) -> None:
+    named = ModelSpec(tiny_spec.name, num_labels=2, seed=tiny_spec.seed, label_names=("no", "yes"))
+    base = load_base_model(named)
+    assert base.model.config.id2label == {0: "no", 1: "yes"}
+    assert base.model.config.label2id == {"no": 0, "yes": 1}
+    assert base.fingerprint == load_base_model(tiny_spec).fingerprint
+    with pytest.raises(ValueError, match="label_names must be 2 distinct"):
+        ModelSpec("tiny-bert", num_labels=2, label_names=("no", "no"))
+
+
+def test_a_base_folder_names_the_runs_classes(tiny_spec, tmp_path: Path) -> None:
+    """An adapter's base folder loads with the run's class names: a folder spec whose config
+    names others gets a labelled view of itself (its weights linked, not copied)."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = load_base_model(tiny_spec)
+    base.model.save_pretrained(tmp_path / "tiny")
+    base.tokenizer.save_pretrained(tmp_path / "tiny")
+    named = ModelSpec(str(tmp_path / "tiny"), num_labels=2, label_names=("no", "yes"))
+    view = base_model_folder(named, base.fingerprint)
+    assert view != tmp_path / "tiny" and (view / "model.safetensors").is_symlink()
+    loaded = AutoModelForSequenceClassification.from_pretrained(view, local_files_only=True)
+    assert loaded.config.id2label == {0: "no", 1: "yes"}
+    assert torch.equal(loaded.classifier.weight, base.model.classifier.weight)
+    assert base_model_folder(named, base.fingerprint) == view  # made once
+    unnamed = ModelSpec(str(tmp_path / "tiny"), num_labels=2)
+    assert base_model_folder(unnamed, base.fingerprint) == (tmp_path / "tiny").resolve()
+    other = ModelSpec("tiny-bert", num_labels=2, label_names=("cold", "hot"))
+    registry = base_model_folder(other, base.fingerprint)
+    again = ModelSpec("tiny-bert", num_labels=2, label_names=("low", "high"))
+    for spec, folder in ((other, registry), (again, base_model_folder(again, base.fingerprint))):
+        config = AutoModelForSequenceClassification.from_pretrained(folder).config
+        assert list(config.id2label.values()) == list(spec.label_names)
 
 
 def test_folder_with_several_gguf_files_is_refused(tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ def upload(round_index: int, client: str, samples: int, size: int, loss: float, 
                      metrics={"train_loss": loss})  # fmt: skip
 
 
-def write_adapter(run: RecordedRun, round_index: int | None, payload: bytes) -> None:
-    base = run.runs_root / RUN / ("initial" if round_index is None else f"rounds/{round_index}")
+def write_adapter(run: RecordedRun, round_index: int | None, payload: bytes,
+                  run_id: str = RUN) -> None:  # fmt: skip
+    base = run.runs_root / run_id / ("initial" if round_index is None else f"rounds/{round_index}")
     folder = base / "adapter"
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(payload)
@@ -67,14 +68,15 @@ def write_adapter(run: RecordedRun, round_index: int | None, payload: bytes) -> 
     run.weights[round_index] = payload
 
 
-def report(round_index: int) -> dict:
-    """A round-0 report: FedRot aligning A; alice rotated more than bob."""
-    rotations = {"alice": (0.3, 0.5), "bob": (0.1, 0.2)}
+def report(round_index: int, scale: float = 1.0) -> dict:
+    """A round's report: FedRot aligning A; alice rotated more than bob (``scale`` times the
+    round-0 figures)."""
+    rotations = {"alice": (0.3 * scale, 0.5 * scale), "bob": (0.1 * scale, 0.2 * scale)}
     return {
         "summary": {"round": round_index},
         "aggregation": {
             "aligned": "A", "aggregation_error": 0.02, "relative_aggregation_error": 0.01,
-            "modules": [{"module": m, "aggregation_error": 0.01 * (i + 1),
+            "modules": [{"module": m, "aggregation_error": 0.01 * (i + 1) * scale,
                          "relative_aggregation_error": 0.005, "update_norm": 2.0}
                         for i, m in enumerate(MODULES)],
             "clients": [{"client_id": c, "weight": 1.0,
@@ -155,6 +157,65 @@ def record_instruction_run(state_dir: Path) -> RecordedRun:
     store.set_run_phase(INSTRUCT_RUN, RunPhase.FINISHED, at=T0 + 400)
     store.close()
     TelemetryLog(run.db).close()  # its (empty) tables, as a server leaves them
+    return run
+
+
+SHOWCASE_RUN = "run-showcase0001"
+SHOWCASE_ROUNDS = 8
+SHOWCASE_CLOSED = 6  # rounds 0 .. 5 closed, round 6 open: "round 7 of 8"
+SHOWCASE_SPEC = {
+    "run_id": SHOWCASE_RUN, "rounds": SHOWCASE_ROUNDS, "seed": 0,
+    "model": {"name": "MiniLM-L6", "task": "classification", "num_labels": 4},
+    "lora": {"rank": 8, "alpha": 16.0}, "strategy": {"name": "fedrot", "alignment_strength": 0.5},
+}  # fmt: skip
+# Held-out accuracy of the showcase run's closed rounds.
+SHOWCASE_ACCURACY = (0.362, 0.455, 0.521, 0.587, 0.634, 0.672)
+
+
+def showcase_summary(t: int) -> dict:
+    """Round ``t``'s closing summary, with the diagnostics a newer server adds."""
+    error = 0.08 / (1 + t)
+    return {"samples": 300, "bytes_in": 3 * 390_000, "bytes_out": 3 * 390_000,
+            "aggregation_error": error, "relative_aggregation_error": error / 2.5,
+            "fedit_aggregation_error": 2.2 * error, "fedit_relative_aggregation_error": 2.2 * error / 2.5,
+            "rotation_drift_share": 0.55 + 0.03 * t,
+            "client_metrics": {"train_loss": 1.35 / (1 + 0.35 * t)},
+            "evaluation": {"accuracy": SHOWCASE_ACCURACY[t]}, "duration_s": 40.0 + 3 * t,
+            "extensions": 0, "evaluating": False}  # fmt: skip
+
+
+def record_showcase_run(state_dir: Path, now: float) -> RecordedRun:
+    """Two runs in one state: INSTRUCT_RUN (finished, older) and SHOWCASE_RUN, the newest:
+    alice, bob and carol over SHOWCASE_ROUNDS rounds, SHOWCASE_CLOSED of them closed (with
+    reports, adapters and the drift and FedIT diagnostics; ``weights`` holds these), the next one open with alice and
+    bob reported, opened 25 s before ``now``, its deadline 95 s after."""
+    run = record_instruction_run(state_dir)
+    for t in (None, 0, 1, 2):  # the finished run's adapters stay downloadable
+        write_adapter(run, t, f"instruct-{t}-weights-".encode() * 8, INSTRUCT_RUN)
+    store = SqliteStore(run.db)
+    store.sync_client_tokens({n: f"token-of-{n}-0123456789" for n in ("alice", "bob", "carol")})
+    start = now - 60.0 * SHOWCASE_CLOSED - 30.0
+    store.create_run(SHOWCASE_RUN, SHOWCASE_SPEC, start)
+    for i, name in enumerate(("alice", "bob", "carol")):
+        store.enroll(SHOWCASE_RUN, name, {"host": f"node-{i}"}, start + i)
+    clients = ["alice", "bob", "carol"]
+    for t in range(SHOWCASE_CLOSED + 1):
+        opened = start + 5 + 60.0 * t
+        store.open_round(SHOWCASE_RUN, t, clients, opened, opened + 120)
+        for j, name in enumerate(clients if t < SHOWCASE_CLOSED else clients[:2]):
+            loss = 1.4 / (1 + 0.35 * t) + 0.05 * j
+            store.record_upload(upload(t, name, 100, 390_000, loss, opened + 20 + j, SHOWCASE_RUN))
+        if t == SHOWCASE_CLOSED:
+            break
+        store.close_round(SHOWCASE_RUN, t, at=opened + 40 + 3 * t, reporters=clients,
+                          adapter_sha256=f"{t:02x}" * 32, summary=showcase_summary(t))  # fmt: skip
+        write_adapter(run, t, f"showcase-round-{t}-".encode() * 8, SHOWCASE_RUN)
+        path = run.runs_root / SHOWCASE_RUN / "rounds" / str(t) / "report.json"
+        path.write_text(json.dumps(report(t, scale=1.0 / (1 + t))))
+    for j, name in enumerate(clients):
+        store.touch(SHOWCASE_RUN, name, now - 3 - 4 * j)
+    store.close()
+    write_adapter(run, None, b"showcase-initial-" * 8, SHOWCASE_RUN)
     return run
 
 

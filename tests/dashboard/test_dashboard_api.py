@@ -198,7 +198,8 @@ def test_read_token_protects_reading(recorded: RecordedRun) -> None:
         assert client.get("/api/v1/runs", headers={"Authorization": "Bearer wrong-token"}).status_code == 403
         assert client.get("/api/v1/runs", headers={"Authorization": f"Bearer {READ}"}).status_code == 200
         assert client.get("/api/v1/runs", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
-        assert client.get(f"/api/v1/runs/{RUN}/adapters/latest/zip?token={READ}").status_code == 200
+        in_url = client.get(f"/api/v1/runs/{RUN}/adapters/latest/zip?token={READ}")
+        assert in_url.status_code == 401 and "URL" in in_url.json()["detail"]
         assert client.get("/healthz").json() == {"status": "ok", "runs": 1}
         assert client.get("/").status_code == 200
 

@@ -131,3 +131,26 @@ def test_no_dashboard_when_its_listen_setting_is_empty(tmp_path: Path) -> None:
             return started.dashboard_port
 
     assert asyncio.run(scenario()) is None
+
+
+def test_clients_show_their_heartbeat_progress_in_the_open_round(server: LiveServer) -> None:
+    alice, bob = server.call(make_clients(server.address, ("alice", "bob")))
+    server.call(alice.enroll(host="a"))
+    server.call(bob.enroll(host="b"))
+    wait_for(lambda: overview(server)["current_round"] == 0, "round 0 to open")
+    task = server.call(alice.get_task()).train
+    server.call(alice.heartbeat(task.round))  # training, half done
+    clients = {c["name"]: c for c in get(server, "/api/v1/runs/current/clients")}
+    assert clients["alice"]["phase"] == "training" and clients["alice"]["progress"] == 0.5
+    assert clients["alice"]["progress_at"] is not None
+    assert clients["bob"]["phase"] is None  # no heartbeat yet
+    server.call(alice.heartbeat(task.round, phase=1))  # CLIENT_PHASE_IDLE
+    clients = {c["name"]: c for c in get(server, "/api/v1/runs/current/clients")}
+    assert clients["alice"]["phase"] == "idle"
+
+    server.call(train_and_upload(alice, task, 0, loss=1.0))
+    server.call(train_and_upload(bob, server.call(bob.get_task()).train, 0, loss=1.0))
+    wait_for(lambda: overview(server)["current_round"] == 1, "round 1 to open")
+    clients = {c["name"]: c for c in get(server, "/api/v1/runs/current/clients")}
+    assert clients["alice"]["phase"] is None  # its heartbeat was about round 0
+    server.call(close_clients([alice, bob]))

@@ -111,15 +111,18 @@ class ServerThread:
 
     def __init__(self, settings: ServerSettings, *, evaluate: bool = True) -> None:
         self.settings = settings
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fedrot-server",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
+        self._start_loop()
         initializer, evaluator = default_seams(settings)
         self.server: FederationServer = self.call(
             start_server(settings, initializer=initializer,
                          evaluator=evaluator if evaluate else None)  # fmt: skip
         )
+
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fedrot-server",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from peft import PeftModel
+from peft import AutoPeftModelForSequenceClassification, PeftModel
 
 from fedrot_client.data import LabelVocabulary, load_dataset
 from fedrot_client.evaluation import evaluate
@@ -47,3 +47,9 @@ def test_minilm_federation_learns_and_exports_a_peft_adapter(
     result = evaluate(model, base.tokenizer, dataset, batch_size=64, max_length=24)
     assert result.accuracy == pytest.approx(logged[1]["accuracy"], abs=1e-9)
     assert result.loss == pytest.approx(logged[1]["loss"], rel=1e-5)
+    # The published folder loads alone, offline (its base is a local folder), as the same model.
+    published = AutoPeftModelForSequenceClassification.from_pretrained(
+        server.run_dir / "rounds" / "1" / "adapter"
+    )
+    alone = evaluate(published, base.tokenizer, dataset, batch_size=64, max_length=24)
+    assert alone.loss == pytest.approx(result.loss, rel=1e-5)

@@ -152,7 +152,8 @@ def test_a_killed_client_neither_trains_twice_nor_loses_its_update(
         first = start_client(SDK_CLIENT, "alice", server, tmp_path,
                              env={"FEDROT_TEST_DIE_AT": fault})  # fmt: skip
         assert first.wait(WAIT_S) == 9, (tmp_path / "alice.log").read_text()
-        pending = json.loads((tmp_path / "alice" / "pending.json").read_text())
+        (saved,) = (tmp_path / "alice" / "runs").glob("*/pending.json")  # the run's folder
+        pending = json.loads(saved.read_text())
         again = start_client(SDK_CLIENT, "alice", server, tmp_path)
         assert again.wait(WAIT_S) == 0, (tmp_path / "alice.log").read_text()
         server.wait_finished(60)

@@ -71,8 +71,7 @@ def test_a_misspelled_label_is_refused_at_start_by_the_entry_point(tmp_path: Pat
     data = lexname_rows(tmp_path / "eval.jsonl", 30, bad_line=17)
     labels = json.dumps(list(LEXNAMES))
     command = [str(Path(sys.executable).parent / "fedrot-server"),
-               *argv_of(tmp_path, "--model.num-labels", "45", "--evaluation.data", str(data),
-                        "--evaluation.labels", labels)]  # fmt: skip
+               *argv_of(tmp_path, "--model.labels", labels, "--evaluation.data", str(data))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=REFUSAL_S,
                           check=False)
     assert done.returncode == 2
@@ -87,10 +86,10 @@ def test_labels_that_are_not_the_models_classes_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], num_labels: int
 ) -> None:
     labels = json.dumps(list(LEXNAMES[:39]))
-    flags = ("--model.num-labels", str(num_labels), "--evaluation.labels", labels)
+    flags = ("--model.num-labels", str(num_labels), "--model.labels", labels)
     with refused_within():
         assert main(argv_of(tmp_path, *flags)) == 2
-    assert f"evaluation.labels has 39 names but model.num_labels is {num_labels}" in (
+    assert f"model: Value error, labels has 39 names but num_labels is {num_labels}" in (
         capsys.readouterr().err
     )
 

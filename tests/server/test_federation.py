@@ -108,6 +108,8 @@ def check_rounds(server, strategy: str, initial: Adapter, sent: dict, final: byt
         weights_file = run_dir / "rounds" / str(round_index) / "adapter" / "adapter_model.safetensors"
         produced = adapter_of(weights_file.read_bytes())
         assert_same(produced, expected)
+        metadata = decode_adapter(weights_file.read_bytes()).metadata  # names its folder
+        assert (metadata["round"], metadata["starts_round"]) == (str(round_index), str(round_index + 1))
         summary = row.summary
         assert summary["bytes_in"] == sum(len(p) for _, p, _ in ordered)
         assert summary["bytes_out"] >= 3 * len(initial_bytes(reference))
@@ -116,6 +118,8 @@ def check_rounds(server, strategy: str, initial: Adapter, sent: dict, final: byt
         )
         reference = produced
     assert weights_file.read_bytes() == final
+    initial_file = run_dir / "initial" / "adapter" / "adapter_model.safetensors"
+    assert decode_adapter(initial_file.read_bytes()).metadata["round"] == "initial"
     check_peft_directory(weights_file.parent)
 
 
