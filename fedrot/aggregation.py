@@ -35,6 +35,7 @@ from fedrot.diagnostics import (
     module_errors,
     relative,
 )
+from fedrot.drift import ModuleDrift
 from fedrot.errors import AggregationStateError
 from fedrot.module_groups import (
     ModuleGroup,
@@ -190,17 +191,19 @@ class StreamingAggregator(RoundAggregator):
     def _report(self, total: float, errors: list[GroupErrors] | None) -> AggregationReport:
         plan = self.setup.plan
         modules: tuple = ()
-        abs_err = rel_err = avg_err = None
+        abs_err = rel_err = avg_err = fedit_err = fedit_rel = None
         if errors is not None:
             names = [m for g in self._groups for m in g.modules]
             agg = [v for e in errors for v in e.aggregation.tolist()]
             avg = [v for e in errors for v in e.factor_average.tolist()]
+            fedit = [v for e in errors for v in e.fedit.tolist()]
             ref = None
             if self._has_reference:
                 ref = [v for e in errors for v in e.reference.tolist()]  # type: ignore[union-attr]
-            modules = module_errors(names, agg, ref, avg)
-            abs_err, avg_err = global_norm(agg), global_norm(avg)
-            rel_err = relative(abs_err, None if ref is None else global_norm(ref))
+            modules = module_errors(names, agg, ref, avg, fedit)
+            abs_err, avg_err, fedit_err = global_norm(agg), global_norm(avg), global_norm(fedit)
+            update = None if ref is None else global_norm(ref)
+            rel_err, fedit_rel = relative(abs_err, update), relative(fedit_err, update)
         return AggregationReport(
             round_index=plan.round_index,
             strategy=self.setup.strategy,
@@ -213,6 +216,9 @@ class StreamingAggregator(RoundAggregator):
             relative_aggregation_error=rel_err,
             factor_average_error=avg_err,
             clients=tuple(self._clients),
+            fedit_aggregation_error=fedit_err,
+            fedit_relative_aggregation_error=fedit_rel,
+            drift=self._module_drift(total),
         )
 
     def _unstack(self, group: ModuleGroup, rows: dict[Factor, Tensor]) -> dict[str, LoraPair]:
@@ -239,6 +245,11 @@ class StreamingAggregator(RoundAggregator):
 
     def _aligned_factor(self) -> Factor | None:
         return None
+
+    def _module_drift(self, total: float) -> tuple[ModuleDrift, ...]:
+        """The rotation drift of every module (:mod:`fedrot.drift`); empty when the round does
+        not align."""
+        return ()
 
     @abstractmethod
     def _bind_groups(self) -> None: ...

@@ -15,6 +15,20 @@ the factor averages ``B_bar = sum p_i B_i``, ``A_bar = sum p_i A_i`` (exact alge
 
 so every term is small when the error is, and a perfect alignment reports an error near zero
 instead of the round-off of ``||B A||``.
+
+Three errors per module, and what they are:
+
+- ``aggregation_error``: ``||S - B_g A_g||`` with ``S = sum_i p_i B_i A_i``, the error of the
+  round as published (``B_g A_g`` the new global factors);
+- ``factor_average_error``: ``||S - B_bar A_bar||`` with the means of the factors *as
+  aggregated*, i.e. after any gauge. Under a factor-averaging strategy (FedIT, FedRot, ...)
+  ``B_g = B_bar`` up to rounding to the adapter's dtype, so it equals ``aggregation_error``;
+  under FlexLoRA and FedEx (no gauge) it is what plain averaging would have left. It is *not*
+  FedIT's error of a FedRot round;
+- ``fedit_aggregation_error``: ``||S - B~ A~||`` with the means ``B~``, ``A~`` of the factors
+  *as uploaded* (before the gauge): the error FedIT averaging would have had for the same
+  uploads, so a FedRot round shows the error its rotations removed. Without a gauge it equals
+  ``factor_average_error``.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import torch
 from torch import Tensor
 
 from fedrot.adapters import Factor
+from fedrot.drift import ModuleDrift, round_drift_shares
 
 STAT_DTYPE = torch.float64
 
@@ -77,7 +92,8 @@ class ErrorTerms:
     ``clients_B[k]`` / ``clients_A[k]`` are module ``k``'s clients' factors as aggregated
     (after any gauge), one ``(r, d)`` row-layout tensor per client; ``weights`` the normalised
     ``p_i``; ``mean_*`` the factor averages; ``global_*`` the new global factors; ``ref_*`` the
-    round's reference, or None.
+    round's reference, or None; ``unaligned_*`` the averages of the factors as uploaded (before
+    a gauge), None when no gauge moved them.
     """
 
     clients_B: Sequence[Sequence[Tensor]]
@@ -89,16 +105,20 @@ class ErrorTerms:
     global_A: Tensor
     ref_B: Tensor | None
     ref_A: Tensor | None
+    unaligned_B: Tensor | None = None
+    unaligned_A: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class GroupErrors:
     """Per-module norms of one group, float64 ``(K,)`` each; ``reference`` is None without a
-    reference. ``factor_average`` is ``||sum p_i B_i A_i - B_bar A_bar||_F``."""
+    reference. ``factor_average`` is ``||sum p_i B_i A_i - B_bar A_bar||_F`` (means of the
+    factors as aggregated), ``fedit`` the same with the means of the factors as uploaded."""
 
     aggregation: Tensor
     reference: Tensor | None
     factor_average: Tensor
+    fedit: Tensor
 
 
 ERROR_CHUNK_BYTES = 64 * 2**20
@@ -107,38 +127,52 @@ can hold every module of a shape, so this, not the group, bounds the transient m
 
 
 def group_errors(terms: ErrorTerms) -> GroupErrors:
-    """Absolute, reference and factor-average error norms of one group from Gram blocks.
+    """Absolute, reference, factor-average and FedIT error norms of one group from Gram blocks.
 
-    Stacks ``[B_i - B_bar .., B_bar - B_g, B_g, B_bar - B_ref, B_ref]`` with the matching
-    ``[A_i - A_bar .., A_bar, A_bar - A_g, A_bar, A_bar - A_ref]`` and evaluates three
-    coefficient vectors on them, a slice of modules at a time (see ``ERROR_CHUNK_BYTES``).
+    Stacks ``[B_i - B_bar .., B_bar - B_g, B_g, B_bar - B_ref, B_ref, B_bar - B~, B~]`` with
+    the matching ``[A_i - A_bar .., A_bar, A_bar - A_g, A_bar, A_bar - A_ref, A_bar,
+    A_bar - A~]`` (the last two only with unaligned means ``B~``, ``A~``) and evaluates a
+    coefficient vector per norm on them, a slice of modules at a time (see
+    ``ERROR_CHUNK_BYTES``). Without unaligned means the FedIT norm is the factor-average one.
     """
     has_ref = terms.ref_B is not None and terms.ref_A is not None
+    unaligned = terms.unaligned_B is not None and terms.unaligned_A is not None
     p = [float(w) for w in terms.weights]
-    coefficients = torch.tensor(
-        [p + [1.0, 1.0, 0.0, 0.0], p + [0.0, 0.0, 1.0, 1.0], p + [0.0] * 4], dtype=STAT_DTYPE
-    )
+    tails = [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0] * 4]
+    if unaligned:
+        tails = [t + [0.0, 0.0] for t in tails] + [[0.0] * 4 + [1.0, 1.0]]
+    coefficients = torch.tensor([p + t for t in tails], dtype=STAT_DTYPE)
+    tail = len(tails[0])
     k, rank, width = terms.mean_A.shape
-    per_module = (len(p) + 4) * rank * (width + terms.mean_B.shape[-1]) * 4
+    per_module = (len(p) + tail) * rank * (width + terms.mean_B.shape[-1]) * 4
     step = max(1, ERROR_CHUNK_BYTES // per_module)
     norms = [
-        product_sum_norms(*_stacked_terms(terms, slice(i, i + step)), coefficients, precise_tail=4)
+        product_sum_norms(
+            *_stacked_terms(terms, slice(i, i + step)), coefficients, precise_tail=tail
+        )
         for i in range(0, k, step)
     ]
     out = torch.cat(norms)
     return GroupErrors(
-        aggregation=out[:, 0], reference=out[:, 1] if has_ref else None, factor_average=out[:, 2]
+        aggregation=out[:, 0],
+        reference=out[:, 1] if has_ref else None,
+        factor_average=out[:, 2],
+        fedit=out[:, 3] if unaligned else out[:, 2],
     )
 
 
 def _stacked_terms(terms: ErrorTerms, part: slice) -> tuple[Tensor, Tensor]:
-    """The ``(k, (N + 4) r, d)`` row stacks of B and A terms for the modules in ``part``."""
+    """The ``(k, (N + 4 or 6) r, d)`` row stacks of B and A terms for the modules in ``part``."""
     mean_B, mean_A = terms.mean_B[part], terms.mean_A[part]
     glob_B, glob_A = terms.global_B[part], terms.global_A[part]
     ref_B = terms.ref_B[part] if terms.ref_B is not None else torch.zeros_like(mean_B)
     ref_A = terms.ref_A[part] if terms.ref_A is not None else torch.zeros_like(mean_A)
-    B_tail = (mean_B - glob_B, glob_B, mean_B - ref_B, ref_B)
-    A_tail = (mean_A, mean_A - glob_A, mean_A, mean_A - ref_A)
+    B_tail: tuple[Tensor, ...] = (mean_B - glob_B, glob_B, mean_B - ref_B, ref_B)
+    A_tail: tuple[Tensor, ...] = (mean_A, mean_A - glob_A, mean_A, mean_A - ref_A)
+    if terms.unaligned_B is not None and terms.unaligned_A is not None:
+        plain_B, plain_A = terms.unaligned_B[part], terms.unaligned_A[part]
+        B_tail += (mean_B - plain_B, plain_B)
+        A_tail += (mean_A, mean_A - plain_A)
     return _module_rows(terms.clients_B[part], mean_B, B_tail), _module_rows(
         terms.clients_A[part], mean_A, A_tail
     )
@@ -215,13 +249,15 @@ class ClientReport:
 @dataclass(frozen=True)
 class ModuleError:
     """One module's errors (None when not tracked; relative also None without a reference
-    or with a zero update). ``factor_average_error`` is ``||sum p_i B_i A_i - B_bar A_bar||``."""
+    or with a zero update); see the module docstring for what each one is."""
 
     module: str
     aggregation_error: float | None
     relative_aggregation_error: float | None
     factor_average_error: float | None
     update_norm: float | None = None
+    fedit_aggregation_error: float | None = None
+    fedit_relative_aggregation_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -229,6 +265,8 @@ class ModuleError:
             "aggregation_error": self.aggregation_error,
             "relative_aggregation_error": self.relative_aggregation_error,
             "factor_average_error": self.factor_average_error,
+            "fedit_aggregation_error": self.fedit_aggregation_error,
+            "fedit_relative_aggregation_error": self.fedit_relative_aggregation_error,
             "update_norm": self.update_norm,
         }
 
@@ -241,6 +279,14 @@ class AggregationReport:
     errors; ``relative_aggregation_error`` divides it by the same global norm of the update
     ``sum p_i B_i A_i - B_ref A_ref``. ``update_norm`` in a module entry is that
     denominator. All errors are None when the round ran with ``track_error=False``.
+    ``fedit_*`` are the same norms for FedIT's averages of the same uploads, and
+    ``error_removed_share = 1 - aggregation_error / fedit_aggregation_error`` the share of
+    FedIT's error the round's gauge removed (0 without a gauge, negative when it added error).
+
+    ``drift`` has one :class:`~fedrot.drift.ModuleDrift` per module in a round that aligns
+    (empty otherwise, errors tracked or not); ``rotation_drift_share`` is the drift-weighted
+    share over modules that the optimal rotations remove, ``applied_rotation_drift_share`` the
+    same for the gauge actually applied.
     """
 
     round_index: int
@@ -254,6 +300,24 @@ class AggregationReport:
     relative_aggregation_error: float | None
     factor_average_error: float | None
     clients: tuple[ClientReport, ...]
+    fedit_aggregation_error: float | None = None
+    fedit_relative_aggregation_error: float | None = None
+    drift: tuple[ModuleDrift, ...] = ()
+
+    @property
+    def error_removed_share(self) -> float | None:
+        """``1 - aggregation_error / fedit_aggregation_error`` (None when either is missing or
+        FedIT's error is 0)."""
+        ratio = relative(self.aggregation_error, self.fedit_aggregation_error)
+        return None if ratio is None else 1.0 - ratio
+
+    @property
+    def rotation_drift_share(self) -> float | None:
+        return round_drift_shares(self.drift)[0]
+
+    @property
+    def applied_rotation_drift_share(self) -> float | None:
+        return round_drift_shares(self.drift)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -266,6 +330,12 @@ class AggregationReport:
             "aggregation_error": self.aggregation_error,
             "relative_aggregation_error": self.relative_aggregation_error,
             "factor_average_error": self.factor_average_error,
+            "fedit_aggregation_error": self.fedit_aggregation_error,
+            "fedit_relative_aggregation_error": self.fedit_relative_aggregation_error,
+            "error_removed_share": self.error_removed_share,
+            "rotation_drift_share": self.rotation_drift_share,
+            "applied_rotation_drift_share": self.applied_rotation_drift_share,
+            "rotation_drift": [d.to_dict() for d in self.drift],
             "modules": [m.to_dict() for m in self.modules],
             "clients": [c.to_dict() for c in self.clients],
         }
@@ -276,8 +346,11 @@ def module_errors(
     aggregation: Sequence[float],
     reference: Sequence[float] | None,
     factor_average: Sequence[float],
+    fedit: Sequence[float] | None = None,
 ) -> tuple[ModuleError, ...]:
-    """Per-module ``ModuleError`` records from the norms of one or more groups."""
+    """Per-module ``ModuleError`` records from the norms of one or more groups (``fedit``
+    None: the factor-average norms)."""
+    plain = factor_average if fedit is None else fedit
     out = []
     for i, module in enumerate(modules):
         denominator = None if reference is None else reference[i]
@@ -288,6 +361,8 @@ def module_errors(
                 relative_aggregation_error=relative(aggregation[i], denominator),
                 factor_average_error=factor_average[i],
                 update_norm=denominator,
+                fedit_aggregation_error=plain[i],
+                fedit_relative_aggregation_error=relative(plain[i], denominator),
             )
         )
     return tuple(out)

@@ -8,10 +8,17 @@ reference (exact algebra, with ``dB_i = B_i - B_ref``, ``dA_i = A_i - A_ref`` an
     S - B_bar A_bar = Q / W - dB_bar dA_bar,              Q = sum_i w_i dB_i dA_i
     S - B_g A_g     = (S - B_bar A_bar) + (B_bar - B_g) A_bar + B_g (A_bar - A_g)
     S - B_ref A_ref = (S - B_g A_g) + (B_g - B_ref) A_g + B_ref (A_g - A_ref)
+    S - B_y A_y     = (S - B_x A_x) + (B_x - B_y) A_x + B_y (A_x - A_y)     (any two pairs)
 
 so one dense ``d_out x d_in`` matrix ``Q`` per module carries everything that depends on the
 pairs of clients; the rest are rank-r products. ``Q`` only holds second-order terms (small when
 the clients stay near the reference), so nothing large cancels when the error is tiny.
+
+FedIT's error for the same uploads. A gauge leaves every ``B_i A_i``, hence ``S``, unchanged;
+only the averages differ. With the means of the factors *as uploaded* (before the gauge)
+``B~``, ``A~``, the last line above takes ``S - B_g A_g`` to ``S - B~ A~``, the error plain
+FedIT averaging would have had: one more GEMM of inner size ``2 r`` on the dense path, two more
+terms on the Gram path.
 
 :class:`GroupErrorTracker` is a hybrid per module group. While the clients' stored factors take
 less memory than ``Q`` would (``n r (d_in + d_out) < d_out d_in`` per module, times
@@ -35,7 +42,8 @@ from torch import Tensor
 
 from fedrot.adapters import Factor
 from fedrot.diagnostics import STAT_DTYPE, ErrorTerms, GroupErrors, group_errors
-from fedrot.module_groups import ModuleGroup
+from fedrot.module_groups import ModuleGroup, rows_shape
+from fedrot.weighted_sums import SUM_DTYPE, TermAccumulator, mean_of
 
 GRAM_BUDGET = 1.0
 """Stored client factors may grow to this fraction of ``Q``'s size before the first fold."""
@@ -53,7 +61,8 @@ relative error's denominator); docs/benchmarks.md gives the measured difference 
 class ModuleFactors:
     """The rank-r factors of one module in their own layout (``B (d_out, r)``, ``A (r, d_in)``),
     float32 or float64: the round's reference, the clients' weighted means and the new global
-    factors."""
+    factors; ``unaligned_*`` the weighted means of the factors as uploaded (before a gauge),
+    None when no gauge moved them (then the means)."""
 
     ref_B: Tensor
     ref_A: Tensor
@@ -61,6 +70,8 @@ class ModuleFactors:
     mean_A: Tensor
     global_B: Tensor
     global_A: Tensor
+    unaligned_B: Tensor | None = None
+    unaligned_A: Tensor | None = None
 
 
 def to_factor_average_error(products: Tensor, total: float, f: ModuleFactors) -> None:
@@ -80,8 +91,17 @@ def to_global_error(error: Tensor, f: ModuleFactors) -> None:
 def to_reference_error(error: Tensor, f: ModuleFactors) -> None:
     """``E <- E + (B_g - B_ref) A_g + B_ref (A_g - A_ref)``: from ``S - B_g A_g`` to
     ``S - B_ref A_ref``."""
-    left = torch.cat((f.global_B - f.ref_B, f.ref_B), dim=1)
-    right = torch.cat((f.global_A, f.global_A - f.ref_A), dim=0)
+    to_other_product(error, (f.global_B, f.global_A), (f.ref_B, f.ref_A))
+
+
+def to_other_product(
+    error: Tensor, source: tuple[Tensor, Tensor], target: tuple[Tensor, Tensor]
+) -> None:
+    """``E <- E + (B_x - B_y) A_x + B_y (A_x - A_y)``: from ``S - B_x A_x`` to ``S - B_y A_y``
+    for ``source = (B_x, A_x)``, ``target = (B_y, A_y)``, one GEMM of inner size ``2 r``."""
+    (B_x, A_x), (B_y, A_y) = source, target
+    left = torch.cat((B_x - B_y, B_y), dim=1)
+    right = torch.cat((A_x, A_x - A_y), dim=0)
     error.addmm_(_as(left, error), _as(right, error))
 
 
@@ -91,16 +111,22 @@ def frobenius(matrix: Tensor) -> float:
 
 def dense_error_norms(
     products: Tensor, total: float, f: ModuleFactors
-) -> tuple[float, float, float]:
-    """``(||S - B_g A_g||, ||S - B_ref A_ref||, ||S - B_bar A_bar||)`` of one module from
-    ``products = Q = sum_i w_i dB_i dA_i`` ``(d_out, d_in)`` (float32 or float64, overwritten:
-    no temporary of its size) and ``total = W``."""
+) -> tuple[float, float, float, float]:
+    """``(||S - B_g A_g||, ||S - B_ref A_ref||, ||S - B_bar A_bar||, ||S - B~ A~||)`` of one
+    module from ``products = Q = sum_i w_i dB_i dA_i`` ``(d_out, d_in)`` (float32 or float64,
+    overwritten: no temporary of its size) and ``total = W``; ``B~ A~`` is the product of the
+    unaligned means (FedIT's error), the third norm again without them."""
     to_factor_average_error(products, total, f)
     average = frobenius(products)
     to_global_error(products, f)
     aggregation = frobenius(products)
-    to_reference_error(products, f)
-    return aggregation, frobenius(products), average
+    fedit, last = average, (f.global_B, f.global_A)
+    if f.unaligned_B is not None and f.unaligned_A is not None:
+        last = (f.unaligned_B, f.unaligned_A)
+        to_other_product(products, (f.global_B, f.global_A), last)
+        fedit = frobenius(products)
+    to_other_product(products, last, (f.ref_B, f.ref_A))
+    return aggregation, frobenius(products), average, fedit
 
 
 def _as(x: Tensor, like: Tensor) -> Tensor:
@@ -185,14 +211,16 @@ class GroupErrorTracker:
         glob: Mapping[Factor, Tensor],
         *,
         has_reference: bool,
+        unaligned: Mapping[Factor, Tensor] | None = None,
     ) -> GroupErrors:
         """The group's norms. ``total`` is ``W = sum w_i`` over every client; ``means`` (the
-        weighted means) and ``glob`` (the new global factors) are row-layout float32 stacks
-        like the reference. The Gram path unless clients were folded, else the dense one."""
+        weighted means), ``glob`` (the new global factors) and ``unaligned`` (the means of the
+        factors as uploaded, None when no gauge moved them) are row-layout float32 stacks like
+        the reference. The Gram path unless clients were folded, else the dense one."""
         if self.folded:
             if self._weights:
                 self._fold()
-            return self._dense_errors(total, means, glob, has_reference)
+            return self._dense_errors(total, means, glob, has_reference, unaligned)
         ref = self._reference
         return group_errors(
             ErrorTerms(
@@ -205,6 +233,8 @@ class GroupErrorTracker:
                 global_A=glob[Factor.A],
                 ref_B=ref[Factor.B] if has_reference else None,
                 ref_A=ref[Factor.A] if has_reference else None,
+                unaligned_B=None if unaligned is None else unaligned[Factor.B],
+                unaligned_A=None if unaligned is None else unaligned[Factor.A],
             )
         )
 
@@ -214,10 +244,11 @@ class GroupErrorTracker:
         means: Mapping[Factor, Tensor],
         glob: Mapping[Factor, Tensor],
         has_reference: bool,
+        unaligned: Mapping[Factor, Tensor] | None,
     ) -> GroupErrors:
         norms = []
         for k in range(len(self.group.modules)):
-            factors = module_factors(self._reference, means, glob, k)
+            factors = module_factors(self._reference, means, glob, k, unaligned)
             norms.append(dense_error_norms(self._dense[k], total, factors))
             self._dense[k] = self._dense[k].new_empty(0)  # release Q_k
         out = torch.tensor(norms, dtype=STAT_DTYPE)
@@ -225,7 +256,62 @@ class GroupErrorTracker:
             aggregation=out[:, 0],
             reference=out[:, 1] if has_reference else None,
             factor_average=out[:, 2],
+            fedit=out[:, 3],
         )
+
+
+class UploadedMeans:
+    """The weighted means of one group's factors *as uploaded* (before the gauge), in row
+    layout: FedIT's averages of a gauged round's uploads, for its FedIT-equivalent error.
+
+    Kept only where a gauge moves the factors and the error is tracked: one float64 sum per
+    trained factor, a ``(K, r, d)`` stack (``stacked``) or ``K`` separate ``(r, d)`` tensors,
+    fed with the same order-independent float32 terms as the aggregate's own sums.
+    """
+
+    def __init__(
+        self,
+        group: ModuleGroup,
+        trained: frozenset[Factor] | set[Factor],
+        terms: TermAccumulator,
+        *,
+        stacked: bool,
+    ) -> None:
+        self._terms = terms
+        device = terms.device
+        self._sums: dict[Factor, Tensor | list[Tensor]] = {}
+        for f in trained:
+            shape = rows_shape(group, f)
+            self._sums[f] = (
+                torch.empty(shape, dtype=SUM_DTYPE, device=device)
+                if stacked
+                else [torch.empty(shape[1:], dtype=SUM_DTYPE, device=device) for _ in group.modules]
+            )
+
+    def add(self, which: Factor, rows: Tensor | Sequence[Tensor], weight: float) -> None:
+        """``sum += fl32(w X_i)`` for one client's ``which`` rows, a ``(K, r, d)`` stack or
+        ``K`` per-module ``(r, d)`` views (not modified)."""
+        total = self._sums[which]
+        if isinstance(total, Tensor):
+            assert isinstance(rows, Tensor)
+            self._terms.add_scaled(total, rows, weight)
+            return
+        for module_sum, x in zip(total, rows, strict=True):
+            self._terms.add_scaled(module_sum, x, weight)
+
+    def means(self, total: float, reference: Mapping[Factor, Tensor]) -> dict[Factor, Tensor]:
+        """Row-layout float32 ``(K, r, d)`` means, the reference rows for a frozen factor; the
+        sums are released."""
+        out = {}
+        for f in Factor:
+            sums = self._sums.pop(f, None)
+            if sums is None:
+                out[f] = reference[f]
+            elif isinstance(sums, Tensor):
+                out[f] = mean_of(sums, total)
+            else:
+                out[f] = torch.stack([mean_of(x, total) for x in sums])
+        return out
 
 
 def module_factors(
@@ -233,6 +319,7 @@ def module_factors(
     means: Mapping[Factor, Tensor],
     glob: Mapping[Factor, Tensor],
     k: int,
+    unaligned: Mapping[Factor, Tensor] | None = None,
 ) -> ModuleFactors:
     """Module ``k``'s :class:`ModuleFactors` from row-layout stacks."""
     return ModuleFactors(
@@ -242,4 +329,6 @@ def module_factors(
         mean_A=means[Factor.A][k],
         global_B=glob[Factor.B][k].mT,
         global_A=glob[Factor.A][k],
+        unaligned_B=None if unaligned is None else unaligned[Factor.B][k].mT,
+        unaligned_A=None if unaligned is None else unaligned[Factor.A][k],
     )

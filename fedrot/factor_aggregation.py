@@ -20,7 +20,10 @@ Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
   own layout.
 
 With ``track_error`` each group has a :class:`~fedrot.error_tracking.GroupErrorTracker` (memory
-bounded in the number of clients).
+bounded in the number of clients) and, in a round with a gauge, an
+:class:`~fedrot.error_tracking.UploadedMeans` for FedIT's error of the same uploads. A round
+with a gauge also sums the rotation drift diagnostic (:mod:`fedrot.drift`) from the Procrustes
+blocks it has anyway.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from torch import Tensor
 
 from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import WORK_DTYPE, RoundSetup, StreamingAggregator
-from fedrot.alignment import as_rows, expanded_gauge_statistics
+from fedrot.alignment import as_rows, expanded_gauge_statistics, procrustes_rotation
 from fedrot.diagnostics import GroupErrors, RotationStats
-from fedrot.error_tracking import GroupErrorTracker
+from fedrot.drift import DriftSums, ModuleDrift, client_drift
+from fedrot.error_tracking import GroupErrorTracker, UploadedMeans
 from fedrot.gauges import Gauge, GaugeProblem, GaugeSolver
 from fedrot.module_groups import ModuleGroup, empty_stack, rows_shape, stack_factor, streams_modules
 from fedrot.weighted_sums import SUM_DTYPE, mean_of
@@ -52,8 +56,9 @@ class _FactorGroupState:
     (``sums`` then empty). ``work`` are float32 stacking buffers and ``reference`` reference
     stacks, both in the factors' own layout. With a gauge, ``reference_sq`` ``(K,)`` are the
     aligned factor's squared reference norms and, for a streamed group, ``reference_columns``
-    its per-module ``X_ref^T`` ``(d, r)`` views. ``errors`` tracks the aggregation error (only
-    with ``track_error``).
+    its per-module ``X_ref^T`` ``(d, r)`` views. ``errors`` tracks the aggregation error and
+    ``uploaded`` FedIT's averages (only with ``track_error``; ``uploaded`` only with a gauge);
+    ``drift`` sums the rotation drift (with a gauge).
     """
 
     streamed: bool
@@ -64,6 +69,8 @@ class _FactorGroupState:
     reference_sq: Tensor | None = None
     reference_columns: list[Tensor] = field(default_factory=list)
     errors: GroupErrorTracker | None = None
+    uploaded: UploadedMeans | None = None
+    drift: DriftSums | None = None
 
 
 class FactorAggregator(StreamingAggregator):
@@ -119,9 +126,12 @@ class FactorAggregator(StreamingAggregator):
         state.reference = {f: self.reference_stack(group, f) for f in needed}
         if self._aligned is not None:
             self._bind_reference_rows(group, state, self._aligned)
+            state.drift = DriftSums()
         if self.setup.track_error:
             rows = {f: as_rows(state.reference[f], f) for f in Factor}
             state.errors = GroupErrorTracker(group, rows, products=trained == set(Factor))
+            if self._aligned is not None:
+                state.uploaded = UploadedMeans(group, trained, self._terms, stacked=not streamed)
         return state
 
     def _bind_reference_rows(
@@ -228,15 +238,30 @@ class FactorAggregator(StreamingAggregator):
         moving, moving_own = self._rows(update, group, state, aligned)
         problem = self._problem(client_id, group, state, moving)
         gauge = self._gauge.solve(problem)
+        assert state.drift is not None
+        _add_drift(state.drift, gauge, problem, w)
         left = dict(zip((aligned, other), _left_factors(gauge), strict=True))
         self._add_rotated(state, aligned, left[aligned] * w, moving, moving_own)
         kept = {aligned: _rotated(left[aligned], moving)} if state.errors is not None else {}
+        if state.uploaded is not None:
+            state.uploaded.add(aligned, moving, w)
         rest, rest_own = self._rows(update, group, state, other)
         self._add_rotated(state, other, left[other] * w, rest, rest_own)
+        if state.uploaded is not None:
+            state.uploaded.add(other, rest, w)
         if state.errors is not None:
             kept[other] = _rotated(left[other], rest)
             state.errors.add(w, kept)
         return _rotation_stats(group, gauge, problem)
+
+    def _module_drift(self, total: float) -> tuple[ModuleDrift, ...]:
+        out = []
+        for group, state in zip(self._groups, self._state, strict=True):
+            means = None if state.drift is None else state.drift.means(total)
+            if means is not None:
+                rows = zip(*means, strict=True)
+                out.extend(ModuleDrift(m, *r) for m, r in zip(group.modules, rows, strict=True))
+        return tuple(out)
 
     def _add_rotated(
         self, state: _FactorGroupState, which: Factor, left: Tensor, rows: Rows, own: list[Tensor]
@@ -273,8 +298,15 @@ class FactorAggregator(StreamingAggregator):
                     for f in Factor
                 }
                 glob = {f: g.to(WORK_DTYPE) for f, g in glob.items()}
+                uploaded = None
+                if state.uploaded is not None:
+                    rows = {f: as_rows(state.reference[f], f) for f in Factor}
+                    uploaded = state.uploaded.means(total, rows)
+                    state.uploaded = None
                 errors.append(
-                    state.errors.finalize(total, means, glob, has_reference=self._has_reference)
+                    state.errors.finalize(
+                        total, means, glob, has_reference=self._has_reference, unaligned=uploaded
+                    )
                 )
                 state.errors = None
         return lora, {}, errors if self.setup.track_error else None
@@ -333,6 +365,15 @@ def _left_factors(gauge: Gauge) -> tuple[Tensor, Tensor]:
         return left, left
     scale = gauge.scale[:, None, None]
     return left * scale, left / scale
+
+
+def _add_drift(drift: DriftSums, gauge: Gauge, problem: GaugeProblem, w: float) -> None:
+    """One client's rotation drift (:mod:`fedrot.drift`) for the optimal rotation (the gauge's
+    Procrustes rotation, solved here for a gauge that has none) and for the gauge applied."""
+    optimal = gauge.optimal if gauge.optimal is not None else procrustes_rotation(problem.cross)
+    terms = client_drift(problem.cross, problem.moving_sq, problem.reference_sq, optimal,
+                         gauge.rotation, gauge.scale)  # fmt: skip
+    drift.add(w, terms)
 
 
 def _rotation_stats(group: ModuleGroup, gauge: Gauge, problem: GaugeProblem) -> list[RotationStats]:

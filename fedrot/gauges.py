@@ -36,10 +36,13 @@ class GaugeProblem:
 
 @dataclass(frozen=True)
 class Gauge:
-    """``rotation (K, r, r)`` float32 and ``scale (K,)`` float32 or None (``s = 1``)."""
+    """``rotation (K, r, r)`` float32 and ``scale (K,)`` float32 or None (``s = 1``).
+    ``optimal`` is the det +1 Procrustes rotation of the problem when the solver computed it
+    (the rotation drift diagnostic of :mod:`fedrot.drift` needs it), else None."""
 
     rotation: Tensor
     scale: Tensor | None = None
+    optimal: Tensor | None = None
 
 
 class GaugeSolver(ABC):
@@ -64,7 +67,8 @@ class ProcrustesGauge(GaugeSolver):
         self.is_identity = lam == 0.0
 
     def solve(self, problem: GaugeProblem) -> Gauge:
-        return Gauge(soften_rotation(procrustes_rotation(problem.cross), self.lam))
+        optimal = procrustes_rotation(problem.cross)
+        return Gauge(soften_rotation(optimal, self.lam), optimal=optimal)
 
 
 def _stable_seed(*parts: object) -> int:

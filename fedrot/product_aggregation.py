@@ -133,7 +133,7 @@ class ProductAggregator(StreamingAggregator):
             if self.setup.track_error:
                 out = torch.tensor(norms, dtype=torch.float64)
                 ref = out[:, 1] if self._has_reference else None
-                errors.append(GroupErrors(out[:, 0], ref, out[:, 2]))
+                errors.append(GroupErrors(out[:, 0], ref, out[:, 2], out[:, 3]))
         return lora, deltas, errors if self.setup.track_error else None
 
     def _truncated_pairs(
@@ -164,9 +164,9 @@ class ProductAggregator(StreamingAggregator):
         pairs: dict[str, LoraPair],
         total: float,
         deltas: dict[str, Tensor],
-    ) -> list[tuple[float, float, float]]:
+    ) -> list[tuple[float, float, float, float]]:
         """Per module (``Q`` overwritten, then released): FedEx's residual into ``deltas`` and,
-        with ``track_error``, the three norms."""
+        with ``track_error``, the four norms (no gauge: FedIT's is the factor-average one)."""
         glob = {
             f: torch.stack([as_rows(pairs[m].factor(f), f) for m in group.modules]).float()
             for f in Factor
@@ -188,7 +188,7 @@ class ProductAggregator(StreamingAggregator):
         f: ModuleFactors,
         deltas: dict[str, Tensor],
         module: str,
-    ) -> tuple[float, float, float]:
+    ) -> tuple[float, float, float, float]:
         """FedEx-LoRA: ``deltas[module] = S - B_g A_g`` rounded once to float32 (``B_g A_g`` as
         handed out, so it also absorbs the rounding of the factors to a lower-precision dtype)
         and, with ``track_error``, the norms, the aggregation error being what that rounding
@@ -198,10 +198,10 @@ class ProductAggregator(StreamingAggregator):
         to_global_error(products, f)
         residual = deltas[module] = products.to(torch.float32)
         if not self.setup.track_error:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0
         aggregation = frobenius(products.sub_(residual))
         to_reference_error(products.add_(residual), f)
-        return aggregation, frobenius(products), average
+        return aggregation, frobenius(products), average, average
 
     def _factors(
         self,

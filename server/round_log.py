@@ -2,6 +2,20 @@
 
 Plain JSON data only (names, counts, bytes, errors, seconds, metrics); never tokens or
 tensor contents.
+
+The error and drift keys (see :mod:`fedrot.diagnostics` and :mod:`fedrot.drift`):
+
+- ``aggregation_error`` / ``relative_aggregation_error``: the round's own error, as published;
+- ``fedit_aggregation_error`` / ``fedit_relative_aggregation_error``: the error plain FedIT
+  averaging would have had for the same uploads (equal to the round's own under FedIT), and
+  ``error_removed_share = 1 - aggregation_error / fedit_aggregation_error``;
+- ``factor_average_error``: the error of averaging the factors *after* the round's gauge,
+  which under FedRot is its own error again, not FedIT's (kept for old readers);
+- ``rotation_drift_share``: the share of the clients' drift from the reference,
+  ``sum_i p_i ||X_i - X_ref||^2`` of the aligned factor summed over modules, that the optimal
+  rotations remove; ``applied_rotation_drift_share`` the same for the rotation applied (soft,
+  ``lambda < 1``). None in rounds that do not align. Per-module values are in report.json's
+  ``aggregation.rotation_drift``.
 """
 
 from __future__ import annotations
@@ -51,6 +65,11 @@ def round_summary(
         "aggregation_error": _number(report.aggregation_error),
         "relative_aggregation_error": _number(report.relative_aggregation_error),
         "factor_average_error": _number(report.factor_average_error),
+        "fedit_aggregation_error": _number(report.fedit_aggregation_error),
+        "fedit_relative_aggregation_error": _number(report.fedit_relative_aggregation_error),
+        "error_removed_share": _number(report.error_removed_share),
+        "rotation_drift_share": _number(report.rotation_drift_share),
+        "applied_rotation_drift_share": _number(report.applied_rotation_drift_share),
         "client_metrics": weighted_metrics(uploads),
         "evaluation": {},
         "evaluating": evaluating,

@@ -61,6 +61,10 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, title: str | None = None
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(panel.ylabel)
         axis.grid(alpha=0.3)
+    for axis in axes[0][:-1]:  # a panel with labels of its own gets its own legend
+        labels = axis.get_legend_handles_labels()[1]
+        if len(labels) > 1 and set(labels) != set(panels[-1].lines):
+            axis.legend(fontsize=7, loc="best")
     axes[0][-1].legend(fontsize=7, loc="best")
     if title:
         figure.suptitle(title, fontsize=11)
@@ -72,17 +76,25 @@ def plot_panels(panels: Sequence[Panel], path: Path, *, title: str | None = None
 
 
 def plot_run(rounds: Sequence[Mapping[str, object]], path: Path, *, title: str) -> Path:
-    """One run's curves: train / held-out loss, held-out metric, relative aggregation error."""
+    """One run's curves: train / held-out loss, held-out metric, relative aggregation error
+    (with FedIT's for the same uploads when it differs) and, when the run aligns, the rotation
+    drift share (optimal and applied rotations)."""
     def series(key: str) -> list[tuple[int, float]]:
         return [(int(r["round_index"]), r[key]) for r in rounds if r.get(key) is not None]
 
+    errors = {"global": series("relative_aggregation_error")}
+    if any(r.get("error_removed_share") not in (None, 0.0) for r in rounds):
+        errors["FedIT, same uploads"] = series("fedit_relative_aggregation_error")
     metric = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rounds) \
         else "eval_perplexity"  # fmt: skip
     panels = [
         Panel("loss", "cross-entropy", {"train": series("train_loss"),
                                          "held-out": series("eval_loss")}),  # fmt: skip
         Panel(metric.replace("eval_", "held-out "), metric, {"global": series(metric)}),
-        Panel("relative aggregation error", "||E|| / ||update||",
-              {"global": series("relative_aggregation_error")}, log_y=True),
+        Panel("relative aggregation error", "||E|| / ||update||", errors, log_y=True),
     ]
+    if any(r.get("rotation_drift_share") is not None for r in rounds):
+        panels.append(Panel("drift share a rotation removes", "share of drift",
+                            {"optimal": series("rotation_drift_share"),
+                             "applied": series("applied_rotation_drift_share")}))  # fmt: skip
     return plot_panels(panels, path, title=title)
