@@ -84,7 +84,7 @@ def serve(config_path: Path) -> int:
     line with the peak RSS at the end."""
     from fedrot_server.main import serve as serve_run
     from fedrot_server.settings import ServerSettings
-    from fedrot_server.spec import InitialModel
+    from fedrot_server.runs.spec import InitialModel
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the log, on request
     config = json.loads(config_path.read_text())

@@ -94,7 +94,7 @@ def serve(config_path: Path) -> int:
     """Serve the federation and a raw TCP peer; print ``PORTS grpc tcp``; stop at stdin's end."""
     from fedrot_server.service import start_server
     from fedrot_server.settings import ServerSettings
-    from fedrot_server.spec import InitialModel
+    from fedrot_server.runs.spec import InitialModel
 
     config = json.loads(config_path.read_text())
     initial = Shapes(**config.pop("shapes")).initial()

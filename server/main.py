@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from fedrot_server.errors import SettingsError
-from fedrot_server.hosted_runs import EvaluatorFactory
+from fedrot_server.runs.hosted_runs import EvaluatorFactory
 from fedrot_server.service import FederationServer, start_server
 from fedrot_server.settings import EvaluationSettings, ServerSettings, load_settings
-from fedrot_server.spec import Evaluator, Initializer, RunSpec
+from fedrot_server.runs.spec import Evaluator, Initializer, RunSpec
 
 logger = logging.getLogger("fedrot_server")
 
@@ -27,7 +27,7 @@ def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | No
     """The production initializer and (when ``evaluation.data`` is set) evaluator, whose
     held-out rows are read and checked here: a bad one is a :class:`SettingsError` before
     anything serves."""
-    from fedrot_server.base_models import HeldOutEvaluator, load_initial_model
+    from fedrot_server.runs.base_models import HeldOutEvaluator, load_initial_model
 
     if settings.evaluation.data is None:
         return load_initial_model, None
@@ -38,14 +38,14 @@ def default_seams(settings: ServerSettings) -> tuple[Initializer, Evaluator | No
 def held_out_evaluator(spec: RunSpec, evaluation: EvaluationSettings) -> Evaluator | None:
     """A standing server's evaluator of one run (None when the run sets no
     ``evaluation.data``); its held-out rows are read and checked as the run starts."""
-    from fedrot_server.base_models import HeldOutEvaluator
+    from fedrot_server.runs.base_models import HeldOutEvaluator
 
     return None if evaluation.data is None else HeldOutEvaluator(spec, evaluation)
 
 
 def standing_seams() -> tuple[Initializer, EvaluatorFactory]:
     """The production seams of a standing server: each run's evaluator is built for it."""
-    from fedrot_server.base_models import load_initial_model
+    from fedrot_server.runs.base_models import load_initial_model
 
     return load_initial_model, held_out_evaluator
 

@@ -16,21 +16,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from fedrot_proto.v1 import federation_pb2, federation_pb2_grpc
-from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.rpc.auth import TokenAuthenticator
 from fedrot_server.checks import parse_listen
 from fedrot_server.errors import SettingsError
-from fedrot_server.hosted_runs import EvaluatorFactory, RunSeams
-from fedrot_server.hosted_runs import check_initial as check_initial  # re-exported
-from fedrot_server.rounds import RoundEngine
-from fedrot_server.run_manager import RunManager
-from fedrot_server.servicer import FederationServicer
+from fedrot_server.runs.hosted_runs import EvaluatorFactory, RunSeams
+from fedrot_server.runs.hosted_runs import check_initial as check_initial  # re-exported
+from fedrot_server.runs.rounds import RoundEngine
+from fedrot_server.runs.run_manager import RunManager
+from fedrot_server.rpc.servicer import FederationServicer
 from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
-from fedrot_server.spec import Evaluator, Initializer, RunSpec
-from fedrot_server.state_lock import StateDirLock
-from fedrot_server.store import SqliteStore, TokenChanges, open_reader
-from fedrot_server.telemetry import TelemetryLog, open_telemetry_reader
-from fedrot_server.tls import add_port, security_of, server_credentials
-from fedrot_server.worker import ThreadedWorker, resolve_device
+from fedrot_server.runs.spec import Evaluator, Initializer, RunSpec
+from fedrot_server.storage.state_lock import StateDirLock
+from fedrot_server.storage.store import SqliteStore, TokenChanges, open_reader
+from fedrot_server.storage.telemetry import TelemetryLog, open_telemetry_reader
+from fedrot_server.rpc.tls import add_port, security_of, server_credentials
+from fedrot_server.runs.worker import ThreadedWorker, resolve_device
 
 if TYPE_CHECKING:
     from fedrot_server.dashboard.serving import DashboardServer
@@ -111,7 +111,7 @@ async def start_server(
     run_id: str | None = None,
 ) -> FederationServer:
     """Build everything, bind ``settings.listen``, start serving and start the run (or resume
-    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.recovery`); a
+    the unfinished run a crash left in ``state_dir``, see :mod:`fedrot_server.runs.recovery`); a
     standing server (``settings.standing``) starts with no run, or its unfinished one, and
     takes submitted runs. Every run is evaluated by ``evaluator``, or by the one
     ``evaluator_for`` builds for it. SettingsError when another server holds ``state_dir``."""

@@ -16,8 +16,8 @@ from fedrot_server.dashboard.app import create_app
 from fedrot_server.dashboard.serving import start_dashboard
 from fedrot_server.errors import StoreError
 from fedrot_server.checks import check_dashboard_token, parse_listen
-from fedrot_server.store import open_reader
-from fedrot_server.telemetry import open_telemetry_reader
+from fedrot_server.storage.store import open_reader
+from fedrot_server.storage.telemetry import open_telemetry_reader
 
 DATABASE = "fedrot.sqlite3"  # fedrot_server.settings.ServerSettings.database_path's name
 READ_TOKEN_ENV = "FEDROT_SERVER_DASHBOARD_READ_TOKEN"

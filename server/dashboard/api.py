@@ -28,7 +28,7 @@ from fedrot_server.dashboard.schemas import (
 )
 from fedrot_server.dashboard.security import Guard
 from fedrot_server.dashboard.sources import Sources
-from fedrot_server.state import RoundPhase
+from fedrot_server.storage.state import RoundPhase
 
 PREFIX = "/api/v1"
 ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422)}

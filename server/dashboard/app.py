@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fedrot_server.control import RunControl, RunQueue
+from fedrot_server.runs.control import RunControl, RunQueue
 from fedrot_server.dashboard import api, run_submissions, session
 from fedrot_server.dashboard.errors import install_handlers
 from fedrot_server.dashboard.files import RunFiles
@@ -26,8 +26,8 @@ from fedrot_server.dashboard.metrics import build_registry, metrics_text
 from fedrot_server.dashboard.schemas import Health
 from fedrot_server.dashboard.security import Guard
 from fedrot_server.dashboard.sources import Sources
-from fedrot_server.state import StateReader
-from fedrot_server.telemetry import TelemetryView
+from fedrot_server.storage.state import StateReader
+from fedrot_server.storage.telemetry import TelemetryView
 
 STATIC = Path(str(resources.files("fedrot_server.dashboard") / "static"))
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,6 +1,6 @@
 """The run folders the dashboard reads: round reports and global adapters (PEFT directories).
 
-Layout (written by :mod:`fedrot_server.artifacts`): ``<root>/<run_id>/initial/adapter/`` and
+Layout (written by :mod:`fedrot_server.storage.artifacts`): ``<root>/<run_id>/initial/adapter/`` and
 ``<root>/<run_id>/rounds/<t>/adapter/`` hold ``adapter_config.json`` and the safetensors
 weights; ``rounds/<t>/report.json`` the round's report. Read-only, no tensors: files are
 served as they are. Blocking: call off the event loop.

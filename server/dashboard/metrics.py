@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from fedrot_server.dashboard import views
 from fedrot_server.dashboard.errors import ApiError
 from fedrot_server.dashboard.sources import CURRENT, Sources
-from fedrot_server.state import RoundPhase
+from fedrot_server.storage.state import RoundPhase
 
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 # The held-out metrics of the global adapter exported from a round summary's ``evaluation``

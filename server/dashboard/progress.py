@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from enum import StrEnum
 
-from fedrot_server.control import Activity, LiveStatus
+from fedrot_server.runs.control import Activity, LiveStatus
 from fedrot_server.dashboard.schemas import BestMetric
-from fedrot_server.state import RoundPhase, RoundRow, RunRow
+from fedrot_server.storage.state import RoundPhase, RoundRow, RunRow
 
 # The quality figure of a run's rounds, in order of preference, and whether higher is better.
 QUALITY_METRICS = (("accuracy", True), ("exact_match", True), ("perplexity", False))

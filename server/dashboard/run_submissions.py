@@ -6,7 +6,7 @@ A submission's body is a JSON object of the run's settings under the server's ru
 ``min_clients``, ``clients_per_round``, ``quorum``, ``round_deadline_s``, ``seed``,
 ``late_updates``, ``staleness_weight``); what it leaves out takes the default. Runs start in
 submission order, one at a time. The settings are validated by the server behind
-:class:`~fedrot_server.control.RunQueue` (the dashboard never imports the engine).
+:class:`~fedrot_server.runs.control.RunQueue` (the dashboard never imports the engine).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel, Field
 
-from fedrot_server.control import RunQueue
+from fedrot_server.runs.control import RunQueue
 from fedrot_server.dashboard.api import ERRORS, PREFIX, SourcesDep, require_admin
 from fedrot_server.dashboard.errors import ApiError
 from fedrot_server.dashboard.schemas import ActionResult
 from fedrot_server.errors import RunSettingsError
-from fedrot_server.state import RunPhase
+from fedrot_server.storage.state import RunPhase
 
 router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin)], responses=ERRORS,
                    tags=["admin", "runs"])  # fmt: skip

@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedrot_server.control import LiveStatus, RunControl
+from fedrot_server.runs.control import LiveStatus, RunControl
 from fedrot_server.dashboard.errors import not_found
 from fedrot_server.dashboard.files import RunFiles, ZipCache
 from fedrot_server.dashboard.views import RunState
-from fedrot_server.state import RoundRow, RunRow, StateReader
-from fedrot_server.telemetry import DownloadRow, InterruptionRow, RefusalRow, TelemetryView
+from fedrot_server.storage.state import RoundRow, RunRow, StateReader
+from fedrot_server.storage.telemetry import DownloadRow, InterruptionRow, RefusalRow, TelemetryView
 
 CURRENT = "current"
 

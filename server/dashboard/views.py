@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedrot_server.control import Activity, ClientProgress, LiveStatus
+from fedrot_server.runs.control import Activity, ClientProgress, LiveStatus
 from fedrot_server.dashboard.files import RunFiles
 from fedrot_server.dashboard.progress import Stage, best_metric, eta_seconds, stage_of
 from fedrot_server.dashboard.schemas import (
@@ -21,8 +21,8 @@ from fedrot_server.dashboard.schemas import (
     RoundModules,
     RunInfo,
 )
-from fedrot_server.state import ClientRow, RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
-from fedrot_server.telemetry import InterruptionRow, RefusalRow
+from fedrot_server.storage.state import ClientRow, RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
+from fedrot_server.storage.telemetry import InterruptionRow, RefusalRow
 
 TRAIN_LOSS = "train_loss"
 ACCURACY = "accuracy"

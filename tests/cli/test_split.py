@@ -17,7 +17,7 @@ from fedrot_client.settings import load_settings as client_settings
 from fedrot_server.checks import PLACEHOLDER_PREFIX
 from fedrot_server.settings import load_settings as server_settings
 from fedrot_server.settings import read_tokens_file
-from fedrot_server.spec import RunSpec
+from fedrot_server.runs.spec import RunSpec
 
 TOPICS = ("sports", "cooking", "weather")
 
@@ -55,7 +55,7 @@ def test_server_and_clients_accept_what_split_writes(tmp_path, capsys) -> None:
     (server_args,) = printed_commands(output, "fedrot-server")
     settings = server_settings(server_args)
     assert settings.model.num_labels == 3 and settings.min_clients == 3
-    from fedrot_server.base_models import HeldOutEvaluator
+    from fedrot_server.runs.base_models import HeldOutEvaluator
 
     HeldOutEvaluator(RunSpec.from_settings(settings), settings.evaluation)  # reads every row
     tokens = settings.client_tokens()

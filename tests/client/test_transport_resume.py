@@ -26,7 +26,7 @@ from cutting_proxy import CuttingProxy  # noqa: E402
 from fedrot_client.transport import RetryPolicy, Transport  # noqa: E402
 from fedrot_proto.v1 import federation_pb2 as pb  # noqa: E402
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc  # noqa: E402
-from fedrot_server.transfers import PayloadReceiver  # noqa: E402
+from fedrot_server.rpc.transfers import PayloadReceiver  # noqa: E402
 from server_state import ServerThread  # noqa: E402
 from wire import (  # noqa: E402
     FACTOR_NUMBERS,

@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrot_server.control import Activity, LiveStatus
+from fedrot_server.runs.control import Activity, LiveStatus
 from fedrot_server.errors import NotFoundError, WrongStateError
-from fedrot_server.state import RunPhase, UploadRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.telemetry import TelemetryLog
+from fedrot_server.storage.state import RunPhase, UploadRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.storage.telemetry import TelemetryLog
 
 RUN = "run-0123456789ab"
 T0 = 1_700_000_000.0
@@ -224,7 +224,7 @@ def sha256(data: bytes) -> str:
 
 
 class FakeControl:
-    """A :class:`~fedrot_server.control.RunControl` recording the actions it was asked for."""
+    """A :class:`~fedrot_server.runs.control.RunControl` recording the actions it was asked for."""
 
     def __init__(self, run_id: str = RUN, activity: Activity = Activity.TRAINING) -> None:
         self.run_id, self.activity = run_id, activity

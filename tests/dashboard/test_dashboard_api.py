@@ -27,12 +27,12 @@ from dashboard_state import (
     record_run,
     sha256,
 )
-from fedrot_server.control import Activity
+from fedrot_server.runs.control import Activity
 from fedrot_server.dashboard import __main__ as standalone
 from fedrot_server.dashboard import create_app
 from fedrot_server.dashboard.files import AdapterFiles, ZipCache
-from fedrot_server.store import open_reader
-from fedrot_server.telemetry import open_telemetry_reader
+from fedrot_server.storage.store import open_reader
+from fedrot_server.storage.telemetry import open_telemetry_reader
 
 NOW = T0 + 80.0  # round 1 (deadline T0 + 110) is open; alice was seen at T0 + 60
 ADMIN = "admin-token-0123456789"

@@ -25,10 +25,10 @@ from dashboard_state import (
     record_showcase_run,
     sha256,
 )
-from fedrot_server.control import Activity
+from fedrot_server.runs.control import Activity
 from fedrot_server.dashboard import create_app
-from fedrot_server.store import SqliteStore, open_reader
-from fedrot_server.telemetry import open_telemetry_reader
+from fedrot_server.storage.store import SqliteStore, open_reader
+from fedrot_server.storage.telemetry import open_telemetry_reader
 
 NOW = T0 + 5000.0
 

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from dashboard_state import RUN, T0, RecordedRun, record_run, sha256
 from fedrot_server.dashboard import create_app
 from fedrot_server.dashboard.security import SESSION_COOKIE, SESSION_TTL_S, SessionSigner
-from fedrot_server.store import open_reader
-from fedrot_server.telemetry import open_telemetry_reader
+from fedrot_server.storage.store import open_reader
+from fedrot_server.storage.telemetry import open_telemetry_reader
 
 READ = "read-token-0123456789"
 ADMIN = "admin-token-0123456789"

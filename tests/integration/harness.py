@@ -31,7 +31,7 @@ from fedrot_server.settings import (
     StrategySettings,
     TrainingSettings,
 )
-from fedrot_server.store import open_reader
+from fedrot_server.storage.store import open_reader
 
 T = TypeVar("T")
 HERE = Path(__file__).resolve().parent

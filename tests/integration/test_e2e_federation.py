@@ -20,8 +20,8 @@ from fedrot_client.data import LabelVocabulary, load_dataset
 from fedrot_client.evaluation import evaluate
 from fedrot_client.models import ModelSpec, load_base_model
 from fedrot_server.settings import StrategySettings
-from fedrot_server.state import RunPhase
-from fedrot_server.store import open_reader
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import open_reader
 from harness import (
     CLIENT_NAMES,
     Clients,

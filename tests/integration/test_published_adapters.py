@@ -17,10 +17,10 @@ from peft import AutoPeftModelForSequenceClassification, PeftModel
 
 from fedrot.codec import encode_adapter
 from fedrot_client.models import ModelSpec, load_base_model
-from fedrot_server.artifacts import RunArtifacts, adapter_metadata, peft_config
-from fedrot_server.base_models import load_initial_model
+from fedrot_server.storage.artifacts import RunArtifacts, adapter_metadata, peft_config
+from fedrot_server.runs.base_models import load_initial_model
 from fedrot_server.settings import ModelSettings
-from fedrot_server.spec import RunSpec
+from fedrot_server.runs.spec import RunSpec
 from harness import CLASS_WORDS, tiny_settings
 
 NAMES = ("fruit", "colour", "motion", "number")  # CLASS_WORDS' classes, in id order

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from fedrot_server.settings import LoraSettings, ModelSettings, StrategySettings, TrainingSettings
-from fedrot_server.store import open_reader
+from fedrot_server.storage.store import open_reader
 from harness import ServerThread, tiny_settings, token_of
 
 pytestmark = pytest.mark.slow

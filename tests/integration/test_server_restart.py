@@ -26,8 +26,8 @@ from fedrot.adapters import AdapterSchema
 from fedrot.codec import ADAPTER_WEIGHTS_FILE, decode_adapter
 from fedrot.strategies import StrategyConfig, build_strategy
 from fedrot_server.settings import ServerSettings
-from fedrot_server.state import RunPhase
-from fedrot_server.store import open_reader
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import open_reader
 from harness import CLIENT_NAMES, CLIENT_WAIT_S, client_shards, tiny_settings
 
 PORT_LINE = re.compile(r"serving \S+ on port (\d+)")

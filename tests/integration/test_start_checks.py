@@ -18,7 +18,7 @@ import pytest
 import fedrot_client.data
 from fedrot_client.wordnet import LEXNAMES
 from fedrot_server.main import default_seams, main
-from fedrot_server.spec import RunSpec
+from fedrot_server.runs.spec import RunSpec
 from harness import ServerThread, evaluation_on, held_out, tiny_settings, token_of
 
 TEXT = "a gloss of some word"

@@ -26,7 +26,7 @@ from wire import initializer_of
 
 T = TypeVar("T")
 LIVENESS_COLUMNS = frozenset({"last_seen"})
-# The operator's telemetry (fedrot_server.telemetry): refusals and interruptions go there.
+# The operator's telemetry (fedrot_server.storage.telemetry): refusals and interruptions go there.
 TELEMETRY_TABLES = frozenset({"refusals", "interruptions", "downloads"})
 MAX_DEPTH = 8
 

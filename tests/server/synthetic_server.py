@@ -18,12 +18,12 @@ import sys
 import threading
 from typing import Any
 
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.storage.artifacts import RunArtifacts
 from fedrot_server.main import serve
 from fedrot_server.service import FederationServer
 from fedrot_server.settings import load_settings
-from fedrot_server.store import SqliteStore
-from fedrot_server.worker import ThreadedWorker
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.worker import ThreadedWorker
 from wire import initializer_of, synthetic_adapter
 
 STOPS: dict[str, tuple[type, str, bool]] = {  # step: class, method, stop after calling it

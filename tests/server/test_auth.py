@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.store import hash_token
+from fedrot_server.storage.store import hash_token
 from wire import WireClient, make_settings, running_server, synthetic_adapter, token_of
 
 

@@ -17,7 +17,7 @@ from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import ConflictError
 from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings, describe_errors, load_settings
-from fedrot_server.store import SqliteStore, TokenChanges
+from fedrot_server.storage.store import SqliteStore, TokenChanges
 from wire import (
     WireClient,
     initializer_of,

@@ -19,8 +19,8 @@ from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings
-from fedrot_server.state import RunPhase
-from fedrot_server.store import open_reader
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import open_reader
 from server_process import ServerProcess
 from wire import (
     WireClient,

@@ -14,7 +14,7 @@ import torch
 
 from fedrot.adapters import Adapter
 from fedrot_server.service import start_server
-from fedrot_server.state import RunPhase
+from fedrot_server.storage.state import RunPhase
 from wire import (
     WireClient,
     adapter_of,

@@ -14,7 +14,7 @@ import pytest
 from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.state import RoundPhase, RunPhase
+from fedrot_server.storage.state import RoundPhase, RunPhase
 from wire import (
     WireClient,
     adapter_of,

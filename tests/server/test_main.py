@@ -12,8 +12,8 @@ from pathlib import Path
 from fedrot.adapters import Adapter
 from fedrot_server.main import main, serve
 from fedrot_server.service import FederationServer
-from fedrot_server.state import RunPhase
-from fedrot_server.store import open_reader
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import open_reader
 from wire import (
     WireClient,
     adapter_of,

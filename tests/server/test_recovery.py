@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from fedrot.codec import decode_adapter
-from fedrot_server.artifacts import BASE_DELTAS_FILE, RunArtifacts, spool_name
+from fedrot_server.storage.artifacts import BASE_DELTAS_FILE, RunArtifacts, spool_name
 from fedrot_server.errors import SettingsError, StoreError
-from fedrot_server.recovery import check_compatible, find_resumable, load_resumption
-from fedrot_server.state_lock import StateDirLock
-from fedrot_server.state import RunPhase, UploadRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.transfers import sha256_hex
+from fedrot_server.runs.recovery import check_compatible, find_resumable, load_resumption
+from fedrot_server.storage.state_lock import StateDirLock
+from fedrot_server.storage.state import RunPhase, UploadRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.rpc.transfers import sha256_hex
 
 PAYLOADS = {"alice": b"alice's update", "bob": b"bob's late update", "carol": b"carol's"}
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedrot_server.recovery import check_compatible
+from fedrot_server.runs.recovery import check_compatible
 from fedrot_server.settings import SettingsError, TrainingSettings
 
 OLD_TRAINING = {"local_steps": 20, "epochs": 0, "batch_size": 16, "learning_rate": 0.02,

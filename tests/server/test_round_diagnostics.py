@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from fedrot.strategies import StrategyConfig, build_strategy
-from fedrot_server.artifacts import RunArtifacts
-from fedrot_server.rounds import RoundEngine
-from fedrot_server.spec import InitialModel, RunSpec
-from fedrot_server.store import SqliteStore
-from fedrot_server.tasks import TrainTask, UploadRequest
-from fedrot_server.transfers import sha256_hex
-from fedrot_server.worker import ThreadedWorker
+from fedrot_server.storage.artifacts import RunArtifacts
+from fedrot_server.runs.rounds import RoundEngine
+from fedrot_server.runs.spec import InitialModel, RunSpec
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.tasks import TrainTask, UploadRequest
+from fedrot_server.rpc.transfers import sha256_hex
+from fedrot_server.runs.worker import ThreadedWorker
 from wire import encode_update, local_update, make_settings, synthetic_adapter
 
 CLIENTS = ["alice", "bob", "carol"]

@@ -9,16 +9,16 @@ import pytest
 
 from fedrot.adapters import BOTH_FACTORS
 from fedrot.strategies import StrategyConfig, build_strategy
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.storage.artifacts import RunArtifacts
 from fedrot_server.errors import NotFoundError, UploadInProgressError, WrongStateError
-from fedrot_server.participants import Roster, sample_participants
-from fedrot_server.rounds import RoundEngine
-from fedrot_server.spec import InitialModel, RunSpec
-from fedrot_server.state import RunPhase
-from fedrot_server.store import SqliteStore
-from fedrot_server.tasks import DoneTask, TrainTask, UploadOutcome, UploadRequest, WaitTask
-from fedrot_server.transfers import sha256_hex
-from fedrot_server.worker import ThreadedWorker
+from fedrot_server.runs.participants import Roster, sample_participants
+from fedrot_server.runs.rounds import RoundEngine
+from fedrot_server.runs.spec import InitialModel, RunSpec
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.tasks import DoneTask, TrainTask, UploadOutcome, UploadRequest, WaitTask
+from fedrot_server.rpc.transfers import sha256_hex
+from fedrot_server.runs.worker import ThreadedWorker
 from wire import encode_update, local_update, make_settings, synthetic_adapter
 
 

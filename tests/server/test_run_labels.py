@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedrot.codec import decode_adapter
-from fedrot_server.artifacts import BASE_DELTAS_FILE, RunArtifacts, adapter_metadata
+from fedrot_server.storage.artifacts import BASE_DELTAS_FILE, RunArtifacts, adapter_metadata
 from fedrot_server.errors import SettingsError
 from fedrot_server.settings import ModelSettings, load_settings
 from wire import WireClient, make_settings, running_server, synthetic_adapter, token_of
@@ -88,7 +88,7 @@ def test_names_from_a_config_file_and_the_environment(
 def test_a_run_recorded_without_names_is_not_held_to_them() -> None:
     from types import SimpleNamespace
 
-    from fedrot_server.recovery import check_compatible
+    from fedrot_server.runs.recovery import check_compatible
 
     old = {k: v for k, v in ModelSettings(num_labels=3).model_dump(mode="json").items()
            if k != "labels"}  # fmt: skip

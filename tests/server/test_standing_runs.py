@@ -15,7 +15,7 @@ import pytest
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import RunSettingsError, WrongStateError
 from fedrot_server.service import FederationServer
-from fedrot_server.state import RoundPhase, RunPhase
+from fedrot_server.storage.state import RoundPhase, RunPhase
 from wire import (
     WireClient,
     make_settings,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedrot_server.errors import ConflictError, NotFoundError, StoreError
-from fedrot_server.state import RoundPhase, RunPhase, UploadRow
-from fedrot_server.store import SqliteStore, hash_token, open_reader
+from fedrot_server.storage.state import RoundPhase, RunPhase, UploadRow
+from fedrot_server.storage.store import SqliteStore, hash_token, open_reader
 
 
 def upload(client: str, sequence: int, key: str = "k") -> UploadRow:

@@ -13,7 +13,7 @@ import pytest
 
 from fedrot.adapters import Adapter
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.participants import sample_participants
+from fedrot_server.runs.participants import sample_participants
 from wire import (
     WireClient,
     adapter_of,

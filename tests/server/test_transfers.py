@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fedrot_server import artifacts
-from fedrot_server.artifacts import SpoolDraft
+from fedrot_server.storage import artifacts
+from fedrot_server.storage.artifacts import SpoolDraft
 from fedrot_server.errors import IncompleteUploadError, InvalidRequestError, TooLargeError
-from fedrot_server.transfers import Announced, PayloadReceiver, payload_chunks
+from fedrot_server.rpc.transfers import Announced, PayloadReceiver, payload_chunks
 
 DATA = bytes(range(256)) * 40
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from fedrot_proto.v1 import federation_pb2 as pb
-from fedrot_server.worker import ThreadedWorker
+from fedrot_server.runs.worker import ThreadedWorker
 from wire import (
     MIB,
     WireClient,

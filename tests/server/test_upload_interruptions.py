@@ -22,9 +22,9 @@ from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.dashboard import create_app
 from fedrot_server.service import FederationServer
 from fedrot_server.settings import ServerSettings
-from fedrot_server.store import open_reader
-from fedrot_server.telemetry import open_telemetry_reader
-from fedrot_server.transfers import PayloadReceiver
+from fedrot_server.storage.store import open_reader
+from fedrot_server.storage.telemetry import open_telemetry_reader
+from fedrot_server.rpc.transfers import PayloadReceiver
 from wire import (
     WireClient,
     adapter_of,

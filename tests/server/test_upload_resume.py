@@ -19,7 +19,7 @@ from fedrot.adapters import Factor
 from fedrot.codec import encode_adapter
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.service import FederationServer
-from fedrot_server.transfers import PayloadReceiver
+from fedrot_server.rpc.transfers import PayloadReceiver
 from server_state import snapshot
 from wire import (
     WireClient,

@@ -19,7 +19,7 @@ import pytest
 
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.settings import ServerSettings
-from fedrot_server.store import open_reader
+from fedrot_server.storage.store import open_reader
 from server_process import ServerProcess
 from wire import (
     WireClient,

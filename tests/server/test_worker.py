@@ -13,7 +13,7 @@ from fedrot.adapters import AdapterSchema, Factor
 from fedrot.errors import CodecError, SchemaError
 from fedrot.strategies import StrategyConfig, build_strategy
 from fedrot_server.errors import SettingsError, WrongStateError
-from fedrot_server.worker import AggregationWorker, ThreadedWorker, resolve_device
+from fedrot_server.runs.worker import AggregationWorker, ThreadedWorker, resolve_device
 from wire import adapter_of, assert_same, core_aggregate, encode_update, local_update, synthetic_adapter
 
 DEVICES = [

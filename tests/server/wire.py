@@ -26,7 +26,7 @@ from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
 from fedrot_server.service import GRPC_OPTIONS, FederationServer, start_server
 from fedrot_server.settings import ServerSettings
-from fedrot_server.spec import InitialModel, RunSpec
+from fedrot_server.runs.spec import InitialModel, RunSpec
 
 MIB = 1024 * 1024
 PREFIX = "base_model.model.encoder"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrot_server.errors import ConflictError, NotFoundError, StoreError
-from fedrot_server.state import (
+from fedrot_server.storage.state import (
     ClientRow,
     MetricRow,
     RoundPhase,
@@ -141,7 +141,7 @@ def _finite(value: object) -> object:
 
 
 class SqliteReader:
-    """Read-only :class:`~fedrot_server.state.StateReader` over the server's database."""
+    """Read-only :class:`~fedrot_server.storage.state.StateReader` over the server's database."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection

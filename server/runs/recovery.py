@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedrot.codec import encode_schema
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.storage.artifacts import RunArtifacts
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.settings import ServerSettings
-from fedrot_server.spec import InitialModel, RunSpec
-from fedrot_server.state import RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.transfers import sha256_hex
+from fedrot_server.runs.spec import InitialModel, RunSpec
+from fedrot_server.storage.state import RoundPhase, RoundRow, RunPhase, RunRow, UploadRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.rpc.transfers import sha256_hex
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fedrot.adapters import AdapterSchema, Factor
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import InvalidRequestError
-from fedrot_server.spec import RunSpec
-from fedrot_server.state import RunPhase
-from fedrot_server.tasks import (
+from fedrot_server.runs.spec import RunSpec
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.runs.tasks import (
     AdapterRef,
     DoneTask,
     Enrolment,
@@ -29,7 +29,7 @@ from fedrot_server.tasks import (
     UploadRequest,
     WaitTask,
 )
-from fedrot_server.worker import EncodedAdapter
+from fedrot_server.runs.worker import EncodedAdapter
 
 FACTORS = {Factor.A: pb.FACTOR_A, Factor.B: pb.FACTOR_B}
 FACTORS_BACK = {number: factor for factor, number in FACTORS.items()}

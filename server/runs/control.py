@@ -1,7 +1,7 @@
 """What an operator may do to a running run, and what it is doing right now.
 
 :class:`RunControl` is the seam between the dashboard's admin actions and the round engine
-(:class:`~fedrot_server.rounds.RoundEngine` implements it); the dashboard depends on this
+(:class:`~fedrot_server.runs.rounds.RoundEngine` implements it); the dashboard depends on this
 Protocol only. The actions raise :class:`~fedrot_server.errors.WrongStateError` when they are
 not possible now (no open round, the run is over) and
 :class:`~fedrot_server.errors.NotFoundError` for an unknown client.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from fedrot_server.state import RunPhase
+from fedrot_server.storage.state import RunPhase
 
 
 class Activity(StrEnum):
@@ -68,7 +68,7 @@ class RunControl(Protocol):
 
 class RunQueue(Protocol):
     """A standing server's runs as the admin API submits and stops them
-    (:class:`~fedrot_server.run_manager.RunManager` implements it; on the event loop)."""
+    (:class:`~fedrot_server.runs.run_manager.RunManager` implements it; on the event loop)."""
 
     def submit(self, settings: Mapping[str, Any]) -> str:
         """Queue a run of ``settings`` (RunSettings names); its id.

@@ -12,13 +12,13 @@ import asyncio
 from collections import OrderedDict
 from pathlib import Path
 
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.storage.artifacts import RunArtifacts
 from fedrot_server.errors import NotFoundError, WrongStateError
-from fedrot_server.state import RunPhase
-from fedrot_server.store import SqliteStore
-from fedrot_server.tasks import AdapterRef, DoneTask
-from fedrot_server.transfers import sha256_hex
-from fedrot_server.worker import EncodedAdapter
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.tasks import AdapterRef, DoneTask
+from fedrot_server.rpc.transfers import sha256_hex
+from fedrot_server.runs.worker import EncodedAdapter
 
 ENDED = {RunPhase.FINISHED: "the run is finished", RunPhase.STOPPED: "the run was stopped"}
 CACHED_ADAPTERS = 4  # final adapters kept in memory (the latest ended runs')

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from fedrot.strategies import RoundPlan
 from fedrot_server.errors import InvalidRequestError, TooLargeError, WrongStateError
-from fedrot_server.partials import PartialUploads
-from fedrot_server.participants import sample_participants
-from fedrot_server.spec import TransferLimits
-from fedrot_server.state import UploadRow
-from fedrot_server.tasks import UploadRequest
-from fedrot_server.transfers import check_sha256
+from fedrot_server.rpc.partials import PartialUploads
+from fedrot_server.runs.participants import sample_participants
+from fedrot_server.runs.spec import TransferLimits
+from fedrot_server.storage.state import UploadRow
+from fedrot_server.runs.tasks import UploadRequest
+from fedrot_server.rpc.transfers import check_sha256
 
 MAX_METRICS = 64
 MAX_KEY_LENGTH = 128

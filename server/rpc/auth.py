@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedrot_server.errors import PermissionDeniedError, UnauthenticatedError
-from fedrot_server.store import SqliteStore
+from fedrot_server.storage.store import SqliteStore
 
 AUTHORIZATION = "authorization"
 

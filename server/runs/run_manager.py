@@ -8,7 +8,7 @@ active at a time**; when the active run ends (finished, or stopped by the operat
 queued one starts. The queue lives in the SQLite store, so a restart keeps it.
 
 Calls are routed by run id: the active run's engine answers its calls; a run that ended answers
-DONE and serves its final adapter (:mod:`fedrot_server.ended_runs`); Enroll, when no run takes
+DONE and serves its final adapter (:mod:`fedrot_server.runs.ended_runs`); Enroll, when no run takes
 the client (none active, the run names other clients, or the client declined it), answers
 *wait*. All on the event loop.
 """
@@ -22,19 +22,19 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedrot_server.control import Activity, LiveStatus
-from fedrot_server.ended_runs import EndedRuns
+from fedrot_server.runs.control import Activity, LiveStatus
+from fedrot_server.runs.ended_runs import EndedRuns
 from fedrot_server.errors import NotFoundError, RunSettingsError, WrongStateError
-from fedrot_server.hosted_runs import HostedRun, RunSeams, host_run
-from fedrot_server.recovery import find_resumable
-from fedrot_server.round_state import check_client_info
-from fedrot_server.rounds import RoundEngine
+from fedrot_server.runs.hosted_runs import HostedRun, RunSeams, host_run
+from fedrot_server.runs.recovery import find_resumable
+from fedrot_server.runs.round_state import check_client_info
+from fedrot_server.runs.rounds import RoundEngine
 from fedrot_server.settings import RunSettings, ServerSettings, validate_run_settings
-from fedrot_server.spec import RunSpec, new_run_id
-from fedrot_server.state import RunPhase, RunRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.tasks import DoneTask, Enrolment, EnrolmentWait, Task, WaitTask
-from fedrot_server.worker import EncodedAdapter
+from fedrot_server.runs.spec import RunSpec, new_run_id
+from fedrot_server.storage.state import RunPhase, RunRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.tasks import DoneTask, Enrolment, EnrolmentWait, Task, WaitTask
+from fedrot_server.runs.worker import EncodedAdapter
 
 logger = logging.getLogger(__name__)
 OVER = (RunPhase.FINISHED, RunPhase.STOPPED)

@@ -1,8 +1,8 @@
 """The production model seams, built on ``fedrot_client`` (transformers + peft).
 
 Imported lazily by the entry point only: the rest of the server (and its tests) never loads
-transformers. :func:`load_initial_model` is the default :data:`~fedrot_server.spec.Initializer`;
-:class:`HeldOutEvaluator` the default :data:`~fedrot_server.spec.Evaluator` when
+transformers. :func:`load_initial_model` is the default :data:`~fedrot_server.runs.spec.Initializer`;
+:class:`HeldOutEvaluator` the default :data:`~fedrot_server.runs.spec.Evaluator` when
 ``evaluation.data`` is set.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from fedrot.adapters import Adapter
 from fedrot_server.errors import SettingsError
 from fedrot_server.settings import EvaluationSettings
-from fedrot_server.spec import InitialModel, RunSpec
+from fedrot_server.runs.spec import InitialModel, RunSpec
 
 logger = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
 Transport-free: the servicer feeds chunks in and sends slices out. A payload is announced by its
 total size and SHA-256 (lowercase hex); chunks must arrive in order, without gaps or overlap, no
 larger than the chunk limit, and add up to exactly the announced size. A receiver outlives a
-broken stream (see :mod:`fedrot_server.partials`): the next stream of the same payload resumes
+broken stream (see :mod:`fedrot_server.rpc.partials`): the next stream of the same payload resumes
 where it stopped (:meth:`PayloadReceiver.resume_at`).
 
 A receiver checks each chunk on the event loop and hands it to its own thread, which hashes it
 (one running SHA-256 of the bytes so far, kept with the receiver across a cut) and writes it to
-the receiver's sink (the server: a file of the spool, :class:`~fedrot_server.artifacts.SpoolDraft`)
+the receiver's sink (the server: a file of the spool, :class:`~fedrot_server.storage.artifacts.SpoolDraft`)
 while the next chunk arrives; at most :data:`MAX_QUEUED_BYTES` wait for that thread.
 """
 

@@ -30,7 +30,7 @@ from fedrot.errors import AggregationStateError
 from fedrot.strategies import RoundPlan, Strategy
 from fedrot_server.errors import SettingsError, WrongStateError
 from fedrot_server.settings import DEFAULT_MAX_UPLOAD_VALUE
-from fedrot_server.transfers import sha256_hex
+from fedrot_server.rpc.transfers import sha256_hex
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ opens an upload of another update (key, size or digest), when its stream starts 
 0, and once the whole payload arrived (the update is then counted or refused, never resumed).
 
 The bytes are in the receiver's sink, a draft file of the spool
-(:class:`~fedrot_server.artifacts.SpoolDraft`, in the run's ``incoming/`` folder), like those
+(:class:`~fedrot_server.storage.artifacts.SpoolDraft`, in the run's ``incoming/`` folder), like those
 of a stream in progress, and bounded like them: a client holds one receiver per round,
 streaming or kept here (a new stream takes it out, a broken one puts it back), and no receiver
 takes more bytes than its header announced, a size refused above the round's upload bound (the
 largest encoded update of the run's schema, see
-:meth:`~fedrot_server.uploads.UploadIntake.upload_bound`). A resume has the same header, so it
+:meth:`~fedrot_server.runs.uploads.UploadIntake.upload_bound`). A resume has the same header, so it
 cannot grow the partial; another header drops it. A dropped partial's draft is removed. A
 restarted server holds nothing (it removes every draft at start); its clients learn that from
 QueryUpload and send the whole update (the spool proper holds only verified uploads).
@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedrot_server.tasks import UploadIdentity
-from fedrot_server.transfers import Announced, PayloadReceiver, PayloadSink
+from fedrot_server.runs.tasks import UploadIdentity
+from fedrot_server.rpc.transfers import Announced, PayloadReceiver, PayloadSink
 
 
 @dataclass(frozen=True)

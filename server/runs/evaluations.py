@@ -15,8 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fedrot.adapters import Adapter
-from fedrot_server.spec import Evaluator
-from fedrot_server.worker import tensor_thread
+from fedrot_server.runs.spec import Evaluator
+from fedrot_server.runs.worker import tensor_thread
 
 logger = logging.getLogger(__name__)
 

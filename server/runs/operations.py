@@ -1,6 +1,6 @@
-"""Operator actions on the running run: :class:`~fedrot_server.control.RunControl` for the
-round engine, kept out of :mod:`fedrot_server.rounds` as a mixin that
-:class:`~fedrot_server.rounds.RoundEngine` inherits.
+"""Operator actions on the running run: :class:`~fedrot_server.runs.control.RunControl` for the
+round engine, kept out of :mod:`fedrot_server.runs.rounds` as a mixin that
+:class:`~fedrot_server.runs.rounds.RoundEngine` inherits.
 
 Pausing stops new rounds from opening (the open round goes on and closes as usual); closing
 the round now aggregates the updates received so far (at least one); revoking a client marks
@@ -14,20 +14,20 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from fedrot_server.control import Activity, ClientProgress, LiveStatus
+from fedrot_server.runs.control import Activity, ClientProgress, LiveStatus
 from fedrot_server.errors import WrongStateError
-from fedrot_server.participants import Roster
-from fedrot_server.round_state import OpenRound
-from fedrot_server.spec import RunSpec
-from fedrot_server.state import RunPhase
-from fedrot_server.store import SqliteStore
+from fedrot_server.runs.participants import Roster
+from fedrot_server.runs.round_state import OpenRound
+from fedrot_server.runs.spec import RunSpec
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import SqliteStore
 
 logger = logging.getLogger(__name__)
 OVER = (RunPhase.FINISHED, RunPhase.STOPPED)
 
 
 class OperatorActions:
-    """The engine's :class:`~fedrot_server.control.RunControl` (a mixin: it uses the engine's
+    """The engine's :class:`~fedrot_server.runs.control.RunControl` (a mixin: it uses the engine's
     run state below and adds the ``_paused`` flag, read by the engine before opening a round)."""
 
     spec: RunSpec

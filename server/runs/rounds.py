@@ -13,7 +13,7 @@ from for ``client_timeout_s``) is replaced by a live client not yet in the round
 the same seed and the extension number. Silent participants may still report.
 
 Closing: the worker finalises the aggregate, the new global adapter is saved as a PEFT
-directory (see :mod:`fedrot_server.artifacts`), evaluated when an evaluator is given, recorded,
+directory (see :mod:`fedrot_server.storage.artifacts`), evaluated when an evaluator is given, recorded,
 logged, and published as the reference of round ``t + 1``. Uploads for any other round are
 refused, unless ``late_updates = "stale"``: then an update for round ``t - k`` from a
 participant of that round that never reported is aligned to the current reference like any
@@ -22,7 +22,7 @@ the same factors). After ``rounds`` rounds every client is told DONE.
 
 Durability: each upload is aggregated (which validates it), spooled and recorded before it is
 acknowledged; a restart resumes the run from what was recorded (see
-:mod:`fedrot_server.recovery`): the open round is rebuilt by re-feeding its uploads in arrival
+:mod:`fedrot_server.runs.recovery`): the open round is rebuilt by re-feeding its uploads in arrival
 order, with participants and target as recorded and a fresh deadline.
 """
 
@@ -39,22 +39,22 @@ from typing import Any
 from fedrot.adapters import Adapter
 from fedrot.codec import decode_adapter
 from fedrot.strategies import RoundPlan, Strategy
-from fedrot_server.artifacts import RunArtifacts, adapter_metadata
-from fedrot_server.control import ClientProgress
+from fedrot_server.storage.artifacts import RunArtifacts, adapter_metadata
+from fedrot_server.runs.control import ClientProgress
 from fedrot_server.errors import NotFoundError, WrongStateError
-from fedrot_server.evaluations import RoundEvaluations
-from fedrot_server.operations import OperatorActions
-from fedrot_server.participants import Roster, sample_participants
-from fedrot_server.recovery import Resumption, run_record
-from fedrot_server.ledger import RoundLedger
-from fedrot_server.round_state import OpenRound, check_client_info, derive_seed
-from fedrot_server.round_log import round_summary, with_evaluation
+from fedrot_server.runs.evaluations import RoundEvaluations
+from fedrot_server.runs.operations import OperatorActions
+from fedrot_server.runs.participants import Roster, sample_participants
+from fedrot_server.runs.recovery import Resumption, run_record
+from fedrot_server.runs.ledger import RoundLedger
+from fedrot_server.runs.round_state import OpenRound, check_client_info, derive_seed
+from fedrot_server.runs.round_log import round_summary, with_evaluation
 from fedrot_server.settings import ServerSettings
-from fedrot_server.spec import Evaluator, InitialModel, RunSpec
-from fedrot_server.state import RunPhase
-from fedrot_server.store import SqliteStore
-from fedrot_server.transfers import sha256_hex
-from fedrot_server.tasks import (
+from fedrot_server.runs.spec import Evaluator, InitialModel, RunSpec
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.rpc.transfers import sha256_hex
+from fedrot_server.runs.tasks import (
     AdapterRef,
     DoneTask,
     Enrolment,
@@ -63,15 +63,15 @@ from fedrot_server.tasks import (
     TrainTask,
     WaitTask,
 )
-from fedrot_server.uploads import UploadIntake
-from fedrot_server.worker import AggregationWorker, EncodedAdapter
+from fedrot_server.runs.uploads import UploadIntake
+from fedrot_server.runs.worker import AggregationWorker, EncodedAdapter
 
 logger = logging.getLogger(__name__)
 
 class RoundEngine(UploadIntake, OperatorActions):
     """Runs one federated run; the servicer calls the client-facing coroutines (uploads in
-    :class:`~fedrot_server.uploads.UploadIntake`), the dashboard the operator actions
-    (:class:`~fedrot_server.operations.OperatorActions`)."""
+    :class:`~fedrot_server.runs.uploads.UploadIntake`), the dashboard the operator actions
+    (:class:`~fedrot_server.runs.operations.OperatorActions`)."""
 
     def __init__(
         self,

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from fedrot.adapters import AdapterSchema, Factor
 from fedrot_server.settings import TrainingSettings
-from fedrot_server.spec import RunSpec
-from fedrot_server.state import RunPhase
-from fedrot_server.transfers import PayloadReceiver
+from fedrot_server.runs.spec import RunSpec
+from fedrot_server.storage.state import RunPhase
+from fedrot_server.rpc.transfers import PayloadReceiver
 
 
 @dataclass(frozen=True)

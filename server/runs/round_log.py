@@ -24,8 +24,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fedrot_server.state import UploadRow
-from fedrot_server.worker import FinishedRound
+from fedrot_server.storage.state import UploadRow
+from fedrot_server.runs.worker import FinishedRound
 
 
 def weighted_metrics(uploads: Sequence[UploadRow]) -> dict[str, float]:

@@ -3,8 +3,8 @@
 :func:`host_run` assembles them from the run's effective settings
 (:meth:`~fedrot_server.settings.ServerSettings.for_run`) and the model seams: the initial
 adapter from the initializer, the evaluator from the evaluator factory, the recorded state when
-the run is resumed (:mod:`fedrot_server.recovery`). A single-run server hosts one such run, a
-standing server one after another (:mod:`fedrot_server.run_manager`).
+the run is resumed (:mod:`fedrot_server.runs.recovery`). A single-run server hosts one such run, a
+standing server one after another (:mod:`fedrot_server.runs.run_manager`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedrot.strategies import StrategyName, build_strategy
-from fedrot_server.artifacts import RunArtifacts, peft_config
+from fedrot_server.storage.artifacts import RunArtifacts, peft_config
 from fedrot_server.errors import SettingsError
-from fedrot_server.recovery import check_compatible, load_resumption, run_record
-from fedrot_server.rounds import RoundEngine
+from fedrot_server.runs.recovery import check_compatible, load_resumption, run_record
+from fedrot_server.runs.rounds import RoundEngine
 from fedrot_server.settings import EvaluationSettings, ServerSettings
-from fedrot_server.spec import Evaluator, InitialModel, Initializer, RunSpec
-from fedrot_server.state import RunRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.worker import ThreadedWorker
+from fedrot_server.runs.spec import Evaluator, InitialModel, Initializer, RunSpec
+from fedrot_server.storage.state import RunRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.worker import ThreadedWorker
 
 logger = logging.getLogger(__name__)
 

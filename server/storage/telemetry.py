@@ -1,11 +1,11 @@
 """What the operator sees beyond the round records: refused and interrupted uploads, and bytes
 sent to clients.
 
-Three tables in the server's SQLite database, kept apart from :mod:`fedrot_server.store` (the
+Three tables in the server's SQLite database, kept apart from :mod:`fedrot_server.storage.store` (the
 federation's own state) because nothing in a round depends on them: ``refusals`` (one row per
 refused upload: who, for which round, the status name as the reason and the message),
 ``interruptions`` (one row per upload stream that broke off after its header was accepted: the
-bytes it delivered are held for a resume, see :mod:`fedrot_server.partials`) and ``downloads``
+bytes it delivered are held for a resume, see :mod:`fedrot_server.rpc.partials`) and ``downloads``
 (bytes of global adapters sent, summed per run, round and client).
 
 :class:`TelemetryLog` writes (the server, on its event loop thread, with its own connection;

@@ -5,7 +5,7 @@ mapped to a status code and a message naming the problem. A payload whose SHA-25
 from its header's is INVALID_ARGUMENT (the client sent inconsistent data; DATA_LOSS is kept
 for corruption the server itself detects in its own state). An upload stream's first chunk
 may resume the bytes an earlier, broken stream of the same update left (see
-:mod:`fedrot_server.partials`); another offset than those bytes' end, or 0, is OUT_OF_RANGE.
+:mod:`fedrot_server.rpc.partials`); another offset than those bytes' end, or 0, is OUT_OF_RANGE.
 A stream that breaks off after its header was accepted (cut, stalled, cancelled, or ended
 before the announced size) is recorded as interrupted, not refused: its bytes are held.
 """
@@ -25,8 +25,8 @@ from grpc import StatusCode
 from fedrot.errors import CodecError, SchemaError
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
-from fedrot_server import messages
-from fedrot_server.auth import TokenAuthenticator
+from fedrot_server.rpc import messages
+from fedrot_server.rpc.auth import TokenAuthenticator
 from fedrot_server.errors import (
     IncompleteUploadError,
     InvalidRequestError,
@@ -39,10 +39,10 @@ from fedrot_server.errors import (
     UploadInProgressError,
     WrongStateError,
 )
-from fedrot_server.run_manager import RunManager
-from fedrot_server.tasks import UploadOutcome, UploadTicket
-from fedrot_server.telemetry import InterruptionRow, TelemetryLog
-from fedrot_server.transfers import MAX_QUEUED_BYTES, PayloadReceiver, payload_chunks
+from fedrot_server.runs.run_manager import RunManager
+from fedrot_server.runs.tasks import UploadOutcome, UploadTicket
+from fedrot_server.storage.telemetry import InterruptionRow, TelemetryLog
+from fedrot_server.rpc.transfers import MAX_QUEUED_BYTES, PayloadReceiver, payload_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Uploads into the open round: header checks, one stream per client at a time, resumption of
 a broken stream, and the commit that aggregates, spools and records an update before it is
-acknowledged. Kept out of :mod:`fedrot_server.rounds` as a mixin that
-:class:`~fedrot_server.rounds.RoundEngine` inherits (like
-:class:`~fedrot_server.operations.OperatorActions`).
+acknowledged. Kept out of :mod:`fedrot_server.runs.rounds` as a mixin that
+:class:`~fedrot_server.runs.rounds.RoundEngine` inherits (like
+:class:`~fedrot_server.runs.operations.OperatorActions`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from fedrot.adapters import Adapter, Factor
 from fedrot.codec import HEADER_SLACK_BYTES, max_encoded_size
-from fedrot_server.artifacts import RunArtifacts
+from fedrot_server.storage.artifacts import RunArtifacts
 from fedrot_server.errors import (
     InvalidRequestError,
     PermissionDeniedError,
@@ -21,22 +21,22 @@ from fedrot_server.errors import (
     UploadInProgressError,
     WrongStateError,
 )
-from fedrot_server.ledger import RoundLedger
-from fedrot_server.participants import Roster
-from fedrot_server.round_log import mean_rotation_distance
-from fedrot_server.round_state import OpenRound, no_open_round, upload_id
+from fedrot_server.runs.ledger import RoundLedger
+from fedrot_server.runs.participants import Roster
+from fedrot_server.runs.round_log import mean_rotation_distance
+from fedrot_server.runs.round_state import OpenRound, no_open_round, upload_id
 from fedrot_server.settings import ServerSettings
-from fedrot_server.spec import InitialModel, RunSpec
-from fedrot_server.state import UploadRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.tasks import (
+from fedrot_server.runs.spec import InitialModel, RunSpec
+from fedrot_server.storage.state import UploadRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.runs.tasks import (
     UploadIdentity,
     UploadOutcome,
     UploadProgress,
     UploadRequest,
     UploadTicket,
 )
-from fedrot_server.transfers import ReceivedPayload
+from fedrot_server.rpc.transfers import ReceivedPayload
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class UploadIntake:
         """Check an upload's header before its bytes are read; a replay is answered at once.
 
         The ticket's receiver holds the bytes of an earlier, broken stream of the same update
-        (see :mod:`fedrot_server.partials`); the stream resumes from there or starts over. A
+        (see :mod:`fedrot_server.rpc.partials`); the stream resumes from there or starts over. A
         declared size above ``max_upload_bytes`` or above :meth:`upload_bound` is refused here.
         """
         found = await self._free_slot(client, request.run_id, request.identity)

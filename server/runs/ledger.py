@@ -18,13 +18,13 @@ from fedrot.adapters import Adapter
 from fedrot.codec import Buffer
 from fedrot.diagnostics import ClientReport
 from fedrot.strategies import Strategy
-from fedrot_server.artifacts import RunArtifacts
-from fedrot_server.round_state import OpenRound, aggregation_id
+from fedrot_server.storage.artifacts import RunArtifacts
+from fedrot_server.runs.round_state import OpenRound, aggregation_id
 from fedrot_server.settings import ServerSettings
-from fedrot_server.state import UploadRow
-from fedrot_server.store import SqliteStore
-from fedrot_server.transfers import ReceivedPayload
-from fedrot_server.worker import AggregationWorker
+from fedrot_server.storage.state import UploadRow
+from fedrot_server.storage.store import SqliteStore
+from fedrot_server.rpc.transfers import ReceivedPayload
+from fedrot_server.runs.worker import AggregationWorker
 
 logger = logging.getLogger(__name__)
 
