@@ -10,13 +10,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
+from fastapi.testclient import TestClient
+
+from fedrot_server.dashboard import create_app
 from fedrot_server.runs.control import Activity, LiveStatus
 from fedrot_server.errors import NotFoundError, WrongStateError
 from fedrot_server.storage.state import RunPhase, UploadRow
-from fedrot_server.storage.store import SqliteStore
-from fedrot_server.storage.telemetry import TelemetryLog
+from fedrot_server.storage.store import SqliteStore, open_reader
+from fedrot_server.storage.telemetry import TelemetryLog, open_telemetry_reader
 
 RUN = "run-0123456789ab"
 T0 = 1_700_000_000.0
@@ -258,3 +262,17 @@ class FakeControl:
     def _check(self) -> None:
         if self.activity is Activity.DONE:
             raise WrongStateError("the run is over")
+
+
+def serve_recorded(run: RecordedRun, now: float, **kwargs: object) -> Iterator[TestClient]:
+    """A test client of the dashboard over ``run``'s database, its clock stopped at ``now``
+    (``kwargs`` go to ``create_app``); a generator: ``yield from`` it in a fixture."""
+    reader, telemetry = open_reader(run.db), open_telemetry_reader(run.db)
+    app = create_app(reader, telemetry=telemetry, runs_root=run.runs_root, clock=lambda: now,
+                     **kwargs)  # fmt: skip
+    try:
+        with TestClient(app) as client:
+            yield client
+    finally:
+        reader.close()
+        telemetry.close()

@@ -25,6 +25,7 @@ from dashboard_state import (
     RecordedRun,
     record_instruction_run,
     record_run,
+    serve_recorded,
     sha256,
 )
 from fedrot_server.runs.control import Activity
@@ -32,7 +33,6 @@ from fedrot_server.dashboard import __main__ as standalone
 from fedrot_server.dashboard import create_app
 from fedrot_server.dashboard.files import AdapterFiles, ZipCache
 from fedrot_server.storage.store import open_reader
-from fedrot_server.storage.telemetry import open_telemetry_reader
 
 NOW = T0 + 80.0  # round 1 (deadline T0 + 110) is open; alice was seen at T0 + 60
 ADMIN = "admin-token-0123456789"
@@ -45,15 +45,7 @@ def recorded(tmp_path: Path) -> RecordedRun:
 
 
 def make_client(run: RecordedRun, **kwargs: object) -> Iterator[TestClient]:
-    reader, telemetry = open_reader(run.db), open_telemetry_reader(run.db)
-    app = create_app(reader, telemetry=telemetry, runs_root=run.runs_root, clock=lambda: NOW,
-                     client_timeout_s=30.0, **kwargs)  # fmt: skip
-    try:
-        with TestClient(app) as client:
-            yield client
-    finally:
-        reader.close()
-        telemetry.close()
+    return serve_recorded(run, NOW, client_timeout_s=30.0, **kwargs)
 
 
 @pytest.fixture

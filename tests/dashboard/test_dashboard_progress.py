@@ -23,26 +23,17 @@ from dashboard_state import (
     record_instruction_run,
     record_run,
     record_showcase_run,
+    serve_recorded,
     sha256,
 )
 from fedrot_server.runs.control import Activity
-from fedrot_server.dashboard import create_app
-from fedrot_server.storage.store import SqliteStore, open_reader
-from fedrot_server.storage.telemetry import open_telemetry_reader
+from fedrot_server.storage.store import SqliteStore
 
 NOW = T0 + 5000.0
 
 
 def serve(run: RecordedRun, now: float, **kwargs: object) -> Iterator[TestClient]:
-    reader, telemetry = open_reader(run.db), open_telemetry_reader(run.db)
-    app = create_app(reader, telemetry=telemetry, runs_root=run.runs_root, clock=lambda: now,
-                     **kwargs)  # fmt: skip
-    try:
-        with TestClient(app) as client:
-            yield client
-    finally:
-        reader.close()
-        telemetry.close()
+    return serve_recorded(run, now, **kwargs)
 
 
 @pytest.fixture
