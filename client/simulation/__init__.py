@@ -10,6 +10,7 @@ daemon's local training and the server's strategies.
 """
 
 from fedrot_client.simulation.client_basis import ClientBasis
+from fedrot_client.simulation.client_starts import ClientInit
 from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.engine import RoundMetrics, SimulationResult, run_simulation
 from fedrot_client.simulation.federated_data import (
@@ -22,6 +23,7 @@ from fedrot_client.simulation.federated_data import (
 __all__ = [
     "BackendName",
     "ClientBasis",
+    "ClientInit",
     "FederatedData",
     "RoundMetrics",
     "SimulationConfig",

@@ -12,6 +12,7 @@ from fedrot.strategies import StrategyConfig, StrategyName
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
 from fedrot_client.simulation.client_basis import ClientBasis
+from fedrot_client.simulation.client_starts import ClientInit
 from fedrot_client.training import OptimizerName, TrainConfig
 
 
@@ -35,9 +36,12 @@ class SimulationConfig:
     batches from the broadcast global adapter; the strategy aggregates the uploads with
     ``n_i`` = samples processed; every ``eval_every``-th global adapter is evaluated.
     ``client_basis`` is the basis clients report their factors in
-    (:mod:`fedrot_client.simulation.client_basis`). ``seed`` fixes the LoRA init, the data
-    split, client sampling and every client's batch order, dropout and reporting basis (per
-    round and client).
+    (:mod:`fedrot_client.simulation.client_basis`). ``client_init`` (round 0 from the broadcast
+    or from each client's own LoRA init), ``stale_fraction`` and ``staleness_weight`` (a share
+    of each round's updates trained from the previous round's adapter, down-weighted) are
+    described in :mod:`fedrot_client.simulation.client_starts`. ``seed`` fixes the LoRA init,
+    the data split, client sampling and every client's batch order, dropout and reporting
+    basis (per round and client).
     """
 
     model: ModelSpec
@@ -58,6 +62,9 @@ class SimulationConfig:
     seed: int = 0
     backend: BackendName = BackendName.IN_PROCESS
     client_basis: ClientBasis = ClientBasis.SHARED
+    client_init: ClientInit = ClientInit.SHARED
+    stale_fraction: float = 0.0
+    staleness_weight: float = 0.5
     num_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +72,7 @@ class SimulationConfig:
         object.__setattr__(self, "strategy", StrategyName(self.strategy))
         object.__setattr__(self, "backend", BackendName(self.backend))
         object.__setattr__(self, "client_basis", ClientBasis(self.client_basis))
+        object.__setattr__(self, "client_init", ClientInit(self.client_init))
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
         if self.strategy in UNSUPPORTED_STRATEGIES:
             raise ValueError(
@@ -78,6 +86,12 @@ class SimulationConfig:
         fraction = float(self.client_fraction)
         if not math.isfinite(fraction) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"client_fraction must lie in (0, 1], got {self.client_fraction!r}")
+        stale = float(self.stale_fraction)
+        if not math.isfinite(stale) or not 0.0 <= stale <= 1.0:
+            raise ValueError(f"stale_fraction must lie in [0, 1], got {self.stale_fraction!r}")
+        weight = float(self.staleness_weight)
+        if not math.isfinite(weight) or not 0.0 < weight <= 1.0:
+            raise ValueError(f"staleness_weight must lie in (0, 1], got {self.staleness_weight!r}")
         StrategyConfig(lam=self.lam, align_first=self.align_first, seed=self.seed)  # validates
 
     @property

@@ -32,6 +32,7 @@ from fedrot_client.simulation.backends import (
     TrainingBackend,
 )
 from fedrot_client.simulation.client_basis import report_in_basis
+from fedrot_client.simulation.client_starts import ClientStart, plan_starts, train_from_starts
 from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.federated_data import FederatedData
 from fedrot_client.training import TrainResult
@@ -44,9 +45,14 @@ class RoundMetrics:
     """One round. ``train_loss``: sample-weighted mean local loss of the participants;
     ``eval_*``: the new global adapter on the held-out set (accuracy for classification,
     perplexity for causal LM; None in rounds that do not evaluate); errors as in
-    :class:`fedrot.diagnostics.AggregationReport`;
+    :class:`fedrot.diagnostics.AggregationReport` (``fedit_*``: the error FedIT averaging would
+    have had for the same uploads; ``factor_average_error`` is *not* that, it averages the
+    factors after the gauge);
     ``rotation_*``: mean over clients and modules of ``||R - I||_F`` and of the aligned
-    factor's distance to the reference before / after the rotation (None when not aligned)."""
+    factor's distance to the reference before / after the rotation (None when not aligned);
+    ``rotation_drift_share``: the share of ``sum_i p_i ||X_i - X_ref||^2`` (summed over modules)
+    that the optimal rotations remove, ``applied_rotation_drift_share`` the rotation applied
+    (see :mod:`fedrot.drift`; None when not aligned)."""
 
     round_index: int
     trained: str
@@ -59,9 +65,14 @@ class RoundMetrics:
     aggregation_error: float | None
     relative_aggregation_error: float | None
     factor_average_error: float | None
+    fedit_aggregation_error: float | None
+    fedit_relative_aggregation_error: float | None
+    error_removed_share: float | None
     rotation_distance: float | None
     residual_before: float | None
     residual_after: float | None
+    rotation_drift_share: float | None
+    applied_rotation_drift_share: float | None
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +89,8 @@ class SimulationResult:
     label_skew: float
 
     def summary(self) -> dict[str, Any]:
-        """Best and final held-out metric and the mean relative aggregation error."""
+        """Best and final held-out metric, the mean relative aggregation error (the round's own
+        and FedIT's for the same uploads) and the mean rotation drift share of aligned rounds."""
         accuracies = [r.eval_accuracy for r in self.rounds if r.eval_accuracy is not None]
         perplexities = [r.eval_perplexity for r in self.rounds if r.eval_perplexity is not None]
         errors = [r.relative_aggregation_error for r in self.rounds
@@ -93,6 +105,10 @@ class SimulationResult:
             "final_eval_loss": last.eval_loss,
             "best_eval_loss": min(losses) if losses else None,
             "mean_relative_aggregation_error": float(np.mean(errors)) if errors else None,
+            "mean_fedit_relative_aggregation_error": _mean_of(
+                r.fedit_relative_aggregation_error for r in self.rounds
+            ),
+            "mean_rotation_drift_share": _mean_of(r.rotation_drift_share for r in self.rounds),
             "label_skew": self.label_skew,
         }
 
@@ -120,22 +136,27 @@ def run_simulation(
     backend = _backend(config, model, tokenizer, ray_init)
     strategy = build_strategy(config.strategy, config.strategy_config())
     global_tensors = export_adapter(model)
+    previous: dict[str, Tensor] | None = None  # last round's broadcast (stale clients' start)
     rounds: list[RoundMetrics] = []
     try:
         for t in range(config.rounds):
             started = time.perf_counter()
             plan = strategy.plan(t)
             jobs = _jobs(config, data, t)
-            results = backend.train_round(global_tensors, plan.trained, jobs)
+            starts = _starts(config, strategy, plan, global_tensors, previous)
+            results = train_from_starts(backend, starts, plan.trained, jobs)
             reference = Adapter.from_state_dict(global_tensors)
-            updates = _reported_updates(config, reference, plan, jobs, results)
+            updates = _reported_updates(config, reference, plan, jobs, results, starts)
+            previous = global_tensors
             report, global_tensors = _aggregate(strategy, reference, plan, updates)
             load_adapter(model, global_tensors)
             metrics = _round_metrics(config, plan, results, report, model, tokenizer, data,
                                      time.perf_counter() - started)  # fmt: skip
-            logger.info("round %s: loss %.4f eval %s rel.err %s", t, metrics.train_loss,
-                        metrics.eval_accuracy or metrics.eval_perplexity,
-                        metrics.relative_aggregation_error)  # fmt: skip
+            logger.info("round %s: loss %.4f eval %s rel.err %s (FedIT's %s) drift share %s",
+                        t, metrics.train_loss, metrics.eval_accuracy or metrics.eval_perplexity,
+                        metrics.relative_aggregation_error,
+                        metrics.fedit_relative_aggregation_error,
+                        metrics.rotation_drift_share)  # fmt: skip
             rounds.append(metrics)
             if on_round is not None:
                 on_round(metrics)
@@ -168,17 +189,33 @@ def _jobs(config: SimulationConfig, data: FederatedData, round_index: int) -> li
     ]
 
 
+def _starts(
+    config: SimulationConfig, strategy, plan: RoundPlan,
+    broadcast: dict[str, Tensor], previous: dict[str, Tensor] | None,
+) -> list[ClientStart]:  # fmt: skip
+    """Each sampled client's start, in job order (see ``client_starts``)."""
+    same = plan.round_index > 0 and strategy.plan(plan.round_index - 1).trained == plan.trained
+    return plan_starts(
+        seed=config.seed, round_index=plan.round_index,
+        participants=sample_clients(config, plan.round_index),
+        client_init=config.client_init, stale_fraction=config.stale_fraction,
+        staleness_weight=config.staleness_weight, broadcast=broadcast, previous=previous,
+        same_factors_as_previous=same,
+    )  # fmt: skip
+
+
 def _reported_updates(
     config: SimulationConfig, reference: Adapter, plan: RoundPlan, jobs: Sequence[ClientJob],
-    results: Sequence[TrainResult],
+    results: Sequence[TrainResult], starts: Sequence[ClientStart],
 ) -> Iterator[tuple[str, Adapter, float]]:  # fmt: skip
     """Each upload (only the trained factors and the head) completed with the reference's
-    frozen factor, in the basis the client reports it in: ``(client id, update, n_i)``, one
-    at a time, as the server receives them."""
-    for job, result in zip(jobs, results, strict=True):
+    frozen factor, in the basis the client reports it in: ``(client id, update, weight)``
+    with weight ``n_i`` (times the staleness weight for a stale one), one at a time, as the
+    server receives them."""
+    for job, result, start in zip(jobs, results, starts, strict=True):
         update = reference.with_factors_from(dict(result.tensors))
         update = report_in_basis(update, config.client_basis, plan.trained, job.config.seed)
-        yield job.client_id, update, float(result.num_samples)
+        yield job.client_id, update, float(result.num_samples) * start.weight_factor
 
 
 def _aggregate(
@@ -215,11 +252,21 @@ def _round_metrics(
         aggregation_error=report.aggregation_error,
         relative_aggregation_error=report.relative_aggregation_error,
         factor_average_error=report.factor_average_error,
+        fedit_aggregation_error=report.fedit_aggregation_error,
+        fedit_relative_aggregation_error=report.fedit_relative_aggregation_error,
+        error_removed_share=report.error_removed_share,
         rotation_distance=_mean([s.rotation_distance for s in stats]),
         residual_before=_mean([s.residual_before for s in stats]),
         residual_after=_mean([s.residual_after for s in stats]),
+        rotation_drift_share=report.rotation_drift_share,
+        applied_rotation_drift_share=report.applied_rotation_drift_share,
         seconds=seconds,
     )
+
+
+def _mean_of(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None, or None when there are none."""
+    return _mean([v for v in values if v is not None])
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -25,6 +25,7 @@ from fedrot.strategies import StrategyName
 
 BACKENDS = ("in-process", "ray")
 CLIENT_BASES = ("shared", "haar")
+CLIENT_INITS = ("shared", "independent")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -45,6 +46,14 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     federation.add_argument("--client-basis", choices=CLIENT_BASES, default="shared",
                             help="haar: each client reports its factors in its own random basis "
                             "(a stress test of factor averaging)")
+    federation.add_argument("--client-init", choices=CLIENT_INITS, default="shared",
+                            help="independent: in round 0 each client starts from LoRA factors "
+                            "drawn from its own seed instead of the broadcast initial adapter")
+    federation.add_argument("--stale-fraction", type=float, default=0.0,
+                            help="share of each round's clients (t >= 1) whose update was trained "
+                            "from the previous round's adapter (a late update)")
+    federation.add_argument("--staleness-weight", type=float, default=0.5,
+                            help="weight factor of a stale update (the server's staleness_weight)")
     data = parser.add_argument_group("data (WordNet glosses unless --data)")
     data.add_argument("--data", type=Path, default=None,
                       help="your data: .jsonl, .csv/.tsv or a saved HF dataset folder")
