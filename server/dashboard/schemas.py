@@ -48,6 +48,9 @@ class Overview(BaseModel):
     task: str | None
     strategy: str | None
     alignment_strength: float | None = Field(description="lambda: 0 = FedIT, 1 = hard alignment")
+    lambda_hint: str | None = Field(
+        None, description="advice on lambda from the run's drift diagnostic (FedRot runs)"
+    )
     lora_rank: int | None
     activity: str = Field(description="waiting, training, aggregating or done")
     paused: bool

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedrot_server.runs.control import Activity, ClientProgress, LiveStatus
 from fedrot_server.dashboard.files import RunFiles
+from fedrot_server.dashboard.hints import lambda_hint
 from fedrot_server.dashboard.progress import Stage, best_metric, eta_seconds, stage_of
 from fedrot_server.dashboard.schemas import (
     ClientInfo,
@@ -92,6 +93,8 @@ def overview(state: RunState, live: LiveStatus | None, now: float) -> Overview:
         run=run_info(state.run, state.rounds), base_model=model.get("name"),
         task=model.get("task"), strategy=strategy.get("name"),
         alignment_strength=strategy.get("alignment_strength"),
+        lambda_hint=lambda_hint(strategy.get("name"), strategy.get("alignment_strength"),
+                                state.rounds),  # fmt: skip
         lora_rank=lora.get("rank"), activity=activity_of(state, live).value,
         paused=bool(live and live.paused), live=live is not None,
         current_round=None if current is None else current.round_index,

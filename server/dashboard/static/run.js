@@ -50,6 +50,8 @@ export function showOverview(o, session) {
   setText("rank", o.lora_rank ?? DASH);
   setText("strategy", o.strategy ?? DASH);
   setText("lambda", o.alignment_strength ?? DASH);
+  setText("lambda-hint", o.lambda_hint ?? "");
+  setHidden($("lambda-hint"), !o.lambda_hint);
   setText("best", best(o.run.best));
   view.deadline = o.deadline;
   view.stage = o.stage;
