@@ -70,7 +70,9 @@ export function tick() {
   if (view.stage === null) return;
   if (view.deadline !== null) {
     setText("time-label", "Deadline");
-    setText("countdown", `${span(Math.max(0, view.deadline - (Date.now() / 1000 + view.offset)))} left`);
+    const left = view.deadline - (Date.now() / 1000 + view.offset);
+    // Past it, the server closes the round (or extends it) at its next step: say so, not "0 s".
+    setText("countdown", left > 0 ? `${span(left)} left` : `passed ${span(-left)} ago`);
   } else {
     setText("time-label", "Now");
     setText("countdown", FINISHED.has(view.stage) ? "done" : view.stage);
