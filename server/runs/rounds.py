@@ -480,8 +480,7 @@ class RoundEngine(UploadIntake, OperatorActions):
             payload = await asyncio.to_thread(self._artifacts.read_adapter, row.round_index)
             schema = self._initial.schema
             adapter = await self._worker.run(lambda p=payload: decode_adapter(p, schema).to_adapter())
-            report_path = self._artifacts.round_dir(row.round_index) / "report.json"
-            report = json.loads(await asyncio.to_thread(report_path.read_text))
+            report = await asyncio.to_thread(self._artifacts.read_report, row.round_index)
             record = functools.partial(self._record_evaluation, row.round_index, report)
             self._evaluations.submit(row.round_index, adapter, record)
             logger.info("round %s: evaluating again (cut short before)", row.round_index)

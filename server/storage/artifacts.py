@@ -271,9 +271,16 @@ class RunArtifacts:
         write_atomically(folder / ADAPTER_CONFIG_FILE, self._config_text.encode())
         return folder
 
+    def report_path(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "report.json"
+
     def save_report(self, round_index: int, report: Mapping[str, Any]) -> Path:
         text = json.dumps(dict(report), indent=2, sort_keys=True, default=str)
-        return write_atomically(self.round_dir(round_index) / "report.json", text.encode())
+        return write_atomically(self.report_path(round_index), text.encode())
+
+    def read_report(self, round_index: int) -> dict[str, Any]:
+        """Round ``round_index``'s report as :meth:`save_report` wrote it."""
+        return json.loads(self.report_path(round_index).read_text())
 
     def save_round(
         self,
