@@ -7,7 +7,8 @@ grid still compares every strategy; a run whose ``metrics.json`` holds a summary
 an interrupted grid resumes where it stopped. ``report`` turns the finished runs into the tables
 (``tables.md``) and plots (``docs/img``).
 
-    python scripts/experiments.py run [--quick] [--out experiments/runs]
+    python scripts/experiments.py run [--quick] [--out experiments/runs] [--only SETTING ...]
+                                      [--seeds K ...]
     python scripts/experiments.py report [--out experiments/runs] [--img docs/img]
 """
 
@@ -110,6 +111,18 @@ GRID = (
 )
 QUICK_GRID = (Phase((Setting(3, 0.5, (*REDUCED, Method("RoLoRA", "rolora"))),), seeds=(0,)),)
 QUICK_BUDGET = Budget(rounds=4, local_steps=3, per_client=100, eval_size=100)
+
+
+def select(grid: Sequence[Phase], only: Sequence[str] | None,
+           seeds: Sequence[int] | None) -> tuple[Phase, ...]:
+    """The part of ``grid`` with the settings named in ``only`` and the ``seeds`` (None: all)."""
+    names = {setting.name for phase in grid for setting in phase.settings}
+    if unknown := set(only or ()) - names:
+        raise SystemExit(f"unknown settings {sorted(unknown)}; the grid has {sorted(names)}")
+    phases = (Phase(tuple(s for s in phase.settings if only is None or s.name in only),
+                    tuple(k for k in phase.seeds if seeds is None or k in seeds))
+              for phase in grid)  # fmt: skip
+    return tuple(phase for phase in phases if phase.settings and phase.seeds)
 
 
 def run_dir(out: Path, setting: Setting, method: Method, seed: int) -> Path:
@@ -229,16 +242,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img", type=Path, default=Path("docs/img"))
     parser.add_argument("--quick", action="store_true", help="a 3-run smoke version (~2 min)")
     parser.add_argument("--model", default=None, help="default: minilm (smollm2 generative)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="seeds of the generative check")
+    parser.add_argument("--only", nargs="+", metavar="SETTING",
+                        help="run only these settings (e.g. N3-alpha0.1 N3-alpha0.5-haar)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="run only these seeds (default: the grid's; generative: 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("fedrot_client").setLevel(logging.WARNING)
     grid, budget = (QUICK_GRID, QUICK_BUDGET) if args.quick else (GRID, Budget())
     if args.action in ("run", "all"):
-        run_grid(args.out, grid, budget, args.model or "minilm")
+        run_grid(args.out, select(grid, args.only, args.seeds), budget, args.model or "minilm")
     if args.action in ("generative", "all") and not args.quick:
-        run_generative(args.out / "generative", GENERATIVE_BUDGET, args.seeds,
+        run_generative(args.out / "generative", GENERATIVE_BUDGET, args.seeds or [0],
                        args.model or "smollm2")
         run_generative(args.out / "generative-15rounds", GENERATIVE_LONG_BUDGET, [0],
                        args.model or "smollm2")
