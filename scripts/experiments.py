@@ -32,11 +32,21 @@ logger = logging.getLogger("experiments")
 
 @dataclass(frozen=True)
 class Method:
-    """A strategy as it appears in the tables: ``label`` and its ``fedrot simulate`` flags."""
+    """A strategy as it appears in the tables: ``label`` and its ``fedrot simulate`` flags
+    (``align_first``: the factor FedRot aligns in round 1)."""
 
     label: str
     strategy: str
     lam: float = 0.4
+    align_first: str = "A"
+
+    @property
+    def slug(self) -> str:
+        """Its runs' folder name: ``fedit``, ``fedrot-lam0.4``, ``fedrot-B-lam1``, ..."""
+        if self.strategy != "fedrot":
+            return self.strategy
+        schedule = "" if self.align_first == "A" else f"{self.align_first}-"
+        return f"fedrot-{schedule}lam{self.lam:g}"
 
 
 @dataclass(frozen=True)
@@ -126,8 +136,7 @@ def select(grid: Sequence[Phase], only: Sequence[str] | None,
 
 
 def run_dir(out: Path, setting: Setting, method: Method, seed: int) -> Path:
-    slug = method.strategy if method.strategy != "fedrot" else f"fedrot-lam{method.lam:g}"
-    return out / setting.name / slug / f"seed{seed}"
+    return out / setting.name / method.slug / f"seed{seed}"
 
 
 def finished(folder: Path, config: Mapping[str, object]) -> bool:

@@ -36,26 +36,17 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from experiments import finished  # noqa: E402  (scripts/ is on sys.path when run as a script)
+# scripts/ is on sys.path when run as a script
+from experiments import Method, finished  # noqa: E402
 
 logger = logging.getLogger("regime_search")
 
 
-@dataclass(frozen=True)
-class Method:
-    """A strategy of the sweep: folder ``slug``, ``strategy`` and lambda."""
-
-    slug: str
-    strategy: str
-    lam: float = 0.0
-    align_first: str = "A"
-
-
-FEDIT = Method("fedit", "fedit")
-HARD = Method("fedrot-lam1", "fedrot", 1.0)
-SOFT = Method("fedrot-lam0.4", "fedrot", 0.4)
-HARD_B = Method("fedrot-B-lam1", "fedrot", 1.0, "B")
-SOFT_B = Method("fedrot-B-lam0.4", "fedrot", 0.4, "B")
+FEDIT = Method("FedIT", "fedit", 0.0)
+HARD = Method("FedRot λ=1, A aligned", "fedrot", 1.0)
+SOFT = Method("FedRot λ=0.4, A aligned", "fedrot", 0.4)
+HARD_B = Method("FedRot λ=1, B aligned", "fedrot", 1.0, "B")
+SOFT_B = Method("FedRot λ=0.4, B aligned", "fedrot", 0.4, "B")
 METHODS = (FEDIT, HARD, SOFT, HARD_B, SOFT_B)
 """FedRot with either schedule: round 1 aligns A (the default, ``align_first = A``) or B (the
 spec's opposite parity). Round 1's uploads are the same for all five, so both are measured."""
@@ -289,8 +280,7 @@ def plot(rows: Sequence[Mapping[str, Any]], img: Path) -> list[Path]:
 
     img.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if any(v is not None for v in r["ratio"].values())]
-    labels = {HARD.slug: "λ=1, A aligned", SOFT.slug: "λ=0.4, A aligned",
-              HARD_B.slug: "λ=1, B aligned", SOFT_B.slug: "λ=0.4, B aligned"}  # fmt: skip
+    labels = {m.slug: m.label.removeprefix("FedRot ") for m in FEDROT_METHODS}
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(done) + 1.5))
     height = 0.2
     for k, method in enumerate(FEDROT_METHODS):
