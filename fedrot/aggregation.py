@@ -19,6 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,13 +69,15 @@ class AggregationResult:
 @dataclass(frozen=True)
 class RoundSetup:
     """What a strategy tells the aggregator it starts: the plan, how to name itself in the
-    report, where to compute, and whether to keep what the exact error needs."""
+    report, where to compute, whether to keep what the exact error needs, and the directory
+    of the scratch files that hold it (None: the system's temporary directory)."""
 
     plan: RoundPlan
     strategy: str
     lam: float | None = None
     device: torch.device | str | None = None
     track_error: bool = True
+    scratch: str | Path | None = None
 
 
 class RoundAggregator(ABC):
@@ -92,6 +95,12 @@ class RoundAggregator(ABC):
     @abstractmethod
     def finalize(self) -> AggregationResult:
         """The aggregate; AggregationStateError when nothing was added or already finalised."""
+
+
+def update_weight(samples: float, rounds_late: int, staleness_weight: float) -> float:
+    """An update's aggregation weight: its sample count ``n_i``, times ``staleness_weight``
+    for each round it arrives late (the server's and the simulator's rule)."""
+    return float(samples) * staleness_weight**rounds_late
 
 
 def check_weight(weight: float) -> float:

@@ -47,12 +47,15 @@ class ClientInit(StrEnum):
 
 @dataclass(frozen=True)
 class ClientStart:
-    """One participant's round: the adapter it loads (PEFT keys), whether it is one round
-    stale, and the factor its ``n_i`` is multiplied by."""
+    """One participant's round: the adapter it loads (PEFT keys) and how many rounds late its
+    update arrives (0, or 1 for a stale one)."""
 
     tensors: Mapping[str, Tensor]
-    stale: bool = False
-    weight_factor: float = 1.0
+    rounds_late: int = 0
+
+    @property
+    def stale(self) -> bool:
+        return self.rounds_late > 0
 
 
 def init_seed(seed: int, client_index: int) -> int:
@@ -95,7 +98,6 @@ def plan_starts(
     participants: Sequence[int],
     client_init: ClientInit,
     stale_fraction: float,
-    staleness_weight: float,
     broadcast: Mapping[str, Tensor],
     previous: Mapping[str, Tensor] | None,
     same_factors_as_previous: bool,
@@ -110,7 +112,7 @@ def plan_starts(
     starts = []
     for client in participants:
         if client in stale:
-            starts.append(ClientStart(previous, stale=True, weight_factor=staleness_weight))
+            starts.append(ClientStart(previous, rounds_late=1))
         elif round_index == 0 and client_init is ClientInit.INDEPENDENT:
             starts.append(ClientStart(independent_adapter(broadcast, init_seed(seed, client))))
         else:

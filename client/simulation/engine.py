@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from fedrot.adapters import Adapter
+from fedrot.aggregation import update_weight
 from fedrot.diagnostics import AggregationReport
 from fedrot.strategies import RoundPlan, build_strategy
 from fedrot_client.evaluation import evaluate
@@ -199,7 +200,7 @@ def _starts(
         seed=config.seed, round_index=plan.round_index,
         participants=sample_clients(config, plan.round_index),
         client_init=config.client_init, stale_fraction=config.stale_fraction,
-        staleness_weight=config.staleness_weight, broadcast=broadcast, previous=previous,
+        broadcast=broadcast, previous=previous,
         same_factors_as_previous=same,
     )  # fmt: skip
 
@@ -215,7 +216,8 @@ def _reported_updates(
     for job, result, start in zip(jobs, results, starts, strict=True):
         update = reference.with_factors_from(dict(result.tensors))
         update = report_in_basis(update, config.client_basis, plan.trained, job.config.seed)
-        yield job.client_id, update, float(result.num_samples) * start.weight_factor
+        weight = update_weight(result.num_samples, start.rounds_late, config.staleness_weight)
+        yield job.client_id, update, weight
 
 
 def _aggregate(

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from fedrot.adapters import Adapter
 from fedrot.codec import Buffer
+from fedrot.aggregation import update_weight
 from fedrot.diagnostics import ClientReport
 from fedrot.strategies import Strategy
 from fedrot_server.storage.artifacts import RunArtifacts
@@ -50,7 +51,7 @@ class RoundLedger:
         """An upload's aggregation weight: its samples, times ``staleness_weight`` per round
         it is late."""
         lateness = row.merged_round - row.round_index
-        return float(row.sample_count) * self._settings.staleness_weight**lateness
+        return update_weight(row.sample_count, lateness, self._settings.staleness_weight)
 
     async def accept(
         self, rnd: OpenRound, row: UploadRow, payload: ReceivedPayload, reference: Adapter

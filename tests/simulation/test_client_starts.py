@@ -64,16 +64,15 @@ def test_stale_participants_are_a_seeded_share_from_round_one() -> None:
     assert len(picks) > 1  # a different share each round
 
 
-def test_plan_starts_sends_stale_clients_the_previous_adapter_down_weighted() -> None:
+def test_plan_starts_sends_stale_clients_the_previous_adapter_one_round_late() -> None:
     broadcast, previous = _broadcast(), _broadcast()
     common = dict(seed=0, round_index=2, participants=[0, 1, 2], client_init=ClientInit.SHARED,
-                  stale_fraction=1 / 3, staleness_weight=0.25, broadcast=broadcast,
-                  previous=previous)  # fmt: skip
+                  stale_fraction=1 / 3, broadcast=broadcast, previous=previous)  # fmt: skip
     starts = plan_starts(**common, same_factors_as_previous=True)
     stale = [s for s in starts if s.stale]
-    assert len(stale) == 1 and stale[0].tensors is previous and stale[0].weight_factor == 0.25
+    assert len(stale) == 1 and stale[0].tensors is previous and stale[0].rounds_late == 1
     fresh = [s for s in starts if not s.stale]
-    assert all(s.tensors is broadcast and s.weight_factor == 1.0 for s in fresh)
+    assert all(s.tensors is broadcast and s.rounds_late == 0 for s in fresh)
     # the server takes no late update across rounds that train other factors
     assert not any(s.stale for s in plan_starts(**common, same_factors_as_previous=False))
 
@@ -81,7 +80,7 @@ def test_plan_starts_sends_stale_clients_the_previous_adapter_down_weighted() ->
 def test_plan_starts_independent_init_only_in_round_zero() -> None:
     broadcast = _broadcast()
     common = dict(seed=0, participants=[0, 1, 2], client_init=ClientInit.INDEPENDENT,
-                  stale_fraction=0.0, staleness_weight=0.5, broadcast=broadcast,
+                  stale_fraction=0.0, broadcast=broadcast,
                   same_factors_as_previous=True)  # fmt: skip
     first = plan_starts(round_index=0, previous=None, **common)
     keys = [s.tensors["m.q.lora_A.weight"] for s in first]
