@@ -376,6 +376,7 @@ class RoundEngine(UploadIntake, OperatorActions):
         async with self._lock:
             rnd.closed = True
             rnd.partials.clear()
+            self._progress = {c: p for c, p in self._progress.items() if p.round_index > rnd.index}
         self._notify()
         finished = await self._worker.finish_round(self._metadata(rnd.index))
         summary = round_summary(rnd.participants, list(rnd.reported.values()), finished,

@@ -93,6 +93,8 @@ async def drive(engine: RoundEngine) -> None:
     assert isinstance(await engine.next_task("bob", "run-test", 0), WaitTask)
     with pytest.raises(WrongStateError, match="not a participant"):
         await engine.open_upload("bob", request(b"x"))
+    engine.heartbeat("alice", "run-test", 0, "training", 0.5)
+    assert engine.status().progress["alice"].fraction == 0.5
     payload = encode_update(local_update(engine.reference, BOTH_FACTORS, seed=1))
     # A first attempt whose stream broke: a retry waits for it to end, then takes over.
     broken = await engine.open_upload("alice", request(payload))
@@ -113,6 +115,7 @@ async def drive(engine: RoundEngine) -> None:
     assert (await engine.open_upload("alice", request(payload))).duplicate
     await engine.wait_finished()
     assert engine.phase is RunPhase.FINISHED
+    assert engine.status().progress == {}  # a closed round's heartbeats are dropped
     done = await engine.next_task("bob", "run-test", 0)
     assert isinstance(done, DoneTask) and done.rounds_completed == 1
     assert engine.adapter_for("bob", "run-test", 1).sha256 == done.final_adapter.sha256
