@@ -355,13 +355,15 @@ def measure_tracked(
     shape: Shape, clients: int, device: str, lam: float, gram_budget: float | None = None
 ) -> dict[str, float]:
     """One ``track_error=True`` FedRot round of ``clients`` updates (cycling through a pool of
-    distinct ones made before the baseline): its time (every ``add`` and ``finalize``) and its
-    peak memory (MiB) above the baseline. ``gram_budget`` overrides
-    :data:`fedrot.error_tracking.GRAM_BUDGET` (0: the dense path from the first client)."""
+    distinct ones made before the baseline): its time (every ``add`` and ``finalize``), its
+    peak memory (MiB) above the baseline and the most its scratch files held on disk (MiB).
+    ``gram_budget`` overrides :data:`fedrot.error_tracking.GRAM_BUDGET` (0: the dense path
+    from the first client)."""
     if gram_budget is not None:
         import fedrot.error_tracking
 
         fedrot.error_tracking.GRAM_BUDGET = gram_budget
+    spilled = _count_spilled_bytes()
     reference = make_reference(shape, device)
     pool = [make_update(reference, shape, i, device) for i in range(min(clients, UPDATE_POOL))]
     updates = (pool[i % len(pool)] for i in range(clients))
@@ -372,12 +374,32 @@ def measure_tracked(
         seconds = timed(
             lambda: run_streaming("fedrot", reference, updates, lam, device, True), device
         )
-        return {"seconds": seconds, "peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return {"seconds": seconds, "peak_mb": peak, "scratch_mb": spilled[0] / 2**20}
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current RSS
     base = _resident_kib("VmRSS")
     seconds = timed(lambda: run_streaming("fedrot", reference, updates, lam, device, True), device)
-    return {"seconds": seconds, "peak_mb": (_resident_kib("VmHWM") - base) / 1024}
+    peak = (_resident_kib("VmHWM") - base) / 1024
+    return {"seconds": seconds, "peak_mb": peak, "scratch_mb": spilled[0] / 2**20}
+
+
+def _count_spilled_bytes() -> list[int]:
+    """A one-item list that follows the bytes appended to every scratch file of the process
+    (:class:`fedrot.factor_spill.FactorSpill`; a tracked round's files all live until its
+    ``finalize``)."""
+    from fedrot.factor_spill import FactorSpill
+
+    total = [0]
+    append = FactorSpill.append
+
+    def counted(self: FactorSpill, rows: object) -> None:
+        before = self.nbytes()
+        append(self, rows)  # type: ignore[arg-type]
+        total[0] += self.nbytes() - before
+
+    FactorSpill.append = counted  # type: ignore[method-assign]
+    return total
 
 
 def in_subprocess(args: argparse.Namespace, mode: str, shape: str, clients: int) -> str:
@@ -418,6 +440,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, object]]:
                 tracked = json.loads(in_subprocess(args, "--tracked-round", name, clients))
                 row[f"peak_mb_n{clients}_tracked"] = tracked["peak_mb"]
                 row[f"fedrot_tracked_s_n{clients}"] = tracked["seconds"]
+                row[f"scratch_mb_n{clients}_tracked"] = tracked["scratch_mb"]
         row.update(
             device=args.device,
             threads=args.threads,

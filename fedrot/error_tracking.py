@@ -20,36 +20,53 @@ only the averages differ. With the means of the factors *as uploaded* (before th
 FedIT averaging would have had: one more GEMM of inner size ``2 r`` on the dense path, two more
 terms on the Gram path.
 
-:class:`GroupErrorTracker` is a hybrid per module group. While the clients' stored factors take
-less memory than ``Q`` would (``n r (d_in + d_out) < d_out d_in`` per module, times
-:data:`GRAM_BUDGET`), it keeps them and ``finalize`` uses the Gram-block path of
-:func:`fedrot.diagnostics.group_errors` (exact; cheap for few clients). When they reach that
-size it folds them into ``Q`` (one GEMM per module over all stored clients, freeing each
-module's factors as it goes), and from then on buffers arriving clients up to
-:data:`FOLD_BUDGET` of ``Q``'s size before folding them in one GEMM per module: memory stays
-below ``(1 + FOLD_BUDGET)`` times ``Q`` plus one module's working set, and the time is linear in
-the number of clients (the batched fold runs the GEMM at its compute rate, where one rank-r
-update per client would be bound by reading and writing ``Q``).
+Memory flat in the number of clients. :class:`GroupErrorTracker` writes each client's factors (as
+aggregated) to a scratch file (:mod:`fedrot.factor_spill`) and holds nothing per client but its
+weight. ``finalize`` reads them back, one bounded working set at a time:
+
+- while the clients' factors take less room than ``Q`` would (``n r (d_in + d_out) < d_out
+  d_in`` per module, times :data:`GRAM_BUDGET`), every client's factors of a slice of modules,
+  and the Gram-block path of :func:`fedrot.diagnostics.group_errors` (exact; its ``O(n^2)``
+  cost is then below the dense path's);
+- past that, ``Q`` a strip of rows at a time: clients read in batches and folded into the strip
+  with one GEMM of inner size ``batch r`` each (the GEMM's compute rate, not one rank-r update
+  per client bound by reading and writing ``Q``), then the strip's share of the three norms.
+  Time: ``2 r d_out d_in`` flops per client and module, linear in the number of clients.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from fedrot.adapters import Factor
 from fedrot.diagnostics import STAT_DTYPE, ErrorTerms, GroupErrors, group_errors
+from fedrot.factor_spill import SPILL_DTYPE, FactorSpill
 from fedrot.module_groups import ModuleGroup, rows_shape
 from fedrot.weighted_sums import SUM_DTYPE, TermAccumulator, mean_of
 
-GRAM_BUDGET = 1.0
-"""Stored client factors may grow to this fraction of ``Q``'s size before the first fold."""
+logger = logging.getLogger(__name__)
 
-FOLD_BUDGET = 0.125
-"""After the first fold, arriving clients are buffered up to this fraction of ``Q``'s size."""
+GRAM_BUDGET = 1.0
+"""The Gram path while the clients' factors are below this fraction of ``Q``'s size."""
+
+STRIP_ROWS = 256
+"""The dense path builds ``Q`` this many rows at a time (``256 d_in`` floats: 4 MiB for a
+4096-wide module)."""
+
+BATCH_RANK = 128
+"""The dense path folds ``BATCH_RANK / r`` clients per GEMM: an inner size that keeps the GEMM
+near its compute rate, and a batch of ``128 (d_out + 2 d_in)`` floats whatever ``r``."""
+
+GRAM_SLICE_BYTES = 2 * 2**20
+"""The Gram path stacks the terms of at most this many bytes of modules at once (at least one
+module)."""
 
 DENSE_DTYPE = torch.float32
 """``Q``'s dtype. Float32 suffices: ``Q`` holds only second-order terms, so its round-off is
@@ -72,6 +89,20 @@ class ModuleFactors:
     global_A: Tensor
     unaligned_B: Tensor | None = None
     unaligned_A: Tensor | None = None
+
+    def rows(self, part: slice) -> ModuleFactors:
+        """The same factors for the rows ``part`` of ``d_out`` (every ``B`` sliced): what a
+        strip of ``Q``'s rows needs, since every correction term is ``B``-side times ``A``."""
+        return ModuleFactors(
+            ref_B=self.ref_B[part],
+            ref_A=self.ref_A,
+            mean_B=self.mean_B[part],
+            mean_A=self.mean_A,
+            global_B=self.global_B[part],
+            global_A=self.global_A,
+            unaligned_B=None if self.unaligned_B is None else self.unaligned_B[part],
+            unaligned_A=self.unaligned_A,
+        )
 
 
 def to_factor_average_error(products: Tensor, total: float, f: ModuleFactors) -> None:
@@ -116,17 +147,30 @@ def dense_error_norms(
     module from ``products = Q = sum_i w_i dB_i dA_i`` ``(d_out, d_in)`` (float32 or float64,
     overwritten: no temporary of its size) and ``total = W``; ``B~ A~`` is the product of the
     unaligned means (FedIT's error), the third norm again without them."""
+    squares = dense_error_squares(products, total, f)
+    return tuple(math.sqrt(s) for s in squares)  # type: ignore[return-value]
+
+
+def dense_error_squares(
+    products: Tensor, total: float, f: ModuleFactors
+) -> tuple[float, float, float, float]:
+    """The squares of :func:`dense_error_norms`; ``products`` may be a strip of ``Q``'s rows
+    with ``f`` sliced to match (:meth:`ModuleFactors.rows`): the squares of strips add up."""
     to_factor_average_error(products, total, f)
-    average = frobenius(products)
+    average = squared(products)
     to_global_error(products, f)
-    aggregation = frobenius(products)
+    aggregation = squared(products)
     fedit, last = average, (f.global_B, f.global_A)
     if f.unaligned_B is not None and f.unaligned_A is not None:
         last = (f.unaligned_B, f.unaligned_A)
         to_other_product(products, (f.global_B, f.global_A), last)
-        fedit = frobenius(products)
+        fedit = squared(products)
     to_other_product(products, last, (f.ref_B, f.ref_A))
-    return aggregation, frobenius(products), average, fedit
+    return aggregation, squared(products), average, fedit
+
+
+def squared(matrix: Tensor) -> float:
+    return frobenius(matrix) ** 2
 
 
 def _as(x: Tensor, like: Tensor) -> Tensor:
@@ -137,72 +181,66 @@ class GroupErrorTracker:
     """The aggregation error of one module group, fed one client at a time.
 
     ``reference`` holds the round's reference factors as row-layout float32 stacks
-    (``A (K, r, d_in)``, ``B^T (K, r, d_out)``). ``products=False`` (a round that freezes a
+    (``A (K, r, d_in)``, ``B^T (K, r, d_out)``). Each client's factors go to a
+    :class:`~fedrot.factor_spill.FactorSpill` in ``scratch`` (None: the system's temporary
+    directory) and are read back at ``finalize``. ``products=False`` (a round that freezes a
     factor: then every ``dB_i dA_i`` is zero) keeps nothing per client.
+
+    If the scratch file cannot be written (a full disk), the tracker logs why, drops what it
+    holds and ``finalize`` returns None: the round's aggregate is unaffected, its error is
+    then unknown.
     """
 
     def __init__(
-        self, group: ModuleGroup, reference: Mapping[Factor, Tensor], *, products: bool = True
+        self,
+        group: ModuleGroup,
+        reference: Mapping[Factor, Tensor],
+        *,
+        products: bool = True,
+        scratch: str | Path | None = None,
     ) -> None:
         self.group = group
         self._reference = reference
         self._products = products
-        self._rows: dict[Factor, list[list[Tensor]]] = {f: self._per_module() for f in Factor}
+        self._scratch = scratch
+        self._spill: FactorSpill | None = None
         self._weights: list[float] = []
-        self._dense: list[Tensor] = []
+        self._failed = False
         item = torch.empty(0, dtype=DENSE_DTYPE).element_size()
         k = len(group.modules)
         self._dense_bytes = k * group.d_out * group.d_in * item
         self._client_bytes = k * group.rank * (group.d_in + group.d_out) * 4
 
-    def _per_module(self) -> list[list[Tensor]]:
-        return [[] for _ in self.group.modules]
-
     @property
-    def folded(self) -> bool:
-        """True once stored clients went into the dense ``Q`` (``finalize`` is then dense)."""
-        return bool(self._dense)
+    def uses_gram(self) -> bool:
+        """True while the clients' factors are smaller than ``Q`` would be (times
+        :data:`GRAM_BUDGET`): ``finalize`` then takes the Gram path, else the dense one."""
+        return len(self._weights) * self._client_bytes < GRAM_BUDGET * self._dense_bytes
 
-    def held_bytes(self) -> int:
-        """Bytes of client factors and dense products held now."""
-        held = [t for per_module in self._rows.values() for rows in per_module for t in rows]
-        return sum(t.numel() * t.element_size() for t in held + self._dense)
+    def spilled_bytes(self) -> int:
+        """Bytes of client factors in the scratch file."""
+        return 0 if self._spill is None else self._spill.nbytes()
 
     def add(self, weight: float, rows: Mapping[Factor, Sequence[Tensor]]) -> None:
         """Keep one client's factors as aggregated: ``rows[f][k]`` is module ``k``'s ``(r, d)``
-        row-layout float32 factor, kept as given (pass tensors that nothing else uses)."""
-        if not self._products:
+        row-layout factor (written out at once; not modified, not kept)."""
+        if not self._products or self._failed:
             return
-        for f in Factor:
-            for stored, row in zip(self._rows[f], rows[f], strict=True):
-                stored.append(row)
+        try:
+            if self._spill is None:
+                self._spill = FactorSpill(self.group, self._scratch)
+            self._spill.append(rows)
+        except OSError as exc:
+            logger.warning("the aggregation error of this round is not tracked: %s", exc)
+            self._failed = True
+            self._close()
+            return
         self._weights.append(weight)
-        budget = FOLD_BUDGET if self.folded else GRAM_BUDGET
-        if len(self._weights) * self._client_bytes >= budget * self._dense_bytes:
-            self._fold()
 
-    def _fold(self) -> None:
-        """Add ``sum_i w_i dB_i dA_i`` of the buffered clients into ``Q``: one GEMM of inner
-        size ``n r`` per module, each module's factors released once folded."""
-        device = self._reference[Factor.A].device
-        weights = torch.tensor(self._weights, dtype=DENSE_DTYPE, device=device)[:, None, None]
-        first = not self._dense
-        for k in range(len(self.group.modules)):
-            left = self._centred(Factor.B, k).mul_(weights).flatten(0, 1).mT
-            right = self._centred(Factor.A, k).flatten(0, 1)
-            if first:
-                self._dense.append(torch.mm(left, right))
-            else:
-                self._dense[k].addmm_(left, right)
-        self._weights = []
-
-    def _centred(self, which: Factor, k: int) -> Tensor:
-        """Module ``k``'s buffered ``which`` rows minus the reference's, ``(n, r, d)`` in
-        ``DENSE_DTYPE``; the buffered tensors are released."""
-        stored, self._rows[which][k] = self._rows[which][k], []
-        rows = torch.stack(stored).to(DENSE_DTYPE)
-        stored.clear()
-        return rows.sub_(self._reference[which][k])
+    def _close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def finalize(
         self,
@@ -212,52 +250,135 @@ class GroupErrorTracker:
         *,
         has_reference: bool,
         unaligned: Mapping[Factor, Tensor] | None = None,
-    ) -> GroupErrors:
-        """The group's norms. ``total`` is ``W = sum w_i`` over every client; ``means`` (the
-        weighted means), ``glob`` (the new global factors) and ``unaligned`` (the means of the
-        factors as uploaded, None when no gauge moved them) are row-layout float32 stacks like
-        the reference. The Gram path unless clients were folded, else the dense one."""
-        if self.folded:
-            if self._weights:
-                self._fold()
-            return self._dense_errors(total, means, glob, has_reference, unaligned)
-        ref = self._reference
+    ) -> GroupErrors | None:
+        """The group's norms (None if the scratch file failed). ``total`` is ``W = sum w_i``
+        over every client; ``means`` (the weighted means), ``glob`` (the new global factors)
+        and ``unaligned`` (the means of the factors as uploaded, None when no gauge moved them)
+        are row-layout float32 stacks like the reference."""
+        if self._failed:
+            return None
+        terms = _Finalize(total, means, glob, has_reference, unaligned)
+        try:
+            if self._spill is None or self.uses_gram:
+                return self._gram_errors(terms)
+            return self._dense_errors(terms)
+        except OSError as exc:
+            logger.warning("the aggregation error of this round is not tracked: %s", exc)
+            return None
+        finally:
+            self._close()
+
+    def _gram_errors(self, terms: _Finalize) -> GroupErrors:
+        """Every client's factors of a slice of modules at a time, then the Gram-block norms of
+        :func:`fedrot.diagnostics.group_errors`; the slice's stacked terms (``n`` clients and
+        6 more per module) take at most :data:`GRAM_SLICE_BYTES`."""
+        n, k = len(self._weights), len(self.group.modules)
+        items = self.group.rank * (self.group.d_in + self.group.d_out)
+        step = max(1, GRAM_SLICE_BYTES // ((n + 6) * items * 4))
+        parts = [self._gram_part(terms, slice(i, min(k, i + step))) for i in range(0, k, step)]
+        return GroupErrors(
+            aggregation=torch.cat([p.aggregation for p in parts]),
+            reference=None
+            if not terms.has_reference
+            else torch.cat([p.reference for p in parts if p.reference is not None]),
+            factor_average=torch.cat([p.factor_average for p in parts]),
+            fedit=torch.cat([p.fedit for p in parts]),
+        )
+
+    def _gram_part(self, terms: _Finalize, part: slice) -> GroupErrors:
+        ref, device = self._reference, self._reference[Factor.A].device
+        clients: dict[Factor, list[list[Tensor]]] = {Factor.B: [], Factor.A: []}
+        if self._spill is not None:
+            n, modules = len(self._weights), range(part.start, part.stop)
+            buffer = torch.empty(len(modules), n, self._spill.module_items, dtype=SPILL_DTYPE)
+            for j, m in enumerate(modules):
+                pairs = [self._spill.read_module(i, m, buffer[j, i]) for i in range(n)]
+                clients[Factor.B].append([b.to(device) for b, _ in pairs])
+                clients[Factor.A].append([a.to(device) for _, a in pairs])
+        else:
+            clients = {f: [[] for _ in range(part.start, part.stop)] for f in Factor}
+        unaligned = terms.unaligned
         return group_errors(
             ErrorTerms(
-                clients_B=self._rows[Factor.B],
-                clients_A=self._rows[Factor.A],
-                weights=[w / total for w in self._weights],
-                mean_B=means[Factor.B],
-                mean_A=means[Factor.A],
-                global_B=glob[Factor.B],
-                global_A=glob[Factor.A],
-                ref_B=ref[Factor.B] if has_reference else None,
-                ref_A=ref[Factor.A] if has_reference else None,
-                unaligned_B=None if unaligned is None else unaligned[Factor.B],
-                unaligned_A=None if unaligned is None else unaligned[Factor.A],
+                clients_B=clients[Factor.B],
+                clients_A=clients[Factor.A],
+                weights=[w / terms.total for w in self._weights],
+                mean_B=terms.means[Factor.B][part],
+                mean_A=terms.means[Factor.A][part],
+                global_B=terms.glob[Factor.B][part],
+                global_A=terms.glob[Factor.A][part],
+                ref_B=ref[Factor.B][part] if terms.has_reference else None,
+                ref_A=ref[Factor.A][part] if terms.has_reference else None,
+                unaligned_B=None if unaligned is None else unaligned[Factor.B][part],
+                unaligned_A=None if unaligned is None else unaligned[Factor.A][part],
             )
         )
 
-    def _dense_errors(
-        self,
-        total: float,
-        means: Mapping[Factor, Tensor],
-        glob: Mapping[Factor, Tensor],
-        has_reference: bool,
-        unaligned: Mapping[Factor, Tensor] | None,
-    ) -> GroupErrors:
+    def _dense_errors(self, terms: _Finalize) -> GroupErrors:
+        """Per module, ``Q = sum_i w_i dB_i dA_i`` :data:`STRIP_ROWS` rows at a time, clients
+        read back in batches of :data:`BATCH_RANK` ``/ r`` and folded into the strip with one
+        GEMM of inner size about :data:`BATCH_RANK`; each strip's squared norms are summed.
+        Memory: the strip, the batch and its centred copy, whatever the number of clients."""
+        assert self._spill is not None
+        g, spill = self.group, self._spill
+        device = self._reference[Factor.A].device
+        n = len(self._weights)
+        height = min(g.d_out, STRIP_ROWS)
+        batch = max(1, min(n, BATCH_RANK // g.rank))
+        buffer = torch.empty(batch, spill.module_items, dtype=SPILL_DTYPE)
+        strip = torch.empty(height, g.d_in, dtype=DENSE_DTYPE, device=device)
+        left = torch.empty(height, batch, g.rank, dtype=DENSE_DTYPE, device=device)
+        right = torch.empty(batch, g.rank, g.d_in, dtype=DENSE_DTYPE, device=device)
+        weights = torch.tensor(self._weights, dtype=DENSE_DTYPE, device=device)
+        split = g.rank * g.d_out
         norms = []
-        for k in range(len(self.group.modules)):
-            factors = module_factors(self._reference, means, glob, k, unaligned)
-            norms.append(dense_error_norms(self._dense[k], total, factors))
-            self._dense[k] = self._dense[k].new_empty(0)  # release Q_k
-        out = torch.tensor(norms, dtype=STAT_DTYPE)
+        for k in range(len(g.modules)):
+            factors = module_factors(
+                self._reference, terms.means, terms.glob, k, terms.unaligned
+            )
+            ref_B = self._reference[Factor.B][k].mT.to(DENSE_DTYPE)  # (d_out, r)
+            ref_A = self._reference[Factor.A][k].to(DENSE_DTYPE)
+            squares = torch.zeros(4, dtype=STAT_DTYPE)
+            loaded = -1  # the batch in ``buffer`` (kept when every client fits in one)
+            for top in range(0, g.d_out, height):
+                rows = slice(top, min(g.d_out, top + height))
+                s = rows.stop - rows.start
+                q = strip[:s].zero_()
+                for first in range(0, n, batch):
+                    count = min(batch, n - first)
+                    if loaded != first or batch < n:
+                        for j in range(count):
+                            spill.read_module(first + j, k, buffer[j])
+                        loaded = first
+                    block = buffer[:count].to(device, DENSE_DTYPE)
+                    B = block[:, :split].view(count, g.rank, g.d_out).permute(2, 0, 1)
+                    dB = torch.sub(B[rows], ref_B[rows, None, :], out=left[:s, :count])
+                    dB.mul_(weights[None, first : first + count, None])
+                    A = block[:, split:].view(count, g.rank, g.d_in)
+                    dA = torch.sub(A, ref_A, out=right[:count])
+                    q.addmm_(dB.view(s, count * g.rank), dA.view(count * g.rank, g.d_in))
+                squares += torch.tensor(
+                    dense_error_squares(q, terms.total, factors.rows(rows)), dtype=STAT_DTYPE
+                )
+            norms.append(squares.sqrt())
+        out = torch.stack(norms)
         return GroupErrors(
             aggregation=out[:, 0],
-            reference=out[:, 1] if has_reference else None,
+            reference=out[:, 1] if terms.has_reference else None,
             factor_average=out[:, 2],
             fedit=out[:, 3],
         )
+
+
+@dataclass(frozen=True)
+class _Finalize:
+    """What :meth:`GroupErrorTracker.finalize` was given."""
+
+    total: float
+    means: Mapping[Factor, Tensor]
+    glob: Mapping[Factor, Tensor]
+    has_reference: bool
+    unaligned: Mapping[Factor, Tensor] | None
 
 
 class UploadedMeans:

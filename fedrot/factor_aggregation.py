@@ -20,7 +20,7 @@ Two ways to hold a group (see :func:`fedrot.module_groups.streams_modules`):
   own layout.
 
 With ``track_error`` each group has a :class:`~fedrot.error_tracking.GroupErrorTracker` (memory
-bounded in the number of clients) and, in a round with a gauge, an
+flat in the number of clients: the clients' factors wait in a scratch file) and, in a round with a gauge, an
 :class:`~fedrot.error_tracking.UploadedMeans` for FedIT's error of the same uploads. A round
 with a gauge also sums the rotation drift diagnostic (:mod:`fedrot.drift`) from the Procrustes
 blocks it has anyway.
@@ -129,7 +129,9 @@ class FactorAggregator(StreamingAggregator):
             state.drift = DriftSums()
         if self.setup.track_error:
             rows = {f: as_rows(state.reference[f], f) for f in Factor}
-            state.errors = GroupErrorTracker(group, rows, products=trained == set(Factor))
+            state.errors = GroupErrorTracker(
+                group, rows, products=trained == set(Factor), scratch=self.setup.scratch
+            )
             if self._aligned is not None:
                 state.uploaded = UploadedMeans(group, trained, self._terms, stacked=not streamed)
         return state
@@ -184,10 +186,7 @@ class FactorAggregator(StreamingAggregator):
                 self._terms.add_scaled(state.sums[which], stack, w)
         if state.errors is not None:
             rows = {
-                f: [
-                    as_rows(x, f).clone(memory_format=torch.contiguous_format)
-                    for x in self._module_factors(update, group, f)
-                ]
+                f: [as_rows(x, f) for x in self._module_factors(update, group, f)]
                 for f in state.views
             }
             state.errors.add(w, rows)
@@ -284,7 +283,7 @@ class FactorAggregator(StreamingAggregator):
         self, total: float
     ) -> tuple[dict[str, LoraPair], dict[str, Tensor], list[GroupErrors] | None]:
         lora: dict[str, LoraPair] = {}
-        errors: list[GroupErrors] = []
+        errors: list[GroupErrors | None] = []
         for group, state in zip(self._groups, self._state, strict=True):
             if state.streamed:
                 pairs, means = self._finalize_streamed(group, state, total)
@@ -309,7 +308,8 @@ class FactorAggregator(StreamingAggregator):
                     )
                 )
                 state.errors = None
-        return lora, {}, errors if self.setup.track_error else None
+        known = self.setup.track_error and all(e is not None for e in errors)
+        return lora, {}, errors if known else None  # type: ignore[return-value]
 
     def _mean_rows(self, state: _FactorGroupState, which: Factor, total: float) -> Tensor:
         """A stacked group's ``which`` mean in row layout (float32, rounded once from the
@@ -351,8 +351,8 @@ class FactorAggregator(StreamingAggregator):
 
 
 def _rotated(left: Tensor, rows: Rows) -> list[Tensor]:
-    """``L X`` per module as separate ``(r, d)`` float32 tensors (kept by the error tracker,
-    which releases them module by module)."""
+    """``L X`` per module as separate ``(r, d)`` float32 tensors (for the error tracker, which
+    writes them to its scratch file)."""
     if isinstance(rows, Tensor):
         return [torch.mm(g, x) for g, x in zip(left.unbind(0), rows.unbind(0), strict=True)]
     return [torch.mm(g, x) for g, x in zip(left.unbind(0), rows, strict=True)]

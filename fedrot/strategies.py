@@ -12,6 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import torch
@@ -112,17 +113,21 @@ class Strategy(ABC):
         *,
         device: torch.device | str | None = None,
         track_error: bool = True,
+        scratch: str | Path | None = None,
     ) -> RoundAggregator:
         """A fresh aggregator for ``plan``. ``reference`` is the adapter broadcast at the start
         of the round (not modified); None makes the first update the reference and leaves the
         relative errors None. ``device`` defaults to the reference's (else the first
-        update's); ``track_error=False`` keeps nothing per client and reports no errors."""
+        update's); ``track_error=False`` keeps nothing per client and reports no errors;
+        ``scratch`` is where a tracked round writes the clients' factors until ``finalize``
+        (a disk folder; None: the system's temporary directory)."""
         setup = RoundSetup(
             plan=plan,
             strategy=str(self.name),
             lam=self._reported_lambda(),
             device=device,
             track_error=track_error,
+            scratch=scratch,
         )
         return self._aggregator(reference, setup)
 

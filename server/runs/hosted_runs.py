@@ -96,7 +96,8 @@ async def host_run(
     worker = ThreadedWorker(strategy, initial.schema, device=device,
                             track_error=settings.track_error,
                             max_abs=settings.max_upload_value,
-                            threads=settings.thread_counts()[0])  # fmt: skip
+                            threads=settings.thread_counts()[0],
+                            scratch=settings.state_dir)  # fmt: skip
     try:
         config = await asyncio.to_thread(peft_config, spec.model, spec.lora, initial.adapter.extra,
                                          base_model_path=initial.base_model_path)  # fmt: skip

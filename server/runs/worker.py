@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -111,7 +112,8 @@ class AggregationWorker(ABC):
 
 class ThreadedWorker(AggregationWorker):
     """:class:`AggregationWorker` on one dedicated thread owning ``device``, with ``threads``
-    torch CPU threads."""
+    torch CPU threads. A tracked round writes its clients' factors to an unlinked file in
+    ``scratch`` until it finalises (the run's state folder: a disk, where the uploads are)."""
 
     def __init__(
         self,
@@ -122,8 +124,10 @@ class ThreadedWorker(AggregationWorker):
         track_error: bool = True,
         max_abs: float = DEFAULT_MAX_UPLOAD_VALUE,
         threads: int | None = None,
+        scratch: Path | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self._scratch = scratch
         self._strategy = strategy
         self._schema = schema
         self._track_error = track_error
@@ -161,6 +165,7 @@ class ThreadedWorker(AggregationWorker):
             plan,
             device=self.device,
             track_error=self._track_error,
+            scratch=self._scratch,
         )
 
     def _add(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:

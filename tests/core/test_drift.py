@@ -17,7 +17,7 @@ from test_aggregation import (
     proper_polar,
     rotated_clients,
 )
-from test_error_tracking import DENSE, MIDWAY, WIDE_SHAPES, near_reference_clients, with_budgets
+from test_error_tracking import DENSE, STRIPS, WIDE_SHAPES, near_reference_clients, with_budgets
 
 from fedrot.adapters import Adapter, Factor
 from fedrot.aggregation import AggregationResult
@@ -272,11 +272,11 @@ GAUGED_CASES = [
     pytest.param("fedrot", 2, None, True, id="fedrot-B-gram-streamed"),
     pytest.param("fedrot", 1, DENSE, True, id="fedrot-A-dense-streamed"),
     pytest.param("fedrot", 2, DENSE, False, id="fedrot-B-dense-stacked"),
-    pytest.param("fedrot", 1, MIDWAY, False, id="fedrot-A-midway-stacked"),
-    pytest.param("fedrot", 2, MIDWAY, True, id="fedrot-B-midway-streamed"),
+    pytest.param("fedrot", 1, STRIPS, False, id="fedrot-A-strips-stacked"),
+    pytest.param("fedrot", 2, STRIPS, True, id="fedrot-B-strips-streamed"),
     pytest.param("random-rotation", 1, DENSE, False, id="random-dense-stacked"),
     pytest.param("random-rotation", 2, None, True, id="random-gram-streamed"),
-    pytest.param("scalar-rescaling", 2, MIDWAY, True, id="scalar-midway-streamed"),
+    pytest.param("scalar-rescaling", 2, STRIPS, True, id="scalar-strips-streamed"),
     pytest.param("scalar-rescaling", 1, None, False, id="scalar-gram-stacked"),
 ]
 

@@ -1,10 +1,12 @@
-"""The aggregation error with bounded memory: the dense path against the Gram path and against
-float64 formulas, the perfect-alignment floor, and memory that stops growing with N."""
+"""The aggregation error with memory flat in N: the dense path (whole and in strips) against the
+Gram path and against float64 formulas, the perfect-alignment floor, nothing held per client
+but what the scratch file holds, and a scratch file that cannot be written."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from test_aggregation import (
 )
 
 import fedrot.error_tracking
+import fedrot.factor_spill
 from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import AggregationResult
 from fedrot.alignment import sample_haar_rotation
@@ -30,9 +33,12 @@ from fedrot.strategies import StrategyConfig, build_strategy
 DENSE = {"GRAM_BUDGET": 0.0}
 """Fold from the first client: the whole round on the dense path."""
 
-MIDWAY = {"GRAM_BUDGET": 1.0, "FOLD_BUDGET": 0.5}
-"""With :data:`WIDE_SHAPES`: four clients stored, the first fold at the fifth, then a fold
-every three clients."""
+STRIPS = {"GRAM_BUDGET": 0.0, "STRIP_ROWS": 33, "BATCH_RANK": 6}
+"""The dense path with :data:`WIDE_SHAPES` and rank 3 in a tiny working set: ``Q`` of a 40-row
+module in strips of 33 and 7 rows (24 and 0 for the other), clients read back two at a time."""
+
+GRAM_SLICES = {"GRAM_SLICE_BYTES": 1}
+"""The Gram path reading one module at a time."""
 
 WIDE_SHAPES = {"m.q": (40, 24), "m.v": (40, 24), "m.o": (24, 36)}
 """Modules whose dense ``d_out x d_in`` is about five rank-3 clients' factors."""
@@ -94,7 +100,9 @@ def assert_norms_close(
 # --- dense path against the Gram path and float64 formulas --------------------------------------
 
 
-@pytest.mark.parametrize("budgets", [DENSE, MIDWAY], ids=["dense", "midway"])
+@pytest.mark.parametrize(
+    "budgets", [DENSE, STRIPS, GRAM_SLICES], ids=["dense", "strips", "gram-slices"]
+)
 @pytest.mark.parametrize("name, round_index", STRATEGY_ROUNDS)
 @pytest.mark.parametrize("streamed", [False, True], ids=["stacked", "streamed"])
 def test_dense_errors_equal_the_gram_errors(
@@ -151,7 +159,7 @@ def test_dense_errors_equal_float64_formulas(
         )
 
 
-@pytest.mark.parametrize("budgets", [DENSE, MIDWAY], ids=["dense", "midway"])
+@pytest.mark.parametrize("budgets", [DENSE, STRIPS], ids=["dense", "strips"])
 @pytest.mark.parametrize("name", ["flexlora", "fedex"])
 def test_product_strategies_errors_equal_float64_formulas(
     name: str, budgets: dict[str, float], monkeypatch: pytest.MonkeyPatch
@@ -249,36 +257,69 @@ def held_tensor_bytes(root: object) -> int:
     return sum(storages.values())
 
 
-def test_a_tracked_round_holds_memory_bounded_in_the_number_of_clients() -> None:
-    """Past the switch to the dense path, what a tracked FedRot round holds stops growing: at
-    most one dense d_out x d_in matrix per module plus a bounded buffer of clients."""
+def test_a_tracked_round_holds_nothing_per_client_in_memory(tmp_path: Path) -> None:
+    """Whatever the number of clients, a tracked FedRot round holds the same tensors: each
+    client's factors go to the scratch file (and only there), and the dense path reads them
+    back within its working set."""
     shapes = {"m.q": (32, 24), "m.v": (32, 24)}
     reference, clients = near_reference_clients(8, seed=34, shapes=shapes, rank=2)
     strategy = build_strategy("fedrot")
-    aggregator = strategy.start_round(reference, strategy.plan(1))
-    dense_bytes = sum(4 * d_out * d_in for d_out, d_in in shapes.values())
-    held = []
+    aggregator = strategy.start_round(reference, strategy.plan(1), scratch=tmp_path)
+    held, spilled = [], []
     for i in range(120):
         aggregator.add(f"c{i}", clients[i % len(clients)], 1.0 + i % 3)
         held.append(held_tensor_bytes(aggregator))
-    # the switch comes at n r (d_in + d_out) = d_out d_in: 6 clients here
-    assert max(held[10:]) - min(held[10:]) <= (1 + 0.125) * dense_bytes
-    assert max(held) <= held[0] + 2.5 * dense_bytes
+        spilled.append(spilled_bytes(aggregator))
+    assert max(held[1:]) == min(held[1:])
+    per_client = sum(2 * (d_out + d_in) * 4 for d_out, d_in in shapes.values())
+    assert spilled == [per_client * (i + 1) for i in range(120)]
     assert aggregator.finalize().report.aggregation_error > 0
+    assert spilled_bytes(aggregator) == 0
+    assert list(tmp_path.iterdir()) == []  # the scratch file is unlinked from the start
 
 
-def test_the_tracker_folds_at_the_budget_and_releases_what_it_folded() -> None:
+def spilled_bytes(aggregator: object) -> int:
+    trackers = [s.errors for s in aggregator._state if s.errors is not None]  # type: ignore[attr-defined]
+    return sum(t.spilled_bytes() for t in trackers)
+
+
+def test_the_tracker_switches_to_the_dense_path_at_the_budget() -> None:
     group = ModuleGroup(index=0, d_out=16, d_in=16, rank=2, modules=("a", "b"))
     gen = torch.Generator().manual_seed(35)
     reference = {f: torch.randn(2, 2, 16, generator=gen) for f in Factor}
     tracker = GroupErrorTracker(group, reference)
     dense, per_client = 2 * 16 * 16 * 4, 2 * 2 * 32 * 4
-    for n in range(1, 40):
+    for n in range(1, 12):
         rows = {f: [torch.randn(2, 16, generator=gen) for _ in range(2)] for f in Factor}
         tracker.add(1.0, rows)
-        assert tracker.folded == (n >= dense // per_client)
-        limit = dense + fedrot.error_tracking.FOLD_BUDGET * dense if tracker.folded else dense
-        assert tracker.held_bytes() <= limit
+        assert tracker.uses_gram == (n < dense // per_client)
+        assert tracker.spilled_bytes() == n * per_client
+
+
+def test_a_scratch_file_that_cannot_be_written_leaves_the_aggregate_and_drops_the_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference, clients = near_reference_clients(5, seed=38, shapes=WIDE_SHAPES)
+    weights = [1.0, 2.0, 1.5, 0.5, 3.0]
+    kw = {"round_index": 1, "config": StrategyConfig(lam=0.4)}
+    expected = aggregate("fedrot", reference, clients, weights, **kw)  # type: ignore[arg-type]
+    writes = {"n": 0}
+    real_append = fedrot.factor_spill.FactorSpill.append
+
+    def append_until_full(self: object, rows: object) -> None:
+        writes["n"] += 1
+        if writes["n"] > 4:
+            raise OSError(28, "No space left on device")
+        real_append(self, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fedrot.factor_spill.FactorSpill, "append", append_until_full)
+    with caplog.at_level("WARNING", logger="fedrot.error_tracking"):
+        got = aggregate("fedrot", reference, clients, weights, **kw)  # type: ignore[arg-type]
+    for key, tensor in expected.adapter.to_state_dict().items():
+        assert torch.equal(got.adapter.to_state_dict()[key], tensor), key
+    assert expected.report.aggregation_error is not None
+    assert got.report.aggregation_error is None and got.report.modules == ()
+    assert "No space left on device" in caplog.text
 
 
 def test_frozen_factor_rounds_keep_nothing_per_client() -> None:

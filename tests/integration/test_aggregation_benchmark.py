@@ -26,3 +26,7 @@ def test_one_pass_reports_every_key() -> None:
     assert row["ratio_vs_fedit"] == row["fedrot_s"] / row["fedit_s"]
     assert row["ratio_vs_floor_exact"] == row["fedrot_s"] / row["gemm_floor_exact_s"]
     assert row["max_rel_diff_vs_loop"] < 1e-5
+    # roberta_large: 48 modules of rank 4, 1024 x 1024; a client's factors, float32
+    per_client_mb = 48 * 4 * (1024 + 1024) * 4 / 2**20
+    assert row["scratch_mb_n2_tracked"] == 2 * per_client_mb
+    assert row["scratch_mb_n3_tracked"] == 3 * per_client_mb

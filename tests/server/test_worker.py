@@ -137,3 +137,39 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(SettingsError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_a_tracked_round_keeps_its_clients_factors_in_the_scratch_folder(
+    tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """The worker hands its scratch folder (the server's state folder) to the error tracker,
+    whose files are unlinked at once: nothing is left behind."""
+    import fedrot.factor_spill
+
+    folders = []
+    make_file = fedrot.factor_spill.tempfile.TemporaryFile
+
+    def recorded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        folders.append(kwargs.get("dir"))
+        return make_file(*args, **kwargs)
+
+    monkeypatch.setattr(fedrot.factor_spill.tempfile, "TemporaryFile", recorded)
+    initial = synthetic_adapter(seed=3)
+    plan = build_strategy("fedrot").plan(1)
+    strategy = build_strategy("fedrot", StrategyConfig(lam=0.4))
+
+    async def scenario():  # noqa: ANN202
+        worker = ThreadedWorker(strategy, AdapterSchema.of(initial), scratch=tmp_path)
+        try:
+            await worker.begin_round(initial, plan)
+            for i in range(2):
+                payload = encode_update(local_update(initial, plan.trained, seed=i))
+                await worker.add_update(f"c{i}", payload, 1.0)
+            return await worker.finish_round({"round": "2"})
+        finally:
+            await worker.close()
+
+    finished = asyncio.run(scenario())
+    assert finished.result.report.aggregation_error is not None
+    assert folders and all(folder == tmp_path for folder in folders)
+    assert list(tmp_path.iterdir()) == []
