@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from fedrot_server.errors import SettingsError
 from fedrot_server.runs.hosted_runs import EvaluatorFactory
 from fedrot_server.service import FederationServer, start_server
-from fedrot_server.settings import EvaluationSettings, ServerSettings, load_settings
+from fedrot_server.run_settings import EvaluationSettings
+from fedrot_server.settings import ServerSettings, load_settings
 from fedrot_server.runs.spec import Evaluator, Initializer, RunSpec
 
 logger = logging.getLogger("fedrot_server")

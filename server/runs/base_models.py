@@ -15,7 +15,7 @@ from typing import Any
 
 from fedrot.adapters import Adapter
 from fedrot_server.errors import SettingsError
-from fedrot_server.settings import EvaluationSettings
+from fedrot_server.run_settings import EvaluationSettings
 from fedrot_server.runs.spec import InitialModel, RunSpec
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from fedrot_server.storage.artifacts import RunArtifacts, peft_config
 from fedrot_server.errors import SettingsError
 from fedrot_server.runs.recovery import check_compatible, load_resumption, run_record
 from fedrot_server.runs.rounds import RoundEngine
-from fedrot_server.settings import EvaluationSettings, ServerSettings
+from fedrot_server.run_settings import EvaluationSettings
+from fedrot_server.settings import ServerSettings
 from fedrot_server.runs.spec import Evaluator, InitialModel, Initializer, RunSpec
 from fedrot_server.storage.state import RunRow
 from fedrot_server.storage.store import SqliteStore

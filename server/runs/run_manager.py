@@ -29,7 +29,8 @@ from fedrot_server.runs.hosted_runs import HostedRun, RunSeams, host_run
 from fedrot_server.runs.recovery import find_resumable
 from fedrot_server.runs.round_state import check_client_info
 from fedrot_server.runs.rounds import RoundEngine
-from fedrot_server.settings import RunSettings, ServerSettings, validate_run_settings
+from fedrot_server.run_settings import RunSettings, validate_run_settings
+from fedrot_server.settings import ServerSettings
 from fedrot_server.runs.spec import RunSpec, new_run_id
 from fedrot_server.storage.state import RunPhase, RunRow
 from fedrot_server.storage.store import SqliteStore

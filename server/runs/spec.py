@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 from fedrot.adapters import Adapter, AdapterSchema
 from fedrot.strategies import StrategyConfig
-from fedrot_server.settings import (
-    MAX_CHUNK_BYTES,
+from fedrot_server.run_settings import (
     LoraSettings,
     ModelSettings,
     RunSettings,
-    ServerSettings,
     StrategySettings,
     TrainingSettings,
 )
+from fedrot_server.settings import MAX_CHUNK_BYTES, ServerSettings
 
 
 @dataclass(frozen=True)

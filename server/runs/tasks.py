@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedrot.adapters import AdapterSchema, Factor
-from fedrot_server.settings import TrainingSettings
+from fedrot_server.run_settings import TrainingSettings
 from fedrot_server.runs.spec import RunSpec
 from fedrot_server.storage.state import RunPhase
 from fedrot_server.rpc.transfers import PayloadReceiver

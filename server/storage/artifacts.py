@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fedrot.codec import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, decode_adapter, encode_adapter
-from fedrot_server.settings import LoraSettings, ModelSettings
+from fedrot_server.run_settings import LoraSettings, ModelSettings
 
 BASE_DELTAS_FILE = "base_deltas.safetensors"
 PEFT_PREFIX = "base_model.model."

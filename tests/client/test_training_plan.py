@@ -14,7 +14,7 @@ from fedrot_client.messages import training_plan_of
 from fedrot_client.plan import TrainingPlan
 from fedrot_client.training import TrainConfig, lr_factor, train_locally
 from fedrot_server.rpc.messages import train_message
-from fedrot_server.settings import TrainingSettings
+from fedrot_server.run_settings import TrainingSettings
 from fedrot_server.runs.tasks import AdapterRef, TrainTask
 
 CUDA = torch.cuda.is_available()

@@ -23,14 +23,14 @@ from typing import Any, TypeVar
 
 from fedrot_server.main import default_seams
 from fedrot_server.service import FederationServer, start_server
-from fedrot_server.settings import (
+from fedrot_server.run_settings import (
     EvaluationSettings,
     LoraSettings,
     ModelSettings,
-    ServerSettings,
     StrategySettings,
     TrainingSettings,
 )
+from fedrot_server.settings import ServerSettings
 from fedrot_server.storage.store import open_reader
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from fedrot.cli import main as fedrot_cli
 from fedrot_client.data import LabelVocabulary, load_dataset
 from fedrot_client.evaluation import evaluate
 from fedrot_client.models import ModelSpec, load_base_model
-from fedrot_server.settings import StrategySettings
+from fedrot_server.run_settings import StrategySettings
 from fedrot_server.storage.state import RunPhase
 from fedrot_server.storage.store import open_reader
 from harness import (

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedrot_server.settings import ModelSettings
+from fedrot_server.run_settings import ModelSettings
 from harness import client_shards, tiny_settings
 
 MIB = 1024 * 1024

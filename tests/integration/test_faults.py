@@ -12,7 +12,7 @@ import pytest
 from fedrot_client.tinybert import build_tiny_bert, build_tokenizer
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_proto.v1 import federation_pb2_grpc as pb_grpc
-from fedrot_server.settings import Portion
+from fedrot_server.run_settings import Portion
 from harness import HERE, CLIENT_NAMES, client_shards, token_of, tiny_settings
 
 EXIT_REFUSED_TO_START = 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from peft import AutoPeftModelForCausalLM
 
-from fedrot_server.settings import (
+from fedrot_server.run_settings import (
     EvaluationSettings,
     LoraSettings,
     ModelSettings,

@@ -11,7 +11,7 @@ from peft import AutoPeftModelForSequenceClassification, PeftModel
 from fedrot_client.data import LabelVocabulary, load_dataset
 from fedrot_client.evaluation import evaluate
 from fedrot_client.models import ModelSpec, load_base_model
-from fedrot_server.settings import LoraSettings, ModelSettings, TrainingSettings
+from fedrot_server.run_settings import LoraSettings, ModelSettings, TrainingSettings
 from harness import CLIENT_NAMES, client_shards, evaluation_on, held_out, tiny_settings
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from fedrot.codec import encode_adapter
 from fedrot_client.models import ModelSpec, load_base_model
 from fedrot_server.storage.artifacts import RunArtifacts, adapter_metadata, peft_config
 from fedrot_server.runs.base_models import load_initial_model
-from fedrot_server.settings import ModelSettings
+from fedrot_server.run_settings import ModelSettings
 from fedrot_server.runs.spec import RunSpec
 from harness import CLASS_WORDS, tiny_settings
 

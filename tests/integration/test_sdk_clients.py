@@ -24,7 +24,12 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from fedrot_server.settings import LoraSettings, ModelSettings, StrategySettings, TrainingSettings
+from fedrot_server.run_settings import (
+    LoraSettings,
+    ModelSettings,
+    StrategySettings,
+    TrainingSettings,
+)
 from fedrot_server.storage.store import open_reader
 from harness import ServerThread, tiny_settings, token_of
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from fedrot_server.runs.recovery import check_compatible
-from fedrot_server.settings import SettingsError, TrainingSettings
+from fedrot_server.run_settings import TrainingSettings
+from fedrot_server.settings import SettingsError
 
 OLD_TRAINING = {"local_steps": 20, "epochs": 0, "batch_size": 16, "learning_rate": 0.02,
                 "optimizer": "sgd", "weight_decay": 0.0, "max_length": 64}  # fmt: skip

@@ -13,7 +13,8 @@ import torch
 from fedrot.codec import decode_adapter
 from fedrot_server.storage.artifacts import BASE_DELTAS_FILE, RunArtifacts, adapter_metadata
 from fedrot_server.errors import SettingsError
-from fedrot_server.settings import ModelSettings, load_settings
+from fedrot_server.run_settings import ModelSettings
+from fedrot_server.settings import load_settings
 from wire import WireClient, make_settings, running_server, synthetic_adapter, token_of
 
 TOKEN = "alice=token-alice-0123456789"

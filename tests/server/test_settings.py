@@ -9,7 +9,8 @@ import pytest
 
 from fedrot.strategies import StrategyName
 from fedrot_server.errors import SettingsError
-from fedrot_server.settings import Portion, load_settings, parse_portion
+from fedrot_server.run_settings import Portion, parse_portion
+from fedrot_server.settings import load_settings
 
 TOKEN = "alice=token-alice-0123456789"
 
