@@ -9,8 +9,9 @@ same subprocess, a raw TCP peer on another port 0. From this process:
 - ``grpc_upload``: :meth:`fedrot_client.transport.Transport.upload_update` of one encoded update
   (the reference plus noise on A, B and the head) into round 0, with the chunk size the client
   takes from the server's limits, from the call to the acknowledgement (so it includes the
-  client's SHA-256, the QueryUpload, and the server's checks, aggregation, fsynced spool write
-  and SQLite record). Each repeat is another client, so round 0 stays open.
+  QueryUpload, and the server's checks, aggregation, fsynced spool write and SQLite record;
+  the client passes the digest it computed beforehand, as the daemon passes the one it saved
+  with the update). Each repeat is another client, so round 0 stays open.
 - ``grpc_download``: :meth:`~fedrot_client.transport.Transport.download_adapter` of round 0's
   global adapter (verified against its SHA-256).
 - ``tcp_upload`` / ``tcp_download``: the same number of bytes copied over one loopback TCP
@@ -52,7 +53,7 @@ import torch
 
 from fedrot.adapters import Adapter, LoraPair
 from fedrot.codec import decode_adapter, encode_adapter
-from fedrot_client.transport import MAX_CHUNK_BYTES, Transport
+from fedrot_client.transport import MAX_CHUNK_BYTES, Transport, sha256_hex
 from fedrot_proto.v1 import federation_pb2 as pb
 
 PREFIX = "base_model.model.model.layers"
@@ -245,8 +246,9 @@ class Client:
         header = pb.UploadHeader(run_id=self.run_id, round=self.task.round, sample_count=10,
                                  metrics={"train_loss": 1.0}, idempotency_key=uuid.uuid4().hex,
                                  factors=list(self.task.trained_factors))  # fmt: skip
+        digest = sha256_hex(payload)  # the daemon saved it with the update before sending
         started = time.perf_counter()
-        reply = self.transport.upload_update(header, payload, self.chunk_bytes)
+        reply = self.transport.upload_update(header, payload, self.chunk_bytes, sha256=digest)
         seconds = time.perf_counter() - started
         if reply.status != pb.UPLOAD_STATUS_ACCEPTED:
             raise RuntimeError(f"upload answered {pb.UploadStatus.Name(reply.status)}")

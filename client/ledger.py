@@ -88,7 +88,8 @@ class RoundLedger:
             factors=factor_messages(pending.factors),
         )  # fmt: skip
         try:
-            reply = self._transport.upload_update(header, payload, self._chunk_bytes)
+            reply = self._transport.upload_update(header, payload, self._chunk_bytes,
+                                                  sha256=pending.sha256)  # fmt: skip
         except Interrupted as exc:
             raise_stopped(self._stop, exc)
         except RejectedError as exc:

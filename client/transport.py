@@ -251,11 +251,13 @@ class Transport:
             download.close()
 
     def upload_update(
-        self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int
+        self, header: pb.UploadHeader, payload: bytes, chunk_bytes: int, *, sha256: str = ""
     ) -> pb.UploadUpdateResponse:
         """Send ``payload`` after ``header`` (whose size and SHA-256 are filled in here) in
         chunks of ``chunk_bytes``; a retry re-sends the same header and idempotency key and only
-        the bytes the server does not hold yet."""
+        the bytes the server does not hold yet. ``sha256``: the payload's digest (hex) when the
+        caller already has it (saves hashing it again before the first byte; the server checks
+        it against the bytes it receives all the same)."""
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         if not header.idempotency_key:
@@ -263,7 +265,7 @@ class Transport:
         full = pb.UploadHeader()
         full.CopyFrom(header)
         full.total_size = len(payload)
-        full.sha256 = sha256_hex(payload)
+        full.sha256 = sha256 or sha256_hex(payload)
         sent = [0]  # bytes taken by gRPC over all attempts: progress, for the retry loop
 
         def messages(watch: StallWatch, start: int) -> Iterator[pb.UploadUpdateRequest | bytes]:

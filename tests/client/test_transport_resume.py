@@ -218,3 +218,28 @@ def test_a_server_without_query_upload_gets_the_whole_update() -> None:
         grpc_server.stop(0)
     assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
     assert servicer.offsets == [0, CHUNK, 2 * CHUNK]
+
+
+def test_a_digest_the_caller_knows_is_sent_as_given_and_checked_by_the_server(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon passes the digest it saved with the update, so the payload is not hashed
+    again before the first byte; a wrong one is still refused by the server's own hash."""
+    import fedrot_client.transport as transport_module
+    from fedrot_client.errors import RejectedError
+
+    transport = transport_to(server.address)
+    try:
+        header, payload = trained_update(transport)
+        digest = transport_module.sha256_hex(payload)
+        monkeypatch.setattr(transport_module, "sha256_hex", lambda _: pytest.fail("hashed again"))
+        wrong = pb.UploadHeader()
+        wrong.CopyFrom(header)
+        wrong.idempotency_key = "alice-round-0-wrong"
+        with pytest.raises(RejectedError, match="sha256 mismatch") as refused:
+            transport.upload_update(wrong, payload, CHUNK, sha256="0" * 64)
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        reply = transport.upload_update(header, payload, CHUNK, sha256=digest)
+    finally:
+        transport.close()
+    assert reply.status == pb.UPLOAD_STATUS_ACCEPTED and reply.bytes_received == len(payload)

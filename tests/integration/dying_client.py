@@ -15,11 +15,11 @@ EXIT_STATUS = 137  # what SIGKILL leaves
 _upload_update = Transport.upload_update
 
 
-def upload_or_die(self: Transport, header, payload: bytes, chunk_bytes: int):  # noqa: ANN
+def upload_or_die(self: Transport, header, payload: bytes, chunk_bytes: int, **known):  # noqa: ANN
     if header.round >= DIE_AT_ROUND:
         sys.stdout.flush()
         os._exit(EXIT_STATUS)
-    return _upload_update(self, header, payload, chunk_bytes)
+    return _upload_update(self, header, payload, chunk_bytes, **known)
 
 
 Transport.upload_update = upload_or_die  # type: ignore[method-assign]
