@@ -1,16 +1,19 @@
 """The round ledger: what happens to an upload between its last byte and its acknowledgement.
 
-An upload is first aggregated (the worker decodes and validates it, so a bad one changes
-nothing) while its spool file, written as the bytes arrived, is synced to disk; then that file
-is moved into the spool (rename, folder fsync) and the upload recorded (a synced SQLite
-commit); only then does the engine acknowledge it. The ledger also rebuilds a round's aggregate
-from recorded uploads (after a crash, or when recording failed), weighs late updates, and
-decides which late updates a round takes (``late_updates = "stale"``).
+An upload is first checked (decoded and validated off the worker's thread, so a bad one changes
+nothing); its spool file, written as the bytes arrived, is then synced and moved into the spool
+(rename, folder fsync) and the upload recorded (a synced SQLite commit); then the engine
+acknowledges it while the worker aggregates it (queued in arrival order, before the round's
+finalisation). Durability does not depend on the aggregation: a crash re-aggregates the
+recorded uploads. The ledger also rebuilds a round's aggregate from recorded uploads (after a
+crash, or when an aggregation failed), weighs late updates, and decides which late updates a
+round takes (``late_updates = "stale"``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable
 
@@ -20,6 +23,7 @@ from fedrot.aggregation import update_weight
 from fedrot.diagnostics import ClientReport
 from fedrot.strategies import Strategy
 from fedrot_server.storage.artifacts import RunArtifacts
+from fedrot_server.runs.round_log import mean_rotation_distance
 from fedrot_server.runs.round_state import OpenRound, aggregation_id
 from fedrot_server.settings import ServerSettings
 from fedrot_server.storage.state import UploadRow
@@ -31,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class RoundLedger:
-    """Aggregates, spools and records uploads for the engine (on its event loop)."""
+    """Spools, records and aggregates uploads for the engine (on its event loop)."""
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class RoundLedger:
         self._settings, self._run_id = settings, run_id
         self._store, self._worker = store, worker
         self._strategy, self._artifacts = strategy, artifacts
+        self._aggregating: list[asyncio.Future[ClientReport]] = []
 
     def weight_of(self, row: UploadRow) -> float:
         """An upload's aggregation weight: its samples, times ``staleness_weight`` per round
@@ -55,38 +60,41 @@ class RoundLedger:
 
     async def accept(
         self, rnd: OpenRound, row: UploadRow, payload: ReceivedPayload, reference: Adapter
-    ) -> ClientReport:
-        """Aggregate ``payload`` into ``rnd`` while its file is synced, move the file into the
-        spool, record ``row``, count it in ``rnd``.
+    ) -> None:
+        """Check ``payload``, make it durable in the spool, record ``row`` and count it in
+        ``rnd``; then queue its aggregation on the worker: the acknowledgement waits for the
+        upload to be on disk and recorded, not for its aggregation (a crash after it
+        re-aggregates the recorded uploads).
 
-        CodecError/SchemaError (a bad upload) leave everything unchanged (the caller discards
-        the file). If syncing, spooling or recording fails, the aggregate is rebuilt from
-        ``reference`` and the uploads already recorded, and the error propagates (the upload is
-        not acknowledged).
+        CodecError/SchemaError (a bad upload) and a failure to sync, spool or record leave
+        everything unchanged (nothing was aggregated; the caller discards the file, the upload
+        is not acknowledged). An aggregation that fails later (no bad upload gets that far) is
+        logged and the round's aggregate rebuilt by :meth:`settle` before the round closes.
         """
-        syncing = asyncio.ensure_future(asyncio.to_thread(payload.sink.sync))
-        try:
-            report = await self._worker.add_update(aggregation_id(row), payload.data,
-                                                   self.weight_of(row))  # fmt: skip
-        finally:
-            await asyncio.wait({syncing})
-            syncing.exception()  # seen here; raised below when the update was taken
-        try:
-            syncing.result()
-            await asyncio.to_thread(self._artifacts.publish_upload, payload.sink, rnd.index,
-                                    row.client, trained_round=row.round_index)  # fmt: skip
-            self._store.record_upload(row)
-        except Exception:
-            logger.exception("round %s: could not record the upload of %s; rebuilding the "
-                             "aggregate without it", rnd.index, row.client)  # fmt: skip
-            kept = [(r, await asyncio.to_thread(self._artifacts.read_upload, rnd.index, r.client,
-                                                trained_round=r.round_index))
-                    for r in rnd.rows()]  # fmt: skip
-            await self.refeed(rnd, reference, kept, admit=False)
-            raise
+        update = await self._worker.check_update(payload.data, rnd.plan.trained)
+        await asyncio.to_thread(self._artifacts.publish_upload, payload.sink, rnd.index,
+                                row.client, trained_round=row.round_index)  # fmt: skip
+        self._store.record_upload(row)
         rnd.admit(row)
+        aggregating = self._worker.queue_update(aggregation_id(row), update, self.weight_of(row))
+        aggregating.add_done_callback(functools.partial(_log_aggregated, rnd.index, row.client))
+        self._aggregating.append(aggregating)
         rnd.check_complete()
-        return report
+
+    async def settle(self, rnd: OpenRound, reference: Adapter) -> None:
+        """Wait for the aggregations :meth:`accept` queued; if one failed, rebuild ``rnd``'s
+        aggregate from ``reference`` and its recorded uploads (read from the spool), which
+        raises if that fails too."""
+        pending, self._aggregating = self._aggregating, []
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        if not any(isinstance(o, BaseException) for o in outcomes):
+            return
+        logger.error("round %s: an accepted upload failed to aggregate; rebuilding the round's "
+                     "aggregate from its recorded uploads", rnd.index)  # fmt: skip
+        kept = [(r, await asyncio.to_thread(self._artifacts.read_upload, rnd.index, r.client,
+                                            trained_round=r.round_index))
+                for r in rnd.rows()]  # fmt: skip
+        await self.refeed(rnd, reference, kept, admit=False)
 
     async def refeed(
         self,
@@ -117,3 +125,15 @@ class RoundLedger:
         if any(u.client == client for u in self._store.uploads(self._run_id, round_index)):
             return False
         return self._strategy.plan(round_index).trained == rnd.plan.trained
+
+
+def _log_aggregated(round_index: int, client: str, done: asyncio.Future[ClientReport]) -> None:
+    if done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        logger.error("round %s: the upload of %s failed to aggregate: %r", round_index, client,
+                     error)  # fmt: skip
+        return
+    logger.info("round %s: aggregated the upload of %s, rotation distance %s", round_index,
+                client, mean_rotation_distance(done.result().rotations))  # fmt: skip

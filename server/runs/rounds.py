@@ -378,6 +378,7 @@ class RoundEngine(UploadIntake, OperatorActions):
             rnd.partials.clear()
             self._progress = {c: p for c, p in self._progress.items() if p.round_index > rnd.index}
         self._notify()
+        await self._ledger.settle(rnd, self._reference)
         finished = await self._worker.finish_round(self._metadata(rnd.index))
         summary = round_summary(rnd.participants, list(rnd.reported.values()), finished,
                                 bytes_out=self._bytes_out.get(rnd.index, 0),

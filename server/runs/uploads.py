@@ -23,7 +23,6 @@ from fedrot_server.errors import (
 )
 from fedrot_server.runs.ledger import RoundLedger
 from fedrot_server.runs.participants import Roster
-from fedrot_server.runs.round_log import mean_rotation_distance
 from fedrot_server.runs.round_state import OpenRound, no_open_round, upload_id
 from fedrot_server.settings import ServerSettings
 from fedrot_server.runs.spec import InitialModel, RunSpec
@@ -204,12 +203,11 @@ class UploadIntake:
                 sequence=rnd.arrivals, metrics=dict(request.metrics),
                 merged_into=rnd.index if late else None,
             )  # fmt: skip
-            report = await self._ledger.accept(rnd, row, payload, self._reference)
+            await self._ledger.accept(rnd, row, payload, self._reference)
         self._seen(client)
-        logger.info("round %s: accepted %s bytes from %s%s (%s of %s), rotation distance %s",
-                    rnd.index, payload.size, client,
-                    f" for round {row.round_index} (late)" if late else "", len(rnd.reported),
-                    rnd.target, mean_rotation_distance(report.rotations))  # fmt: skip
+        logger.info("round %s: accepted %s bytes from %s%s (%s of %s)", rnd.index, payload.size,
+                    client, f" for round {row.round_index} (late)" if late else "",
+                    len(rnd.reported), rnd.target)  # fmt: skip
         self._notify()
         return UploadOutcome(False, payload.size, upload_id(row))
 

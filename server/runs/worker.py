@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from fedrot.adapters import Adapter, AdapterSchema
+from fedrot.adapters import Adapter, AdapterSchema, Factor
 from fedrot.aggregation import AggregationResult, RoundAggregator
 from fedrot.codec import Buffer, decode_adapter, encode_adapter
 from fedrot.diagnostics import ClientReport
@@ -48,6 +48,14 @@ class EncodedAdapter:
     @property
     def size(self) -> int:
         return len(self.payload)
+
+
+@dataclass(frozen=True)
+class CheckedUpdate:
+    """An upload that decoded and passed the value checks: its float32 tensors (PEFT keys of
+    the trained factors and the head), possibly views of the upload's file."""
+
+    tensors: Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class AggregationWorker(ABC):
-    """Tensor work of the rounds. One round at a time: ``begin_round``, ``add_update`` per
-    upload, ``finish_round``. Raises the core's CodecError/SchemaError for a bad upload, before
-    anything is accumulated."""
+    """Tensor work of the rounds. One round at a time: ``begin_round``, then per upload either
+    ``add_update`` or ``check_update`` and ``queue_update`` (the engine's live path: the check
+    before the acknowledgement, the aggregation after it), then ``finish_round``. Raises the
+    core's CodecError/SchemaError for a bad upload, before anything is accumulated."""
 
     device: torch.device
 
@@ -96,6 +105,19 @@ class AggregationWorker(ABC):
     async def add_update(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
         """Decode, validate, complete, align and accumulate one client's upload. A writable
         ``payload`` (the spool file's copy-on-write map) is decoded without a copy."""
+
+    @abstractmethod
+    async def check_update(self, payload: Buffer, trained: frozenset[Factor]) -> CheckedUpdate:
+        """Decode and validate one upload of the ``trained`` factors, off the worker's thread
+        (so it waits for no aggregation queued there): CodecError or SchemaError when it is
+        bad. A writable ``payload`` is viewed, not copied."""
+
+    @abstractmethod
+    def queue_update(
+        self, client_id: str, update: CheckedUpdate, weight: float
+    ) -> asyncio.Future[ClientReport]:
+        """Queue the completion, alignment and accumulation of a checked update on the
+        worker's thread at once (before any call made after this one) and return its future."""
 
     @abstractmethod
     async def finish_round(self, metadata: Mapping[str, str]) -> FinishedRound:
@@ -149,6 +171,15 @@ class ThreadedWorker(AggregationWorker):
     async def add_update(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
         return await self.run(lambda: self._add(client_id, payload, weight))
 
+    async def check_update(self, payload: Buffer, trained: frozenset[Factor]) -> CheckedUpdate:
+        return await asyncio.to_thread(self._check, payload, trained)
+
+    def queue_update(
+        self, client_id: str, update: CheckedUpdate, weight: float
+    ) -> asyncio.Future[ClientReport]:
+        work = self._executor.submit(self._add_checked, client_id, update, weight)
+        return asyncio.wrap_future(work)
+
     async def finish_round(self, metadata: Mapping[str, str]) -> FinishedRound:
         return await self.run(lambda: self._finish(metadata))
 
@@ -169,12 +200,19 @@ class ThreadedWorker(AggregationWorker):
         )
 
     def _add(self, client_id: str, payload: Buffer, weight: float) -> ClientReport:
-        if self._aggregator is None or self._reference is None or self._plan is None:
+        if self._plan is None:
             raise WrongStateError("no round is being aggregated")
-        decoded = decode_adapter(payload, self._schema, self._plan.trained, max_abs=self._max_abs)
-        tensors = {key: t.to(torch.float32) for key, t in decoded.tensors.items()}
-        update = self._reference.with_factors_from(tensors)
-        return self._aggregator.add(client_id, _to_device(update, self.device), weight)
+        return self._add_checked(client_id, self._check(payload, self._plan.trained), weight)
+
+    def _check(self, payload: Buffer, trained: frozenset[Factor]) -> CheckedUpdate:
+        decoded = decode_adapter(payload, self._schema, trained, max_abs=self._max_abs)
+        return CheckedUpdate({key: t.to(torch.float32) for key, t in decoded.tensors.items()})
+
+    def _add_checked(self, client_id: str, update: CheckedUpdate, weight: float) -> ClientReport:
+        if self._aggregator is None or self._reference is None:
+            raise WrongStateError("no round is being aggregated")
+        full = self._reference.with_factors_from(update.tensors)
+        return self._aggregator.add(client_id, _to_device(full, self.device), weight)
 
     def _finish(self, metadata: Mapping[str, str]) -> FinishedRound:
         if self._aggregator is None:

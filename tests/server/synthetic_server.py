@@ -3,10 +3,11 @@
 ``python synthetic_server.py CONFIG.json [--stop-at STEP]`` serves with the settings in the
 file and prints ``serving <run_id> on port <port>`` on stdout once it serves; logs go to stderr.
 With ``--stop-at``, the first upload's commit stops for good at one step between its last
-chunk and its acknowledgement, and the server prints ``stopped at STEP`` (for the test to kill
-it there): ``aggregate`` (all bytes received and verified, before the worker takes them),
+chunk and its aggregation, and the server prints ``stopped at STEP`` (for the test to kill it
+there): ``check`` (all bytes received and verified, before the upload is decoded and checked),
 ``publish`` (just after the upload's file moved into the spool, before it is recorded),
-``record`` (just after the upload was recorded, before the acknowledgement).
+``record`` (just after the upload was recorded, before the acknowledgement), ``aggregate``
+(after the acknowledgement, before the worker aggregates the upload).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from fedrot_server.runs.worker import ThreadedWorker
 from wire import initializer_of, synthetic_adapter
 
 STOPS: dict[str, tuple[type, str, bool]] = {  # step: class, method, stop after calling it
-    "aggregate": (ThreadedWorker, "_add", False),
+    "check": (ThreadedWorker, "_check", False),
     "publish": (RunArtifacts, "publish_upload", True),
     "record": (SqliteStore, "record_upload", True),
+    "aggregate": (ThreadedWorker, "_add_checked", False),
 }
 
 

@@ -41,16 +41,16 @@ async def first_round(server, names: list[str]) -> tuple[list[WireClient], list[
 def test_a_commit_the_client_stops_waiting_for_still_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client's deadline passes while the worker aggregates its update: the update is still
+    """The client's deadline passes while the server checks its update: the update is still
     recorded and counted, the retry is answered DUPLICATE, and the round's aggregate is the
     core's over the recorded uploads."""
-    add = ThreadedWorker._add
+    check = ThreadedWorker._check
 
-    def slow_add(self, client_id, payload, weight):  # noqa: ANN001, ANN202 - a large adapter
+    def slow_check(self, payload, trained):  # noqa: ANN001, ANN202 - a large adapter
         time.sleep(0.8)
-        return add(self, client_id, payload, weight)
+        return check(self, payload, trained)
 
-    monkeypatch.setattr(ThreadedWorker, "_add", slow_add)
+    monkeypatch.setattr(ThreadedWorker, "_check", slow_check)
     initial = synthetic_adapter()
     settings = make_settings(tmp_path, ["alice", "bob"], rounds=2)
 
@@ -149,3 +149,44 @@ def test_a_client_revoked_during_its_upload_is_refused_at_the_commit(tmp_path: P
             await alice.close()
 
     asyncio.run(scenario())
+
+
+def test_an_aggregation_that_fails_after_the_acknowledgement_is_rebuilt_from_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker aggregates an acknowledged upload after the acknowledgement; if that fails
+    (no bad upload gets that far: an out-of-memory, say), the round's aggregate is rebuilt
+    from its recorded uploads before it closes, and nothing acknowledged is lost."""
+    add_checked = ThreadedWorker._add_checked
+    failures = []
+
+    def fails_once(self, client_id, update, weight):  # noqa: ANN001, ANN202
+        if not failures:
+            failures.append(client_id)
+            raise RuntimeError("out of memory (simulated)")
+        return add_checked(self, client_id, update, weight)
+
+    monkeypatch.setattr(ThreadedWorker, "_add_checked", fails_once)
+    initial = synthetic_adapter()
+    settings = make_settings(tmp_path, ["alice", "bob"], rounds=2)
+
+    async def scenario() -> None:
+        async with running_server(settings, initial) as server:
+            (alice, bob), (task_a, task_b) = await first_round(server, ["alice", "bob"])
+            updates = [encode_update(local_update(initial, trained_of(t), seed=i))
+                       for i, t in enumerate((task_a, task_b))]  # fmt: skip
+            first = await alice.upload(0, updates[0], trained_of(task_a), key="alice-0")
+            assert first.status == pb.UPLOAD_STATUS_ACCEPTED
+            second = await bob.upload(0, updates[1], trained_of(task_b), key="bob-0")
+            assert second.status == pb.UPLOAD_STATUS_ACCEPTED
+            assert (await alice.get_task(10)).train.round == 1
+            published = adapter_of(await alice.download(1))
+            expected = core_aggregate("fedrot", 0, initial,
+                                      [("alice", updates[0], 10), ("bob", updates[1], 10)])  # fmt: skip
+            assert_same(published, expected)
+            for client in (alice, bob):
+                await client.close()
+
+    with caplog.at_level("ERROR", logger="fedrot_server.runs.ledger"):
+        asyncio.run(scenario())
+    assert failures and "rebuilding the round's aggregate" in caplog.text

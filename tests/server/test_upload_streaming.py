@@ -144,11 +144,11 @@ def test_a_server_killed_before_the_acknowledgement_loses_nothing_acknowledged(
     its last chunk and its acknowledgement, and retried after each restart under the same key:
     it is counted once, and the round's result is the core's aggregate of the two updates."""
     settings = settings_of(tmp_path)
-    processes.append(ServerProcess(settings, tmp_path / "0.log", "--stop-at", "aggregate"))
+    processes.append(ServerProcess(settings, tmp_path / "0.log", "--stop-at", "check"))
     updates, trained = asyncio.run(round0_updates(processes[-1]))
     run_id, alice = processes[-1].run_id, updates["alice"]
 
-    asyncio.run(killed_mid_commit(processes[-1], "aggregate", alice, trained))
+    asyncio.run(killed_mid_commit(processes[-1], "check", alice, trained))
     # All bytes were in, in the draft: not in the spool, not recorded.
     assert recorded_uploads(settings, run_id) == []
     assert [p.suffix for p in drafts(settings, run_id)] == [".part"]
@@ -173,6 +173,41 @@ def test_a_server_killed_before_the_acknowledgement_loses_nothing_acknowledged(
     final = asyncio.run(finish(processes[-1], updates, trained))
     processes[-1].kill()
     assert recorded_uploads(settings, run_id) == ["alice", "bob"]  # alice's once
+    uploads = [("alice", alice, SAMPLES["alice"]), ("bob", updates["bob"], SAMPLES["bob"])]
+    assert_same(adapter_of(final), core_aggregate("fedrot", 0, INITIAL, uploads))
+
+
+@pytest.mark.slow  # two server processes
+def test_an_acknowledged_upload_whose_aggregation_a_kill_cut_short_counts_after_the_restart(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    """The acknowledgement does not wait for the aggregation: alice's upload is acknowledged
+    while the worker has not aggregated it, the server is killed, and the restarted server
+    aggregates it from the spool (her retry is a duplicate); the round's result is the core's
+    aggregate of both updates."""
+    settings = settings_of(tmp_path)
+    processes.append(ServerProcess(settings, tmp_path / "0.log", "--stop-at", "aggregate"))
+    updates, trained = asyncio.run(round0_updates(processes[-1]))
+    run_id, alice = processes[-1].run_id, updates["alice"]
+
+    async def acknowledged_then_killed() -> None:
+        client = WireClient(processes[-1].address, token_of("alice"), run_id=run_id)
+        reply = await upload(client, "alice", alice, trained)
+        assert reply.status == pb.UPLOAD_STATUS_ACCEPTED
+        async with asyncio.timeout(WAIT_S):
+            assert (await asyncio.to_thread(processes[-1].line)).strip() == "stopped at aggregate"
+        processes[-1].kill()
+        await client.close()
+
+    asyncio.run(acknowledged_then_killed())
+    assert recorded_uploads(settings, run_id) == ["alice"]
+    assert spool_file(settings, run_id, "alice").read_bytes() == alice
+
+    processes.append(ServerProcess(settings, tmp_path / "1.log"))
+    assert processes[-1].run_id == run_id
+    final = asyncio.run(finish(processes[-1], updates, trained))
+    processes[-1].kill()
+    assert recorded_uploads(settings, run_id) == ["alice", "bob"]
     uploads = [("alice", alice, SAMPLES["alice"]), ("bob", updates["bob"], SAMPLES["bob"])]
     assert_same(adapter_of(final), core_aggregate("fedrot", 0, INITIAL, uploads))
 
