@@ -20,7 +20,7 @@ from fedrot.adapters import Adapter, Factor, LoraPair
 from fedrot.aggregation import RoundSetup, StreamingAggregator
 from fedrot.alignment import as_rows
 from fedrot.diagnostics import GroupErrors, RotationStats
-from fedrot.error_tracking import (
+from fedrot.dense_errors import (
     ModuleFactors,
     dense_error_norms,
     frobenius,
