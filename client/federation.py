@@ -31,40 +31,24 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import grpc
-from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase
 
 from fedrot.adapters import BOTH_FACTORS, AdapterSchema
-from fedrot.codec import decode_adapter, validate_tensors
-from fedrot.errors import SchemaError
+from fedrot.codec import decode_adapter
 from fedrot_client.enrolment import PastRuns, enroll_in_a_run
 from fedrot_client.errors import (
     Interrupted,
-    ModelError,
     RejectedError,
     RunChangedError,
     Stopped,
     UsageError,
 )
+from fedrot_client.federation_model import FederationModel
 from fedrot_client.heartbeats import Heartbeats
-from fedrot_client.lora import (
-    PEFT_TASK_TYPES,
-    attach_lora,
-    export_adapter,
-    peft_adapter_config,
-    save_peft_directory,
-)
-from fedrot_client.messages import factors_of, model_spec_of, training_plan_of
-from fedrot_client.models import (
-    BaseModel,
-    base_model_folder,
-    check_fingerprint,
-    load_base_model,
-    resolve_device,
-)
+from fedrot_client.messages import factors_of, training_plan_of
+from fedrot_client.models import BaseModel
 from fedrot_client.run_info import RoundRecord, RunInfo
 from fedrot_client.settings import ConnectionSettings
 from fedrot_client.signals import StopSignals, raise_stopped
@@ -80,9 +64,11 @@ DEFAULT_HEARTBEAT_S = 10.0
 MAX_REENROLMENTS = 5
 
 
-class Federation:
-    """One client's membership of one run; see the module docstring. Use it in a ``with``
-    block (it enrols on entry and closes its connection on exit); every method needs that."""
+class Federation(FederationModel):
+    """One client's membership of one run; see the module docstring (its model, tokenizer and
+    final adapter are :class:`~fedrot_client.federation_model.FederationModel`'s). Use it in a
+    ``with`` block (it enrols on entry and closes its connection on exit); every method needs
+    that."""
 
     def __init__(
         self,
@@ -216,47 +202,6 @@ class Federation:
         """Whether a stop (SIGTERM, SIGINT) was asked for."""
         return self._stop.is_set()
 
-    # -- the model ---------------------------------------------------------------------------
-    def build_model(self) -> PeftModel:
-        """The run's base model (or the local ``model`` setting's copy of it, checked against
-        the run's fingerprint) with the run's LoRA attached, on the configured device. LoRA's
-        A starts from the run's seed, as on every client; load each round's adapter with
-        ``task.load_into``. Raises :class:`~fedrot_client.errors.ModelError` on a mismatch."""
-        self.require_open()
-        base, self._base = self._base or self._load_base(), None
-        if self._settings.load_in_4bit:
-            prepare_model_for_kbit_training(base.model, use_gradient_checkpointing=False)
-        model = attach_lora(base, self.run.lora, seed=self._enrolment.run.strategy.seed)
-        try:
-            validate_tensors(export_adapter(model), self.run.schema)
-        except SchemaError as exc:
-            raise ModelError(f"base model {base.spec.name!r} does not fit the run's adapter: "
-                             f"{exc}") from exc  # fmt: skip
-        if self._settings.load_in_4bit:
-            return model  # bitsandbytes placed it on the GPU; a 4-bit model cannot move
-        return model.to(resolve_device(self._settings.device))
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The base model's tokenizer (padding set; loads the base model if not built yet)."""
-        self.require_open()
-        if self._tokenizer is None:
-            self._base = self._load_base()
-        return self._tokenizer
-
-    def _load_base(self) -> BaseModel:
-        spec = model_spec_of(self._enrolment.run.model, self._settings.model)
-        base = load_base_model(spec, load_in_4bit=self._settings.load_in_4bit)
-        if self._settings.load_in_4bit:
-            logger.warning("4-bit base weights cannot be compared with the run's fingerprint; "
-                           "not checking %s", spec.name)  # fmt: skip
-        elif self.run.fingerprint:
-            check_fingerprint(base, self.run.fingerprint)
-        else:
-            logger.warning("the run names no base-model fingerprint; not checking %s", spec.name)
-        self._tokenizer = base.tokenizer
-        return base
-
     # -- rounds ------------------------------------------------------------------------------
     def tasks(self) -> Iterator[Task]:
         """The run's rounds for this client, one :class:`Task` at a time, until the server says
@@ -380,38 +325,6 @@ class Federation:
                            self.run.run_id, exc)  # fmt: skip
         self._declined = line
         logger.warning("declined run %s: %s", self.run.run_id, line)
-
-    def save_final(self, directory: str | Path) -> Path:
-        """Save the run's final global adapter as a PEFT folder (``adapter_config.json`` and
-        ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` and
-        ``AutoPeftModel...from_pretrained`` load: its ``base_model_name_or_path`` is a local
-        folder of the base model (a registry model is saved once under the model cache, see
-        :func:`fedrot_client.models.base_model_folder`). Call it once :meth:`tasks` has ended.
-        Returns the folder."""
-        self.require_open()
-        if self._done is None:
-            raise UsageError("the run has not finished: call save_final after fed.tasks() ends")
-        run = self.run
-        try:
-            data = self._transport.download_adapter(run.run_id, self._done.rounds_completed,
-                                                    self._done.final_adapter)  # fmt: skip
-        except Interrupted as exc:
-            raise_stopped(self._stop, exc)
-        tensors = decode_adapter(data, run.schema, BOTH_FACTORS).tensors
-        spec = model_spec_of(self._enrolment.run.model, self._settings.model)
-        folder = base_model_folder(spec, run.fingerprint)
-        config = peft_adapter_config(run.lora, str(folder), PEFT_TASK_TYPES[run.task],
-                                     modules_to_save=self._saved_modules())  # fmt: skip
-        return save_peft_directory(directory, tensors, config)
-
-    def _saved_modules(self) -> tuple[str, ...]:
-        """PEFT ``modules_to_save``: the run's, else the head modules the schema's extra keys
-        name (``base_model.model.classifier.weight`` -> ``classifier``)."""
-        if self.run.lora.modules_to_save:
-            return tuple(self.run.lora.modules_to_save)
-        names = (key.removeprefix("base_model.model.").split(".")[0]
-                 for key in self.run.schema.extra)  # fmt: skip
-        return tuple(sorted(set(names)))
 
     # -- enrolment ---------------------------------------------------------------------------
     def _enroll(self) -> pb.EnrollResponse:
