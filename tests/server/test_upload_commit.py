@@ -38,6 +38,23 @@ async def first_round(server, names: list[str]) -> tuple[list[WireClient], list[
     return clients, [response.train for response in responses]
 
 
+async def two_updates(server, initial):  # noqa: ANN001, ANN201
+    """alice's and bob's clients, round 0's tasks and an update each (10 samples each)."""
+    clients, tasks = await first_round(server, ["alice", "bob"])
+    updates = [encode_update(local_update(initial, trained_of(t), seed=i))
+               for i, t in enumerate(tasks)]  # fmt: skip
+    return clients, tasks, updates
+
+
+async def check_published_round0(alice: WireClient, initial, updates: list[bytes]) -> None:  # noqa: ANN001
+    """Round 1 is open and round 0's adapter is the core's aggregate of both updates."""
+    assert (await alice.get_task(10)).train.round == 1
+    published = adapter_of(await alice.download(1))
+    expected = core_aggregate("fedrot", 0, initial,
+                              [("alice", updates[0], 10), ("bob", updates[1], 10)])  # fmt: skip
+    assert_same(published, expected)
+
+
 def test_a_commit_the_client_stops_waiting_for_still_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -56,9 +73,7 @@ def test_a_commit_the_client_stops_waiting_for_still_completes(
 
     async def scenario() -> None:
         async with running_server(settings, initial) as server:
-            (alice, bob), (task_a, task_b) = await first_round(server, ["alice", "bob"])
-            updates = [encode_update(local_update(initial, trained_of(t), seed=i))
-                       for i, t in enumerate((task_a, task_b))]  # fmt: skip
+            (alice, bob), (task_a, task_b), updates = await two_updates(server, initial)
             header = upload_header(alice.run_id, 0, updates[0], trained_of(task_a),
                                    sample_count=10, metrics={}, key="alice-0")  # fmt: skip
             messages = [header, *chunk_messages(updates[0], MIB)]
@@ -79,12 +94,7 @@ def test_a_commit_the_client_stops_waiting_for_still_completes(
             assert retry.status == pb.UPLOAD_STATUS_DUPLICATE
             accepted = await bob.upload(0, updates[1], trained_of(task_b), key="bob-0")
             assert accepted.status == pb.UPLOAD_STATUS_ACCEPTED
-            next_task = (await alice.get_task(10)).train
-            assert next_task.round == 1
-            published = adapter_of(await alice.download(1))
-            expected = core_aggregate("fedrot", 0, initial,
-                                      [("alice", updates[0], 10), ("bob", updates[1], 10)])  # fmt: skip
-            assert_same(published, expected)
+            await check_published_round0(alice, initial, updates)
             for client in (alice, bob):
                 await client.close()
 
@@ -172,18 +182,12 @@ def test_an_aggregation_that_fails_after_the_acknowledgement_is_rebuilt_from_the
 
     async def scenario() -> None:
         async with running_server(settings, initial) as server:
-            (alice, bob), (task_a, task_b) = await first_round(server, ["alice", "bob"])
-            updates = [encode_update(local_update(initial, trained_of(t), seed=i))
-                       for i, t in enumerate((task_a, task_b))]  # fmt: skip
+            (alice, bob), (task_a, task_b), updates = await two_updates(server, initial)
             first = await alice.upload(0, updates[0], trained_of(task_a), key="alice-0")
             assert first.status == pb.UPLOAD_STATUS_ACCEPTED
             second = await bob.upload(0, updates[1], trained_of(task_b), key="bob-0")
             assert second.status == pb.UPLOAD_STATUS_ACCEPTED
-            assert (await alice.get_task(10)).train.round == 1
-            published = adapter_of(await alice.download(1))
-            expected = core_aggregate("fedrot", 0, initial,
-                                      [("alice", updates[0], 10), ("bob", updates[1], 10)])  # fmt: skip
-            assert_same(published, expected)
+            await check_published_round0(alice, initial, updates)
             for client in (alice, bob):
                 await client.close()
 
