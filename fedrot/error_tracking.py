@@ -90,13 +90,12 @@ class GroupErrorTracker:
         item = torch.empty(0, dtype=DENSE_DTYPE).element_size()
         k = len(group.modules)
         self._dense_bytes = k * group.d_out * group.d_in * item
-        self._client_bytes = k * group.rank * (group.d_in + group.d_out) * 4
 
     @property
     def uses_gram(self) -> bool:
         """True while the clients' factors are smaller than ``Q`` would be (times
         :data:`GRAM_BUDGET`): ``finalize`` then takes the Gram path, else the dense one."""
-        return len(self._weights) * self._client_bytes < GRAM_BUDGET * self._dense_bytes
+        return self.spilled_bytes() < GRAM_BUDGET * self._dense_bytes
 
     def spilled_bytes(self) -> int:
         """Bytes of client factors in the scratch file."""
@@ -220,18 +219,16 @@ class GroupErrorTracker:
             ref_B = self._reference[Factor.B][k].mT.to(DENSE_DTYPE)  # (d_out, r)
             ref_A = self._reference[Factor.A][k].to(DENSE_DTYPE)
             squares = torch.zeros(4, dtype=STAT_DTYPE)
-            loaded = -1  # the batch in ``buffer`` (kept when every client fits in one)
+            held = None if batch < n else self._read_batch(k, 0, n, buffer, device)
             for top in range(0, g.d_out, height):
                 rows = slice(top, min(g.d_out, top + height))
                 s = rows.stop - rows.start
                 q = strip[:s].zero_()
                 for first in range(0, n, batch):
                     count = min(batch, n - first)
-                    if loaded != first or batch < n:
-                        for j in range(count):
-                            spill.read_module(first + j, k, buffer[j])
-                        loaded = first
-                    block = buffer[:count].to(device, DENSE_DTYPE)
+                    block = held if held is not None else self._read_batch(
+                        k, first, count, buffer, device
+                    )
                     B = block[:, :split].view(count, g.rank, g.d_out).permute(2, 0, 1)
                     dB = torch.sub(B[rows], ref_B[rows, None, :], out=left[:s, :count])
                     dB.mul_(weights[None, first : first + count, None])
@@ -249,6 +246,17 @@ class GroupErrorTracker:
             factor_average=out[:, 2],
             fedit=out[:, 3],
         )
+
+
+    def _read_batch(
+        self, k: int, first: int, count: int, buffer: Tensor, device: torch.device
+    ) -> Tensor:
+        """Clients ``first .. first + count - 1``'s module ``k`` records, on ``device`` in
+        ``DENSE_DTYPE`` (a view of ``buffer`` on a float32 CPU run)."""
+        assert self._spill is not None
+        for j in range(count):
+            self._spill.read_module(first + j, k, buffer[j])
+        return buffer[:count].to(device, DENSE_DTYPE)
 
 
 @dataclass(frozen=True)
