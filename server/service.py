@@ -173,8 +173,8 @@ async def _serve_runs(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = add_port(server, settings.listen, credentials)
+    await runs.start()  # a resumed round is rebuilt before any client can reach it
     await server.start()
-    await runs.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("serving %s on port %s, %s (device %s, state %s%s)", SERVICE_NAME, port,

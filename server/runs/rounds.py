@@ -104,9 +104,13 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
     # Lifecycle.
 
     async def start(self) -> None:
-        """Record the run (or restore a resumed one), publish its adapter, start the rounds."""
+        """Record the run (or restore a resumed one and rebuild the round a crash interrupted),
+        publish its adapter, start the rounds. The server calls this before it serves, so a
+        client never meets a resumed run whose open round is not rebuilt yet."""
         if self._resumption is not None:
             await self._restore(self._resumption)
+            if self._resumption.open_round is not None:
+                await self._rebuild_round(self._resumption)
         else:
             record = run_record(self.spec, self._initial, self.settings)
             settings = self.settings.run_settings().model_dump(mode="json")
@@ -182,10 +186,11 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
     async def _run(self) -> None:
         resumed = self._resumption
         first = resumed.rounds_completed if resumed is not None else 0
+        rebuilt = self._round  # the interrupted round start() rebuilt, if any
         try:
             for round_index in range(first, self.spec.rounds):
-                if resumed is not None and resumed.open_round is not None and round_index == first:
-                    await self._resume_round(resumed)
+                if rebuilt is not None and round_index == rebuilt.index:
+                    await self._activate(rebuilt, f"resumed with {rebuilt.arrivals} accepted uploads")
                     continue
                 await self._wait_for_clients()
                 await self._play_round(round_index)
@@ -219,10 +224,10 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
                                self._clock() + self.settings.round_deadline_s, target)  # fmt: skip
         await self._activate(rnd, "opened")
 
-    async def _resume_round(self, resumed: Resumption) -> None:
-        """Rebuild the open round a crash interrupted: participants (less those revoked before
-        they reported, as :meth:`revoke` does) and target as recorded, its uploads re-fed in
-        arrival order, a fresh deadline."""
+    async def _rebuild_round(self, resumed: Resumption) -> None:
+        """Rebuild the open round a crash interrupted and open it again: participants (less
+        those revoked before they reported, as :meth:`revoke` does) and target as recorded, its
+        uploads re-fed in arrival order, a fresh deadline."""
         row = resumed.open_round
         assert row is not None
         plan = self._strategy.plan(row.round_index)
@@ -234,7 +239,7 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
         self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
                                  self._clock() + self.settings.round_deadline_s)  # fmt: skip
         rnd.check_complete()
-        await self._activate(rnd, f"resumed with {rnd.arrivals} accepted uploads")
+        self._round, self._phase = rnd, RunPhase.RUNNING
 
     def _new_round(self, plan: RoundPlan, target: int, participants: Iterable[str]) -> OpenRound:
         now = self._now()

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fedrot_server.settings import ServerSettings
@@ -24,7 +23,6 @@ class ServerProcess:
     def __init__(self, settings: ServerSettings, log: Path, *extra: str) -> None:
         config = log.with_suffix(".json")
         config.write_text(json.dumps(settings.model_dump(mode="json", exclude={"config"})))
-        self.log_path = log
         self._log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "synthetic_server.py"), str(config), *extra],
@@ -39,16 +37,6 @@ class ServerProcess:
         """The next line the server prints (blocks until it does, or exits)."""
         assert self.process.stdout is not None
         return self.process.stdout.readline()
-
-    def wait_for_log(self, text: str, timeout_s: float = 60.0) -> None:
-        """Wait until ``text`` is in the server's log (for example ``"resumed with"``: a
-        restarted server serves while it still re-aggregates the open round's uploads, and
-        answers uploads for that round FAILED_PRECONDITION meanwhile)."""
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log_path.read_text():
-            assert self.process.poll() is None, self.log_path.read_text()
-            assert time.monotonic() < deadline, f"no {text!r} in {self.log_path}"
-            time.sleep(0.05)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -17,6 +17,7 @@ from fedrot.adapters import Adapter
 from fedrot.codec import ADAPTER_WEIGHTS_FILE
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import SettingsError, StoreError
+from fedrot_server.runs.ledger import RoundLedger
 from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings
 from fedrot_server.storage.state import RunPhase
@@ -235,3 +236,43 @@ def test_an_upload_that_cannot_be_recorded_is_not_acknowledged_nor_counted(
     assert code == grpc.StatusCode.INTERNAL
     assert [name for name, _, _ in sent] == ["alice", "bob"]
     assert_same(final, core_aggregate("fedrot", 0, reference, sent))
+
+
+def test_a_restarted_server_serves_its_resumed_round_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restarted server re-feeds the open round's uploads before it serves: carol's upload,
+    sent the moment the server is back, counts, though re-feeding is slow (before, it met "no
+    round is open" and FAILED_PRECONDITION, which a client takes for a closed round)."""
+    settings = settings_for(tmp_path)
+
+    async def first_life() -> tuple[dict[tuple[int, str], bytes], frozenset]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            return await before_the_crash(server.address)
+
+    sent, trained = asyncio.run(first_life())
+    refeed = RoundLedger.refeed
+
+    async def slow_refeed(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        await asyncio.sleep(0.5)
+        return await refeed(self, *args, **kwargs)
+
+    monkeypatch.setattr(RoundLedger, "refeed", slow_refeed)
+
+    async def second_life() -> int:
+        async with running_server(settings, synthetic_adapter()) as server:
+            carol = WireClient(server.address, token_of("carol"), run_id=server.spec.run_id)
+            reference = adapter_of(await carol.download(1))
+            update = encode_update(local_update(reference, trained, seed=1002))
+            reply = await carol.upload(1, update, trained, key="key-carol-1",
+                                       sample_count=SAMPLES["carol"])  # fmt: skip
+            await carol.close()
+            return reply.status
+
+    assert asyncio.run(second_life()) == pb.UPLOAD_STATUS_ACCEPTED
+    reader = open_reader(settings.database_path)
+    try:
+        assert [u.client for u in reader.uploads(reader.runs()[0].run_id, 1)] == [
+            "alice", "bob", "carol"]  # fmt: skip
+    finally:
+        reader.close()
