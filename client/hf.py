@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from fedrot_client.errors import Stopped
 from fedrot_client.plan import check_precision_supported
 from fedrot_client.task import Submission, Task
+from fedrot_client.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,31 +53,43 @@ def training_arguments(
     otherwise, although TRL's configs default to bf16), ``seed`` and ``data_seed``, and
     ``max_length`` when ``args_class`` has it. No checkpoints, no reporting. ``overrides`` win.
     Mixed precision on a client without CUDA raises ``ValueError`` in one line."""
-    plan = task.training
-    check_precision_supported(plan, torch.cuda.is_available())
+    return arguments_for(TrainConfig.of_plan(task.training), output_dir, args_class=args_class,
+                         **overrides)  # fmt: skip
+
+
+def arguments_for(
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    **overrides: Any,
+) -> TrainingArguments:
+    """:func:`training_arguments` for a :class:`~fedrot_client.training.TrainConfig` (the
+    built-in loop's settings; the simulator's clients)."""
+    check_precision_supported(config, torch.cuda.is_available())
     values: dict[str, Any] = {
         "output_dir": str(output_dir),
-        "max_steps": plan.local_steps or -1,
-        "num_train_epochs": plan.epochs or 1,
-        "per_device_train_batch_size": plan.batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "learning_rate": plan.learning_rate,
-        "lr_scheduler_type": plan.lr_scheduler,
-        "warmup_steps": plan.warmup_ratio,  # a float in [0, 1) is a fraction of the steps
-        "optim": OPTIMIZERS.get(plan.optimizer, plan.optimizer),
-        "weight_decay": plan.weight_decay,
-        "max_grad_norm": plan.max_grad_norm or 0.0,
-        "activation_checkpointing": plan.gradient_checkpointing,  # transformers 5's name
-        "bf16": plan.mixed_precision == "bf16",
-        "fp16": plan.mixed_precision == "fp16",
-        "seed": plan.seed,
-        "data_seed": plan.seed,
+        "max_steps": config.steps or -1,
+        "num_train_epochs": config.epochs or 1,
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.lr,
+        "lr_scheduler_type": config.lr_scheduler,
+        "warmup_steps": config.warmup_ratio,  # a float in [0, 1) is a fraction of the steps
+        "optim": OPTIMIZERS.get(config.optimizer, config.optimizer),
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm or 0.0,
+        "activation_checkpointing": config.gradient_checkpointing,  # transformers 5's name
+        "bf16": config.mixed_precision == "bf16",
+        "fp16": config.mixed_precision == "fp16",
+        "seed": config.seed,
+        "data_seed": config.seed,
         "save_strategy": "no",
         "report_to": "none",
         "logging_steps": 1,
     }
     if "max_length" in {field.name for field in dataclasses.fields(args_class)}:
-        values["max_length"] = plan.max_length
+        values["max_length"] = config.max_length
     values.update(overrides)
     return args_class(**values)
 

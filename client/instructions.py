@@ -21,7 +21,7 @@ answer) for generation-based evaluation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -75,6 +75,10 @@ class InstructionData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def subset(self, indices: Iterable[int]) -> InstructionData:
+        """The rows at ``indices``, in that order."""
+        return InstructionData(tuple(self.rows[int(i)] for i in indices), self.shape, self.source)
+
     def to_dataset(self):  # noqa: ANN201 - a datasets.Dataset (imported lazily)
         """A ``datasets.Dataset`` for ``SFTTrainer``."""
         from datasets import Dataset
@@ -109,15 +113,22 @@ def load_instructions(path: str | Path, *, split: str | None = None) -> Instruct
     """Read and convert every row; the first row decides the shape, and a row of another
     shape, an empty prompt or answer, or a bad chat raises :class:`DataError` naming it."""
     path = Path(path)
-    rows: list[dict[str, object]] = []
+    data = instruction_data(read_rows(path, split), str(path))
+    logger.info("loaded %s %s examples from %s", len(data), data.shape, path)
+    return data
+
+
+def instruction_data(rows: Iterable[tuple[str, Mapping[str, object]]], source: str) -> InstructionData:
+    """``(where, row)`` pairs (as :func:`~fedrot_client.data.read_rows` yields them) converted
+    to TRL's shapes; the first row decides the shape (:func:`load_instructions`' rules)."""
+    converted: list[dict[str, object]] = []
     shape: Shape | None = None
-    for where, row in read_rows(path, split):
+    for where, row in rows:
         shape = shape or shape_of(where, row)
-        rows.append(trl_row(where, row, shape))
+        converted.append(trl_row(where, row, shape))
     if shape is None:
-        raise DataError(f"{path}: no examples")
-    logger.info("loaded %s %s examples from %s", len(rows), shape, path)
-    return InstructionData(tuple(rows), shape, str(path))
+        raise DataError(f"{source}: no examples")
+    return InstructionData(tuple(converted), shape, source)
 
 
 def trl_row(where: str, row: Mapping[str, object], shape: Shape) -> dict[str, object]:

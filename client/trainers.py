@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from fedrot.errors import SchemaError
 from fedrot_client import hf
 from fedrot_client.data import TextDataset
-from fedrot_client.errors import DataError, RoundLostError, Stopped, TrainingDiverged
+from fedrot_client.errors import RoundLostError, Stopped, TrainingDiverged
+from fedrot_client.instruction_training import sft_trainer
 from fedrot_client.instructions import InstructionData
 from fedrot_client.task import Task
 from fedrot_client.training import TrainConfig, train_locally
@@ -97,18 +98,14 @@ class InstructionTrainer:
         self._progress = progress
 
     def work_on(self, task: Task, model: PeftModel) -> None:
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="fedrot-sft-") as scratch:
             args = hf.training_arguments(task, scratch, args_class=SFTConfig,
                                          disable_tqdm=not self._progress,
                                          logging_strategy="no")  # fmt: skip
-            trainer = SFTTrainer(model=model, args=args, train_dataset=self._dataset,
-                                 processing_class=self._tokenizer)  # fmt: skip
-            if len(trainer.train_dataset) == 0:
-                raise DataError(f"{self._source}: no example keeps an answer token within "
-                                f"training.max_length = {task.training.max_length} tokens")
+            trainer = sft_trainer(model, self._tokenizer, self._dataset, args, self._source)
             try:
                 submission = submit_or_log(task, lambda: hf.run_task(task, trainer))
             except SchemaError as exc:  # a non-finite update: the training diverged

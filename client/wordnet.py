@@ -173,6 +173,17 @@ def reverse_dictionary_record(synset: Synset) -> dict[str, object]:
             "label": synset.category}  # fmt: skip
 
 
+def reverse_dictionary_synsets(
+    synsets: Sequence[Synset], directory: str | Path = DEFAULT_WORDNET_DIR, min_word_count: int = 20
+) -> list[Synset]:
+    """The synsets the reverse dictionary asks about: those that fit it
+    (:func:`fits_reverse_dictionary`) whose head word was tagged at least ``min_word_count``
+    times in the concordance (common words, which a small model may know)."""
+    counts = word_counts(directory)
+    return [s for s in synsets
+            if fits_reverse_dictionary(s) and counts[s.words[0]] >= min_word_count]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     """How ``write_shards`` splits WordNet across clients."""
@@ -198,9 +209,7 @@ def write_shards(
     Returns the manifest: per-file example counts, per-client label histograms and the skew.
     """
     if options.reverse_dictionary:
-        counts = word_counts(wordnet_dir)
-        synsets = [s for s in synsets if fits_reverse_dictionary(s)
-                   and counts[s.words[0]] >= options.min_word_count]  # fmt: skip
+        synsets = reverse_dictionary_synsets(synsets, wordnet_dir, options.min_word_count)
     labels = np.array([s.lex_filenum for s in synsets], dtype=np.int64)
     split = SplitOptions(num_clients=options.num_clients, alpha=options.alpha, seed=options.seed,
                          eval_size=options.eval_size, max_per_client=options.max_per_client)

@@ -216,14 +216,14 @@ def run_generative(out: Path, budget: Budget, seeds: Sequence[int], model: str) 
     from fedrot_client.models import ModelSpec
     from fedrot_client.simulation.command import simulate_to
     from fedrot_client.simulation.config import SimulationConfig
-    from fedrot_client.simulation.federated_data import wordnet_federation
+    from fedrot_client.simulation.federated_data import WordNetTask, wordnet_federation
 
     torch.set_num_threads(1)
     setting = GENERATIVE_SETTING
     for seed in seeds:
         data = wordnet_federation(setting.clients, alpha=setting.alpha, seed=seed,
                                   eval_size=budget.eval_size, per_client=budget.per_client,
-                                  generative=True)  # fmt: skip
+                                  task=WordNetTask.GLOSSES)  # fmt: skip
         for method in setting.methods:
             folder = run_dir(out, setting, method, seed)
             config = SimulationConfig(

@@ -2,7 +2,8 @@
 
 Both run the client daemon's own code: :func:`fedrot_client.lora.load_adapter` of the round's
 global adapter (every key, so nothing of the previous client survives), then
-:func:`fedrot_client.training.train_locally`. Training is seeded per round and client, so the two
+:func:`fedrot_client.training.train_locally` (or, on instruction data,
+:func:`fedrot_client.instruction_training.train_instructions`). Training is seeded per round and client, so the two
 backends give the same uploads for the same seeds.
 """
 
@@ -20,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedrot.adapters import Factor
 from fedrot_client.data import TextDataset
+from fedrot_client.instruction_training import train_instructions
+from fedrot_client.instructions import InstructionData
 from fedrot_client.lora import load_adapter
 from fedrot_client.training import TrainConfig, TrainResult, train_locally
 
@@ -31,7 +34,7 @@ class ClientJob:
     """One client's local training of one round."""
 
     client_id: str
-    dataset: TextDataset
+    dataset: TextDataset | InstructionData
     config: TrainConfig
 
 
@@ -57,8 +60,11 @@ def train_client(
     trained: frozenset[Factor],
     job: ClientJob,
 ) -> TrainResult:
-    """What a client daemon does in a round: load the global adapter, train locally."""
+    """What a client daemon does in a round: load the global adapter, train locally (TRL's
+    ``SFTTrainer`` on instruction data, as the daemon's instruction trainer does)."""
     load_adapter(model, global_tensors)
+    if isinstance(job.dataset, InstructionData):
+        return train_instructions(model, tokenizer, job.dataset, trained, job.config)
     return train_locally(model, tokenizer, job.dataset, trained, job.config)
 
 

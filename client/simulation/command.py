@@ -14,12 +14,14 @@ import torch
 
 from fedrot.cli.files import InputError
 from fedrot_client.data import FieldNames
+from fedrot_client.errors import DataError, ModelError
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
 from fedrot_client.simulation.config import SimulationConfig
 from fedrot_client.simulation.engine import RoundMetrics, SimulationResult, run_simulation
 from fedrot_client.simulation.federated_data import (
     FederatedData,
+    WordNetTask,
     file_federation,
     wordnet_federation,
 )
@@ -47,7 +49,8 @@ def config_from_args(args: argparse.Namespace, num_labels: int | None = None) ->
         client_fraction=args.client_fraction, rounds=args.rounds,
         local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, max_length=args.max_length,
-        eval_batch_size=args.eval_batch_size, eval_every=args.eval_every, seed=args.seed,
+        eval_batch_size=args.eval_batch_size, eval_every=args.eval_every,
+        max_new_tokens=args.max_new_tokens, extractor=args.extractor, seed=args.seed,
         backend=args.backend, client_basis=args.client_basis,
         client_init=args.client_init,
         stale_fraction=args.stale_fraction,
@@ -69,7 +72,10 @@ def run_command(args: argparse.Namespace) -> int:
         data = _federation(args, config, files)
     except ValueError as exc:  # DataError included: a bad row, no WordNet, an impossible split
         raise InputError(f"simulate: {exc}") from exc
-    result = simulate_to(args.out, config, data, plot=not args.no_plot)
+    try:
+        result = simulate_to(args.out, config, data, plot=not args.no_plot)
+    except (DataError, ModelError) as exc:  # found once the model is loaded: no chat template
+        raise InputError(f"simulate: {exc}") from exc
     print(_summary_line(result))
     return 0
 
@@ -80,6 +86,8 @@ def _user_files(args: argparse.Namespace) -> UserFiles | None:
         if args.eval_data is not None or args.labels is not None:
             raise ValueError("--eval-data and --labels go with --data (your own data)")
         return None
+    if args.wordnet_task is not None:
+        raise ValueError("--wordnet-task goes with WordNet, not with --data")
     paths = [args.data] + ([args.eval_data] if args.eval_data is not None else [])
     classification = TaskKind(args.task) is TaskKind.CLASSIFICATION
     fields = FieldNames(args.text_field, args.label_field)
@@ -108,14 +116,26 @@ def _federation(args: argparse.Namespace, config: SimulationConfig,
                                eval_size=args.eval_size, per_client=args.per_client)  # fmt: skip
     return wordnet_federation(
         config.num_clients, alpha=args.alpha, seed=config.seed, eval_size=args.eval_size,
-        per_client=args.per_client, generative=config.task is TaskKind.CAUSAL_LM,
-        directory=args.wordnet_dir,
+        per_client=args.per_client, task=_wordnet_task(args), directory=args.wordnet_dir,
     )  # fmt: skip
+
+
+def _wordnet_task(args: argparse.Namespace) -> WordNetTask:
+    """``--wordnet-task``, by default the one ``--task`` trains on; one that ``--task`` cannot
+    train is a ValueError."""
+    task = TaskKind(args.task)
+    if args.wordnet_task is None:
+        return WordNetTask.CATEGORIES if task is TaskKind.CLASSIFICATION else WordNetTask.GLOSSES
+    chosen = WordNetTask(args.wordnet_task)
+    if (chosen is WordNetTask.CATEGORIES) != (task is TaskKind.CLASSIFICATION):
+        raise ValueError(f"--wordnet-task {chosen} needs --task "
+                         f"{'classification' if chosen is WordNetTask.CATEGORIES else 'causal-lm'}")
+    return chosen
 
 
 def _data_description(args: argparse.Namespace) -> dict[str, Any]:
     if args.data is None:
-        return {"data": "wordnet"}
+        return {"data": "wordnet", "wordnet_task": str(_wordnet_task(args))}
     return {"data": str(args.data), "eval_data": None if args.eval_data is None
             else str(args.eval_data), "text_field": args.text_field,
             "label_field": args.label_field,

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedrot.adapters import Factor
 from fedrot.strategies import StrategyConfig, StrategyName
+from fedrot_client.answers import extractor_named
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
 from fedrot_client.simulation.client_basis import ClientBasis
@@ -41,7 +42,9 @@ class SimulationConfig:
     of each round's updates trained from the previous round's adapter, down-weighted) are
     described in :mod:`fedrot_client.simulation.client_starts`. ``seed`` fixes the LoRA init,
     the data split, client sampling and every client's batch order, dropout and reporting
-    basis (per round and client).
+    basis (per round and client). Instruction data is scored as the server scores it: greedy
+    answers of at most ``max_new_tokens`` tokens matched by ``extractor``
+    (:mod:`fedrot_client.answers`), and the answers' perplexity.
     """
 
     model: ModelSpec
@@ -59,6 +62,8 @@ class SimulationConfig:
     max_length: int = 32
     eval_batch_size: int = 100
     eval_every: int = 1
+    max_new_tokens: int = 32
+    extractor: str = "exact"
     seed: int = 0
     backend: BackendName = BackendName.IN_PROCESS
     client_basis: ClientBasis = ClientBasis.SHARED
@@ -80,7 +85,7 @@ class SimulationConfig:
                 "shared base weights); use the server for it"
             )
         for name in ("num_clients", "rounds", "local_steps", "batch_size", "max_length",
-                     "eval_batch_size", "eval_every"):  # fmt: skip
+                     "eval_batch_size", "eval_every", "max_new_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
         fraction = float(self.client_fraction)
@@ -93,6 +98,7 @@ class SimulationConfig:
         if not math.isfinite(weight) or not 0.0 < weight <= 1.0:
             raise ValueError(f"staleness_weight must lie in (0, 1], got {self.staleness_weight!r}")
         StrategyConfig(lam=self.lam, align_first=self.align_first, seed=self.seed)  # validates
+        extractor_named(self.extractor)  # ValueError naming the known ones
 
     @property
     def task(self) -> TaskKind:

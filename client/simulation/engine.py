@@ -23,7 +23,7 @@ from fedrot.adapters import Adapter
 from fedrot.aggregation import update_weight
 from fedrot.diagnostics import AggregationReport
 from fedrot.strategies import RoundPlan, build_strategy
-from fedrot_client.evaluation import evaluate
+from fedrot_client.instructions import InstructionData, use_chat_template
 from fedrot_client.lora import attach_lora, export_adapter, load_adapter
 from fedrot_client.models import load_base_model
 from fedrot_client.simulation.backends import (
@@ -36,6 +36,7 @@ from fedrot_client.simulation.client_basis import report_in_basis
 from fedrot_client.simulation.client_starts import ClientStart, plan_starts, train_from_starts
 from fedrot_client.simulation.config import BackendName, SimulationConfig
 from fedrot_client.simulation.federated_data import FederatedData
+from fedrot_client.simulation.held_out import score_held_out
 from fedrot_client.training import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 class RoundMetrics:
     """One round. ``train_loss``: sample-weighted mean local loss of the participants;
     ``eval_*``: the new global adapter on the held-out set (accuracy for classification,
-    perplexity for causal LM; None in rounds that do not evaluate); errors as in
+    perplexity for causal LM, and exact match for instruction data; None in rounds that do not
+    evaluate); errors as in
     :class:`fedrot.diagnostics.AggregationReport` (``fedit_*``: the error FedIT averaging would
     have had for the same uploads; ``factor_average_error`` is *not* that, it averages the
     factors after the gauge);
@@ -63,6 +65,7 @@ class RoundMetrics:
     eval_loss: float | None
     eval_accuracy: float | None
     eval_perplexity: float | None
+    eval_exact_match: float | None
     aggregation_error: float | None
     relative_aggregation_error: float | None
     factor_average_error: float | None
@@ -94,6 +97,7 @@ class SimulationResult:
         and FedIT's for the same uploads) and the mean rotation drift share of aligned rounds."""
         accuracies = [r.eval_accuracy for r in self.rounds if r.eval_accuracy is not None]
         perplexities = [r.eval_perplexity for r in self.rounds if r.eval_perplexity is not None]
+        matches = [r.eval_exact_match for r in self.rounds if r.eval_exact_match is not None]
         errors = [r.relative_aggregation_error for r in self.rounds
                   if r.relative_aggregation_error is not None]  # fmt: skip
         last = self.rounds[-1]
@@ -103,6 +107,8 @@ class SimulationResult:
             "final_accuracy": last.eval_accuracy,
             "best_perplexity": min(perplexities) if perplexities else None,
             "final_perplexity": last.eval_perplexity,
+            "best_exact_match": max(matches) if matches else None,
+            "final_exact_match": last.eval_exact_match,
             "final_eval_loss": last.eval_loss,
             "best_eval_loss": min(losses) if losses else None,
             "mean_relative_aggregation_error": float(np.mean(errors)) if errors else None,
@@ -132,6 +138,7 @@ def run_simulation(
     if len(data.clients) != config.num_clients:
         raise ValueError(f"{len(data.clients)} client datasets for {config.num_clients} clients")
     base = load_base_model(config.model)
+    check_chat_template(data, base.tokenizer)
     model = attach_lora(base, config.lora, config.seed)
     tokenizer = base.tokenizer
     backend = _backend(config, model, tokenizer, ray_init)
@@ -164,6 +171,15 @@ def run_simulation(
     finally:
         backend.close()
     return SimulationResult(config, tuple(rounds), dict(global_tensors), data.skew)
+
+
+def check_chat_template(data: FederatedData, tokenizer) -> None:  # noqa: ANN001
+    """Chat rows need a tokenizer with a chat template: a one-line DataError before any
+    training otherwise."""
+    for dataset in (*data.clients, data.evaluation):
+        if isinstance(dataset, InstructionData) and dataset.is_chat:
+            use_chat_template(tokenizer, None, dataset.source)
+            return
 
 
 def _backend(
@@ -239,8 +255,7 @@ def _round_metrics(
     train_loss = sum(r.mean_loss * r.num_samples for r in results) / max(samples, 1)
     evaluation = None
     if config.evaluates(plan.round_index):
-        evaluation = evaluate(model, tokenizer, data.evaluation,
-                              batch_size=config.eval_batch_size, max_length=config.max_length)
+        evaluation = score_held_out(model, tokenizer, data.evaluation, config)
     stats = [s for c in report.clients for s in c.rotations]
     return RoundMetrics(
         round_index=plan.round_index,
@@ -251,6 +266,7 @@ def _round_metrics(
         eval_loss=None if evaluation is None else evaluation.loss,
         eval_accuracy=None if evaluation is None else evaluation.accuracy,
         eval_perplexity=None if evaluation is None else evaluation.perplexity,
+        eval_exact_match=None if evaluation is None else evaluation.exact_match,
         aggregation_error=report.aggregation_error,
         relative_aggregation_error=report.relative_aggregation_error,
         factor_average_error=report.factor_average_error,

@@ -85,12 +85,13 @@ def plot_run(rounds: Sequence[Mapping[str, object]], path: Path, *, title: str) 
     errors = {"global": series("relative_aggregation_error")}
     if any(r.get("error_removed_share") not in (None, 0.0) for r in rounds):
         errors["FedIT, same uploads"] = series("fedit_relative_aggregation_error")
-    metric = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rounds) \
-        else "eval_perplexity"  # fmt: skip
+    metrics = [m for m in ("eval_accuracy", "eval_exact_match")
+               if any(r.get(m) is not None for r in rounds)] or ["eval_perplexity"]  # fmt: skip
     panels = [
         Panel("loss", "cross-entropy", {"train": series("train_loss"),
                                          "held-out": series("eval_loss")}),  # fmt: skip
-        Panel(metric.replace("eval_", "held-out "), metric, {"global": series(metric)}),
+        *(Panel(m.replace("eval_", "held-out ").replace("_", " "), m, {"global": series(m)})
+          for m in metrics),
         Panel("relative aggregation error", "||E|| / ||update||", errors, log_y=True),
     ]
     if any(r.get("rotation_drift_share") is not None for r in rounds):

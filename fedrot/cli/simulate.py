@@ -6,10 +6,13 @@
         --local-steps 5 --batch-size 8 --lr 0.3 --seed 0 --out runs/fedrot [--backend ray] \\
         [--data train.jsonl [--eval-data test.jsonl] [--text-field F] [--label-field F] \\
          [--labels labels.json]]
+    fedrot simulate --model smollm2 --task causal-lm --wordnet-task reverse-dictionary \\
+        --target-modules all-linear --optimizer adamw --lr 2e-3 --out runs/sft   # or --data chats.jsonl
 
-N virtual clients with label-Dirichlet shards (WordNet glosses, or the user's ``--data``: JSONL,
+N virtual clients with label-Dirichlet shards (WordNet, or the user's ``--data``: JSONL,
 CSV/TSV or a saved Hugging Face dataset, read like the client daemon reads it) share one base
-model; each round the sampled clients run the client daemon's local training and the strategy
+model; each round the sampled clients run the client daemon's local training (TRL's
+``SFTTrainer`` on instruction data: prompt/completion, chat or Alpaca rows) and the strategy
 aggregates their uploads. Writes ``metrics.json``, ``metrics.csv`` and ``curves.png`` under
 ``--out``. The training code lives in ``fedrot_client.simulation`` and is imported only when the
 command runs.
@@ -26,6 +29,7 @@ from fedrot.strategies import StrategyName
 BACKENDS = ("in-process", "ray")
 CLIENT_BASES = ("shared", "haar")
 CLIENT_INITS = ("shared", "independent")
+WORDNET_TASKS = ("categories", "glosses", "reverse-dictionary")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -54,7 +58,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                             "from the previous round's adapter (a late update)")
     federation.add_argument("--staleness-weight", type=float, default=0.5,
                             help="weight factor of a stale update (the server's staleness_weight)")
-    data = parser.add_argument_group("data (WordNet glosses unless --data)")
+    data = parser.add_argument_group("data (WordNet unless --data)")
     data.add_argument("--data", type=Path, default=None,
                       help="your data: .jsonl, .csv/.tsv or a saved HF dataset folder")
     data.add_argument("--eval-data", type=Path, default=None,
@@ -71,6 +75,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     data.add_argument("--eval-every", type=int, default=1,
                       help="evaluate every k-th round (and the last)")
     data.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
+    data.add_argument("--wordnet-task", choices=WORDNET_TASKS, default=None,
+                      help="WordNet as gloss -> category (classification; the default), "
+                           "'word: gloss' texts (causal-lm; its default) or reverse-dictionary "
+                           "chats, definition -> word (causal-lm instruction tuning)")
+    data.add_argument("--max-new-tokens", type=int, default=32,
+                      help="instruction data: the longest greedy answer scored")
+    data.add_argument("--extractor", default="exact",
+                      help="instruction data: how an answer is matched (exact, last-number, "
+                           "gsm8k, answer-is, regex:PATTERN)")
     model = parser.add_argument_group("model and local training")
     model.add_argument("--model", default="minilm", help="registry name or folder")
     model.add_argument("--task", choices=["classification", "causal-lm"],

@@ -141,14 +141,93 @@ def test_data_options_that_disagree_are_one_line_usage_errors(tmp_path, capsys):
     assert status == 2 and "go with --data" in capsys.readouterr().err
 
 
-def test_instruction_data_is_refused_in_one_line(tmp_path, capsys):
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"prompt": "2 + 2 =", "completion": " 4"}) + "\n")
-    status = main(["simulate", "--task", "causal-lm", "--data", str(chats),
-                   "--out", str(tmp_path / "o"), *TINY_FLAGS])  # fmt: skip
+COLOURS = ("red", "blue", "green", "black", "white")
+TINY_LLAMA_FLAGS = ["--task", "causal-lm", "--model", "tiny-llama", "--target-modules",
+                    "q_proj,v_proj", "--local-steps", "2", "--batch-size", "4", "--threads", "1",
+                    "--max-length", "64", "--max-new-tokens", "6"]  # fmt: skip
+
+
+def write_chats(path: Path, count: int) -> Path:
+    """Chats asking for a colour, the answer the colour; ``kind`` divides the split."""
+    path.write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": f"colour {i}?"},
+                     {"role": "assistant", "content": COLOURS[i % 5]}],
+        "kind": f"k{i % 3}"}) + "\n" for i in range(count)))  # fmt: skip
+    return path
+
+
+def test_simulate_on_instruction_data(tmp_path, capsys):
+    """Chat rows train with TRL's SFTTrainer and are scored as the server scores them: exact
+    match of the greedy answer and the answer's perplexity, every evaluated round."""
+    chats = write_chats(tmp_path / "chats.jsonl", 60)
+    out = tmp_path / "run"
+    status = main(["simulate", "--strategy", "fedrot", "--lambda", "1", "--data", str(chats),
+                   "--label-field", "kind", "--alpha", "0.5", "--clients", "2", "--rounds", "2",
+                   "--per-client", "20", "--eval-size", "8", "--out", str(out),
+                   *TINY_LLAMA_FLAGS])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    content = json.loads((out / "metrics.json").read_text())
+    rounds, summary = content["rounds"], content["summary"]
+    assert [r["aligned"] for r in rounds] == [None, "A"]
+    for r in rounds:
+        assert r["eval_exact_match"] in {i / 8 for i in range(9)}  # 8 held-out chats
+        assert r["eval_perplexity"] > 1.0 and r["eval_accuracy"] is None
+        assert r["train_loss"] > 0.0 and r["relative_aggregation_error"] is not None
+    assert summary["final_exact_match"] == rounds[-1]["eval_exact_match"]
+    assert summary["label_skew"] > 0.0  # divided by "kind"
+    assert content["config"]["extractor"] == "exact" and content["config"]["max_new_tokens"] == 6
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "fedrot: " in capsys.readouterr().out
+
+
+def test_instruction_data_with_held_out_text_is_one_line_usage_error(tmp_path, capsys):
+    chats = write_chats(tmp_path / "chats.jsonl", 12)
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "plain words"}) + "\n")
+    status = main(["simulate", "--data", str(chats), "--eval-data", str(text),
+                   "--out", str(tmp_path / "o"), *TINY_LLAMA_FLAGS])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert status == 2 and "\n" not in err
-    assert "prompt-completion rows are instruction data" in err
+    assert "holds text rows" in err and "chat rows" in err
+
+
+def test_chat_rows_need_a_chat_template(tmp_path):
+    from fedrot_client.errors import DataError
+    from fedrot_client.simulation.engine import check_chat_template
+    from fedrot_client.simulation.federated_data import file_federation
+    from fedrot_client.tinyllama import build_tokenizer
+    from fedrot_client.user_data import load_user_files
+
+    chats = write_chats(tmp_path / "chats.jsonl", 12)
+    data = file_federation(load_user_files([chats], classification=False), 2, alpha=1.0, seed=0,
+                           eval_size=4, per_client=None)  # fmt: skip
+    tokenizer = build_tokenizer()
+    check_chat_template(data, tokenizer)  # the tiny Llama has one
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match=r"chats\.jsonl: chat data needs a chat template"):
+        check_chat_template(data, tokenizer)
+
+
+def test_wordnet_task_that_the_task_cannot_train_is_one_line_usage_error(tmp_path, capsys):
+    status = main(["simulate", "--wordnet-task", "reverse-dictionary", "--out",
+                   str(tmp_path / "o"), *TINY_FLAGS])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "--wordnet-task reverse-dictionary needs --task causal-lm" in err
+
+
+@needs_wordnet
+def test_wordnet_reverse_dictionary_is_chats_split_by_category():
+    from fedrot_client.instructions import InstructionData
+    from fedrot_client.simulation.federated_data import WordNetTask, wordnet_federation
+
+    data = wordnet_federation(3, alpha=0.5, seed=0, eval_size=20, per_client=50,
+                              task=WordNetTask.REVERSE_DICTIONARY)  # fmt: skip
+    assert all(isinstance(c, InstructionData) and c.is_chat for c in data.clients)
+    assert len(data.evaluation) == 20 and all(len(c) == 50 for c in data.clients)
+    prompt, answer = data.evaluation.rows[0]["prompt"], data.evaluation.rows[0]["completion"]
+    assert prompt[0]["role"] == "user" and "Which word is defined as" in prompt[0]["content"]
+    assert answer[0]["role"] == "assistant" and answer[0]["content"].isalpha()
+    assert data.skew > 0.2
 
 
 def test_causal_lm_on_plain_text_is_split_by_its_label_field(tmp_path, capsys):
