@@ -4,7 +4,8 @@ A one-factor-at-a-time sweep around one base setting (all-MiniLM-L6-v2 on WordNe
 label-Dirichlet alpha = 0.5, LoRA r = 4 (alpha = 2r), plain SGD lr 0.4, 10 local steps of
 batch 8, 2 rounds, held-out accuracy after the last round only). Each setting changes one thing
 (local steps, optimiser, learning rate, rank, clients, alpha, partial participation, stale
-updates, clients' own initial LoRA, clients' own reporting basis) and runs FedIT and FedRot
+updates, clients' own initial LoRA, clients' own reporting basis, and the instruction-tuning task:
+SmolLM2-135M-Instruct on reverse-dictionary chats, held-out exact match) and runs FedIT and FedRot
 (lambda = 1 and 0.4) with the same seed. Round 0 is never aligned, so in a two-round run every
 strategy trains the same updates: each setting trains once and aggregates round 1 with every
 strategy (``regime_rounds.py``; the records equal separate ``fedrot simulate`` runs). The ratio
@@ -67,6 +68,15 @@ class Setting:
 BASE = {"num_clients": 3, "alpha": 0.5, "rank": 4, "optimizer": "sgd", "lr": 0.4,
         "local_steps": 10, "rounds": 2, "client_fraction": 1.0}  # fmt: skip
 BUDGET = {"batch_size": 8, "max_length": 32, "per_client": 300, "eval_size": 200}
+INSTRUCTION_TUNING = {
+    "model": "smollm2", "task": "causal-lm", "wordnet_task": "reverse-dictionary", "rank": 8,
+    "target_modules": ("all-linear",), "lora_dropout": 0.0, "optimizer": "adamw", "lr": 2e-3,
+    "batch_size": 4, "max_length": 64, "per_client": 400, "eval_size": 32, "max_new_tokens": 5,
+}  # fmt: skip
+"""``make demo-llm``'s task in the simulator: SmolLM2-135M-Instruct on WordNet reverse-dictionary
+chats (definition -> word), all-linear LoRA r = 8, AdamW lr 2e-3, batch 4, 10 local steps a
+round (demo-llm trains 4 with a cosine schedule and clipping), 32 held-out chats scored by exact
+match of at most 5 greedy tokens."""
 
 # Two rounds each: round 0 (never aligned) and round 1 (A aligned, or B under the opposite
 # parity), the only round the ratio counts; that is what a shared 2-core machine affords
@@ -88,6 +98,8 @@ SETTINGS = (
     Setting("N10", "clients", "N = 10, all", {"num_clients": 10}),
     Setting("lr1.0", "learning rate", "SGD lr 1.0", {"lr": 1.0}),
     Setting("steps200", "local steps", "200 local steps", {"local_steps": 200}),
+    Setting("instruction", "instruction tuning",
+            "instruction tuning (SmolLM2, reverse dictionary, AdamW)", INSTRUCTION_TUNING),
 )
 # Longer runs (6 rounds, the default schedule: A aligned in rounds 1, 3, 5, B in 2, 4) where
 # round 1 showed FedRot far from FedIT, to see whether held-out accuracy follows the error.
@@ -104,7 +116,7 @@ round), so 200 local steps cost one long round, not two."""
 
 
 def setting_values(setting: Setting) -> dict[str, Any]:
-    return {**BASE, **setting.changes}
+    return {**BASE, **BUDGET, **setting.changes}
 
 
 def build_config(setting: Setting, method: Method, model: str, seed: int = SEED):
@@ -115,22 +127,28 @@ def build_config(setting: Setting, method: Method, model: str, seed: int = SEED)
     from fedrot_client.simulation.config import SimulationConfig
 
     values = setting_values(setting)
+    default_lora = LoraSpec()
     return SimulationConfig(
-        model=ModelSpec(model, num_labels=45, seed=seed),
-        lora=LoraSpec(r=values["rank"], alpha=2.0 * values["rank"]),
+        model=ModelSpec(values.get("model", model), task=values.get("task", "classification"),
+                        num_labels=45, seed=seed),
+        lora=LoraSpec(r=values["rank"], alpha=2.0 * values["rank"],
+                      dropout=values.get("lora_dropout", default_lora.dropout),
+                      target_modules=values.get("target_modules", default_lora.target_modules)),
         strategy=method.strategy, lam=method.lam, align_first=method.align_first,
         num_clients=values["num_clients"],
         client_fraction=values["client_fraction"], rounds=values["rounds"],
-        local_steps=values["local_steps"], batch_size=BUDGET["batch_size"], lr=values["lr"],
-        optimizer=values["optimizer"], max_length=BUDGET["max_length"],
+        local_steps=values["local_steps"], batch_size=values["batch_size"], lr=values["lr"],
+        optimizer=values["optimizer"], max_length=values["max_length"],
+        max_new_tokens=values.get("max_new_tokens", 32),
         eval_every=2, seed=seed, num_threads=1,
         client_basis=values.get("client_basis", "shared"),
         client_init=values.get("client_init", "shared"),
         stale_fraction=values.get("stale_fraction", 0.0),
         staleness_weight=values.get("staleness_weight", 0.5),
-        extra={"alpha": values["alpha"], "per_client": BUDGET["per_client"],
-               "eval_size": BUDGET["eval_size"], "setting": setting.name, "label": method.slug,
-               "round0_steps": ROUND0_STEPS},
+        extra={"alpha": values["alpha"], "per_client": values["per_client"],
+               "eval_size": values["eval_size"], "setting": setting.name, "label": method.slug,
+               "round0_steps": ROUND0_STEPS,
+               **({"wordnet_task": values["wordnet_task"]} if "wordnet_task" in values else {})},
     )  # fmt: skip
 
 
@@ -154,8 +172,8 @@ def run_sweep(out: Path, settings: Sequence[Setting], model: str, seed: int = SE
             continue
         values = setting_values(setting)
         data = wordnet_federation(values["num_clients"], alpha=values["alpha"], seed=seed,
-                                  eval_size=BUDGET["eval_size"],
-                                  per_client=BUDGET["per_client"])  # fmt: skip
+                                  eval_size=values["eval_size"], per_client=values["per_client"],
+                                  task=values.get("wordnet_task", "categories"))  # fmt: skip
         started = time.perf_counter()
         if values["rounds"] == 2:
             assert shared_keys(list(todo.values())), setting.name
@@ -192,6 +210,7 @@ def run_summary(path: Path) -> dict[str, Any] | None:
         "fedit_rel_error_same_uploads": _mean(
             [r.get("fedit_relative_aggregation_error") for r in later]),
         "final_accuracy": content["summary"]["final_accuracy"],
+        "final_exact_match": content["summary"].get("final_exact_match"),
         "final_eval_loss": content["summary"]["final_eval_loss"],
         "seconds": math.fsum(r["seconds"] for r in content["rounds"]),
     }
@@ -230,6 +249,13 @@ def _percent(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
+def _held_out(run: Mapping[str, Any] | None) -> str:
+    """The final held-out accuracy (%), or the exact match (%, marked EM) of instruction data."""
+    if run is not None and run["final_accuracy"] is None and run.get("final_exact_match") is not None:
+        return f"{100.0 * run['final_exact_match']:.1f} EM"
+    return _fmt(_percent(_value(run, "final_accuracy")), ".1f")
+
+
 ERROR_HEADER = (
     "setting", "item", "FedIT rel. error", "ratio λ=1 (A)", "ratio λ=0.4 (A)", "ratio λ=1 (B)",
     "ratio λ=0.4 (B)", "‖R − I‖_F λ=1 (A / B)", "drift share λ=1 (A / B)",
@@ -260,9 +286,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
             pair("rotation_distance", ".2g"), pair("drift_share", ".2g"),
         ])  # fmt: skip
         accuracies.append([
-            row["label"], _fmt(_percent(_value(fedit, "final_accuracy")), ".1f"),
-            *(_fmt(_percent(_value(runs.get(m.slug), "final_accuracy")), ".1f")
-              for m in FEDROT_METHODS),
+            row["label"], _held_out(fedit),
+            *(_held_out(runs.get(m.slug)) for m in FEDROT_METHODS),
             _fmt(_value(fedit, "final_eval_loss"), ".3f"),
             _fmt(_value(hard_b, "final_eval_loss"), ".3f"),
         ])  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedrot_client.simulation import run_simulation
-from simulation_fixtures import tiny_config
+from simulation_fixtures import chat_federation, tiny_config, tiny_instruction_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "regime_rounds.py"
 
@@ -27,13 +27,24 @@ def _load():
 
 
 regime_rounds = _load()
-COMPARED = ("train_loss", "eval_loss", "eval_accuracy", "relative_aggregation_error",
-            "aggregation_error", "rotation_distance", "participants", "aligned")  # fmt: skip
+COMPARED = ("train_loss", "eval_loss", "eval_accuracy", "eval_exact_match",
+            "relative_aggregation_error", "aggregation_error", "rotation_distance",
+            "participants", "aligned")  # fmt: skip
 
 
-@pytest.mark.parametrize("changes", [{}, {"stale_fraction": 0.34, "client_init": "independent"}])
-def test_shared_uploads_equal_separate_runs(federation, tmp_path, changes):
-    base = tiny_config(rounds=2, eval_every=2, **changes)
+CASES = {
+    "plain": (tiny_config, None, {}),
+    "stale-independent": (tiny_config, None, {"stale_fraction": 0.34,
+                                              "client_init": "independent"}),
+    "instruction": (tiny_instruction_config, chat_federation, {}),  # TRL's SFTTrainer
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shared_uploads_equal_separate_runs(federation, tmp_path, case):
+    build, data, changes = CASES[case]
+    federation = federation if data is None else data()
+    base = build(rounds=2, eval_every=2, **changes)
     configs = {"fedit": replace(base, strategy="fedit", lam=0.0),
                "hard": replace(base, strategy="fedrot", lam=1.0),
                "soft": replace(base, strategy="fedrot", lam=0.4)}  # fmt: skip
@@ -51,6 +62,7 @@ def test_shared_uploads_equal_separate_runs(federation, tmp_path, changes):
                     expected = pytest.approx(expected, rel=1e-6)
                 assert mine[name] == expected, (key, name)
         assert written["summary"]["final_accuracy"] == alone.summary()["final_accuracy"]
+        assert written["summary"]["final_exact_match"] == alone.summary()["final_exact_match"]
     # lambda matters in round 1 only, where the aggregation differs
     hard, fedit = (json.loads((folders[k] / "metrics.json").read_text())["rounds"]
                    for k in ("hard", "fedit"))  # fmt: skip
