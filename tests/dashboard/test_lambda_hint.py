@@ -28,6 +28,8 @@ def test_no_hint_before_a_share_or_for_a_strategy_that_does_not_rotate() -> None
 def test_a_small_share_advises_fedit() -> None:
     hint = lambda_hint("fedrot", 0.4, rounds_with(None, 0.0004, 0.002, 0.003))
     assert hint is not None and "0.18 %" in hint and "FedIT (λ = 0)" in hint
+    # the largest share measured where alignment did not help (instruction tuning, B aligned)
+    assert "FedIT (λ = 0)" in (lambda_hint("fedrot", 1.0, rounds_with(None, 0.013)) or "")
 
 
 def test_a_large_share_advises_hard_alignment_unless_already_set() -> None:
