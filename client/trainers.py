@@ -105,7 +105,8 @@ class InstructionTrainer:
             args = hf.training_arguments(task, scratch, args_class=SFTConfig,
                                          disable_tqdm=not self._progress,
                                          logging_strategy="no")  # fmt: skip
-            trainer = sft_trainer(model, self._tokenizer, self._dataset, args, self._source)
+            trainer = sft_trainer(model, self._tokenizer, self._dataset, args, self._source,
+                                  max_length_name="training.max_length")  # fmt: skip
             try:
                 submission = submit_or_log(task, lambda: hf.run_task(task, trainer))
             except SchemaError as exc:  # a non-finite update: the training diverged

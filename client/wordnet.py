@@ -133,6 +133,8 @@ def generation_record(synset: Synset) -> dict[str, object]:
 
 REVERSE_DICTIONARY_QUESTION = "Which word is defined as: {gloss}? Answer with the word only."
 MAX_DEFINITION_CHARS = 120
+MIN_WORD_COUNT = 20
+"""The reverse dictionary asks only about head words tagged at least this often (common words)."""
 
 
 def definition_of(synset: Synset) -> str:
@@ -174,7 +176,9 @@ def reverse_dictionary_record(synset: Synset) -> dict[str, object]:
 
 
 def reverse_dictionary_synsets(
-    synsets: Sequence[Synset], directory: str | Path = DEFAULT_WORDNET_DIR, min_word_count: int = 20
+    synsets: Sequence[Synset],
+    directory: str | Path = DEFAULT_WORDNET_DIR,
+    min_word_count: int = MIN_WORD_COUNT,
 ) -> list[Synset]:
     """The synsets the reverse dictionary asks about: those that fit it
     (:func:`fits_reverse_dictionary`) whose head word was tagged at least ``min_word_count``
@@ -196,7 +200,7 @@ class ShardOptions:
     with_word: bool = False
     generative: bool = False
     reverse_dictionary: bool = False  # chat rows: definition -> word (keep fitting synsets)
-    min_word_count: int = 20  # reverse dictionary: words tagged at least this often
+    min_word_count: int = MIN_WORD_COUNT  # reverse dictionary: words tagged at least this often
 
 
 def write_shards(

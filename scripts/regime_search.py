@@ -139,7 +139,7 @@ def build_config(setting: Setting, method: Method, model: str, seed: int = SEED)
         client_fraction=values["client_fraction"], rounds=values["rounds"],
         local_steps=values["local_steps"], batch_size=values["batch_size"], lr=values["lr"],
         optimizer=values["optimizer"], max_length=values["max_length"],
-        max_new_tokens=values.get("max_new_tokens", 32),
+        max_new_tokens=values.get("max_new_tokens", SimulationConfig.max_new_tokens),
         eval_every=2, seed=seed, num_threads=1,
         client_basis=values.get("client_basis", "shared"),
         client_init=values.get("client_init", "shared"),

@@ -50,7 +50,8 @@ def config_from_args(args: argparse.Namespace, num_labels: int | None = None) ->
         local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, max_length=args.max_length,
         eval_batch_size=args.eval_batch_size, eval_every=args.eval_every,
-        max_new_tokens=args.max_new_tokens, extractor=args.extractor, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, extractor=args.extractor,
+        chat_template=_chat_template(args.chat_template), seed=args.seed,
         backend=args.backend, client_basis=args.client_basis,
         client_init=args.client_init,
         stale_fraction=args.stale_fraction,
@@ -59,6 +60,16 @@ def config_from_args(args: argparse.Namespace, num_labels: int | None = None) ->
                "eval_size": None if args.eval_data is not None else args.eval_size,
                **_data_description(args)},
     )  # fmt: skip
+
+
+def _chat_template(path: Path | None) -> str | None:
+    """``--chat-template FILE``'s text (a ValueError in one line when it cannot be read)."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--chat-template {path}: cannot read ({exc.strerror or exc})") from None
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -44,7 +44,8 @@ class SimulationConfig:
     the data split, client sampling and every client's batch order, dropout and reporting
     basis (per round and client). Instruction data is scored as the server scores it: greedy
     answers of at most ``max_new_tokens`` tokens matched by ``extractor``
-    (:mod:`fedrot_client.answers`), and the answers' perplexity.
+    (:mod:`fedrot_client.answers`), and the answers' perplexity. ``chat_template`` (Jinja text)
+    replaces the tokenizer's for chat rows, as the daemon's ``--chat-template`` does.
     """
 
     model: ModelSpec
@@ -64,6 +65,7 @@ class SimulationConfig:
     eval_every: int = 1
     max_new_tokens: int = 32
     extractor: str = "exact"
+    chat_template: str | None = None
     seed: int = 0
     backend: BackendName = BackendName.IN_PROCESS
     client_basis: ClientBasis = ClientBasis.SHARED

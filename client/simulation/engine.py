@@ -138,7 +138,7 @@ def run_simulation(
     if len(data.clients) != config.num_clients:
         raise ValueError(f"{len(data.clients)} client datasets for {config.num_clients} clients")
     base = load_base_model(config.model)
-    check_chat_template(data, base.tokenizer)
+    check_chat_template(data, base.tokenizer, config.chat_template)
     model = attach_lora(base, config.lora, config.seed)
     tokenizer = base.tokenizer
     backend = _backend(config, model, tokenizer, ray_init)
@@ -173,12 +173,14 @@ def run_simulation(
     return SimulationResult(config, tuple(rounds), dict(global_tensors), data.skew)
 
 
-def check_chat_template(data: FederatedData, tokenizer) -> None:  # noqa: ANN001
-    """Chat rows need a tokenizer with a chat template: a one-line DataError before any
-    training otherwise."""
+def check_chat_template(
+    data: FederatedData, tokenizer, template: str | None = None  # noqa: ANN001
+) -> None:
+    """Chat rows need a chat template: ``template`` when given (it replaces the tokenizer's),
+    else the tokenizer's own; a one-line DataError before any training when there is none."""
     for dataset in (*data.clients, data.evaluation):
         if isinstance(dataset, InstructionData) and dataset.is_chat:
-            use_chat_template(tokenizer, None, dataset.source)
+            use_chat_template(tokenizer, template, dataset.source)
             return
 
 

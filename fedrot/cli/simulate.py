@@ -81,6 +81,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                            "chats, definition -> word (causal-lm instruction tuning)")
     data.add_argument("--max-new-tokens", type=int, default=32,
                       help="instruction data: the longest greedy answer scored")
+    data.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                      help="chat rows: a Jinja chat template for a tokenizer without one")
     data.add_argument("--extractor", default="exact",
                       help="instruction data: how an answer is matched (exact, last-number, "
                            "gsm8k, answer-is, regex:PATTERN)")

@@ -100,17 +100,17 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
         self._declined: dict[str, str] = {}
         self._phase = RunPhase.WAITING
         self._task: asyncio.Task[None] | None = None
+        self._rebuilt = asyncio.Event()  # a resumed run's interrupted round takes uploads again
 
     # Lifecycle.
 
     async def start(self) -> None:
-        """Record the run (or restore a resumed one and rebuild the round a crash interrupted),
-        publish its adapter, start the rounds. The server calls this before it serves, so a
-        client never meets a resumed run whose open round is not rebuilt yet."""
+        """Record the run (or restore a resumed one), publish its adapter, start the rounds. A
+        resumed run's interrupted round is rebuilt first: this returns once it takes uploads
+        again (or the run ended, failed or was stopped meanwhile). The server calls this before
+        its gRPC port serves, so a client never meets that round half rebuilt."""
         if self._resumption is not None:
             await self._restore(self._resumption)
-            if self._resumption.open_round is not None:
-                await self._rebuild_round(self._resumption)
         else:
             record = run_record(self.spec, self._initial, self.settings)
             settings = self.settings.run_settings().model_dump(mode="json")
@@ -123,6 +123,10 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
         logger.info("run %s %s: %s rounds, strategy %s", self.spec.run_id,
                     "resumed" if self._resumption else "started", self.spec.rounds,
                     self.spec.strategy.name)  # fmt: skip
+        if self._resumption is not None and self._resumption.open_round is not None:
+            rebuilt = asyncio.ensure_future(self._rebuilt.wait())
+            await asyncio.wait({rebuilt, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            rebuilt.cancel()
 
     async def stop(self) -> None:
         """Cancel the rounds. What was recorded stays, and so does the run's phase: the next
@@ -186,11 +190,12 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
     async def _run(self) -> None:
         resumed = self._resumption
         first = resumed.rounds_completed if resumed is not None else 0
-        rebuilt = self._round  # the interrupted round start() rebuilt, if any
         try:
             for round_index in range(first, self.spec.rounds):
-                if rebuilt is not None and round_index == rebuilt.index:
-                    await self._activate(rebuilt, f"resumed with {rebuilt.arrivals} accepted uploads")
+                if resumed is not None and resumed.open_round is not None and round_index == first:
+                    rnd = await self._rebuild_round(resumed)
+                    self._rebuilt.set()
+                    await self._activate(rnd, f"resumed with {rnd.arrivals} accepted uploads")
                     continue
                 await self._wait_for_clients()
                 await self._play_round(round_index)
@@ -224,10 +229,10 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
                                self._clock() + self.settings.round_deadline_s, target)  # fmt: skip
         await self._activate(rnd, "opened")
 
-    async def _rebuild_round(self, resumed: Resumption) -> None:
+    async def _rebuild_round(self, resumed: Resumption) -> OpenRound:
         """Rebuild the open round a crash interrupted and open it again: participants (less
         those revoked before they reported, as :meth:`revoke` does) and target as recorded, its
-        uploads re-fed in arrival order, a fresh deadline."""
+        uploads re-fed in arrival order, a fresh deadline from the end of the re-feed."""
         row = resumed.open_round
         assert row is not None
         plan = self._strategy.plan(row.round_index)
@@ -236,10 +241,11 @@ class RoundEngine(ClientCalls, UploadIntake, OperatorActions):
         kept = [p for p in row.participants if p in resumed.clients or p in reported]
         rnd = self._new_round(plan, target, kept or row.participants)
         await self._ledger.refeed(rnd, self._reference, ((u.row, u.payload) for u in resumed.uploads))
+        rnd.deadline = self._now() + self.settings.round_deadline_s
         self._store.extend_round(self.spec.run_id, rnd.index, rnd.participants,
                                  self._clock() + self.settings.round_deadline_s)  # fmt: skip
         rnd.check_complete()
-        self._round, self._phase = rnd, RunPhase.RUNNING
+        return rnd
 
     def _new_round(self, plan: RoundPlan, target: int, participants: Iterable[str]) -> OpenRound:
         now = self._now()

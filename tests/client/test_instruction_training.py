@@ -1,13 +1,17 @@
 """The simulator's instruction round (``train_instructions``): TRL's SFTTrainer on the tiny Llama,
-only the round's factors move, seeded, a one-line error when truncation leaves no answer."""
+only the round's factors move, seeded, the global random state kept, a one-line error when
+truncation leaves no answer, a non-finite loss refused."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from fedrot.adapters import Factor
-from fedrot_client.errors import DataError
+from fedrot_client.errors import DataError, TrainingDiverged
 from fedrot_client.instruction_training import train_instructions
 from fedrot_client.instructions import InstructionData, Shape
 from fedrot_client.lora import LoraSpec, attach_lora, export_adapter, load_adapter
@@ -72,3 +76,32 @@ def test_no_answer_token_within_max_length_is_one_line_data_error(tiny) -> None:
     with pytest.raises(DataError, match=r"long\.jsonl: no example keeps an answer token within "
                                         r"max_length = 16 tokens"):  # fmt: skip
         train_instructions(model, tokenizer, long, frozenset({Factor.B}), config(max_length=16))
+
+
+def test_the_global_random_state_is_left_as_it_was(tiny) -> None:
+    model, tokenizer, start = tiny
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    def seeded() -> None:
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+
+    seeded()
+    expected = draws()
+    seeded()
+    load_adapter(model, start)
+    train_instructions(model, tokenizer, DATA, frozenset({Factor.B}), config())
+    assert draws() == expected
+
+
+def test_a_non_finite_loss_is_training_diverged(tiny) -> None:
+    model, tokenizer, start = tiny
+    broken = dict(start)
+    key = factor_keys(start, Factor.B)[0]
+    broken[key] = torch.full_like(start[key], float("nan"))
+    load_adapter(model, broken)
+    with pytest.raises(TrainingDiverged, match="training loss is nan"):
+        train_instructions(model, tokenizer, DATA, frozenset({Factor.A}), config())

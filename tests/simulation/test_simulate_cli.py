@@ -206,6 +206,17 @@ def test_chat_rows_need_a_chat_template(tmp_path):
     tokenizer.chat_template = None
     with pytest.raises(DataError, match=r"chats\.jsonl: chat data needs a chat template"):
         check_chat_template(data, tokenizer)
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    check_chat_template(data, tokenizer, template)  # --chat-template FILE's text
+    assert tokenizer.chat_template == template
+
+
+def test_an_unreadable_chat_template_is_one_line_usage_error(tmp_path, capsys):
+    chats = write_chats(tmp_path / "chats.jsonl", 12)
+    status = main(["simulate", "--data", str(chats), "--chat-template", str(tmp_path / "none.j2"),
+                   "--out", str(tmp_path / "o"), *TINY_LLAMA_FLAGS])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "--chat-template" in err and "cannot read" in err
 
 
 def test_wordnet_task_that_the_task_cannot_train_is_one_line_usage_error(tmp_path, capsys):
