@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,6 +27,9 @@ from numpy.typing import NDArray
 from fedrot_client.data import FieldNames, LabelVocabulary, Row, TextDataset, read_rows
 from fedrot_client.data import rows_to_dataset
 from fedrot_client.errors import DataError
+
+if TYPE_CHECKING:
+    from fedrot_client.instructions import InstructionData
 
 INSTRUCTION_SHAPES = ("prompt-completion", "chat", "alpaca")
 
@@ -37,7 +41,8 @@ class UserData:
     ``records``: the rows as read (JSON-able dicts; ``fedrot split`` writes them back unchanged).
     ``groups``: ``(len(records),)`` int64, each row's class for the split (its label id; all 0
     for causal-LM rows without a label). ``dataset``: texts and, for classification, label ids
-    (None for instruction rows, which TRL reads from ``records``). ``shape``: ``"classification"``,
+    (None for instruction rows); ``instructions``: instruction rows in TRL's shapes (None
+    otherwise). ``shape``: ``"classification"``,
     ``"text"`` (plain causal-LM text) or an instruction shape (``"chat"``, ...).
     """
 
@@ -46,6 +51,7 @@ class UserData:
     groups: NDArray[np.int64]
     dataset: TextDataset | None
     shape: str
+    instructions: InstructionData | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -157,12 +163,11 @@ def _checked(
 ) -> UserData:  # fmt: skip
     records = tuple(_jsonable(where, row) for where, row in rows)
     shape = "classification" if classification else _causal_shape(rows)
-    dataset = None
+    dataset = instructions = None
     if shape in INSTRUCTION_SHAPES:
-        from fedrot_client.instructions import Shape, trl_row  # transformers: only here
+        from fedrot_client.instructions import instruction_data  # transformers: only here
 
-        for where, row in rows:
-            trl_row(where, row, Shape(shape))
+        instructions = instruction_data(rows, source)  # every row checked and converted
         groups = [0] * len(rows)
         if fields.label is not None and vocabulary is not None:
             groups = [_label_id(where, row, fields.label, vocabulary) for where, row in rows]
@@ -171,7 +176,8 @@ def _checked(
         groups = list(dataset.labels) if dataset.labels is not None else [0] * len(rows)
         if not classification:  # plain text: the labels only divide the data
             dataset = TextDataset(dataset.texts, None, source)
-    return UserData(source, records, np.asarray(groups, dtype=np.int64), dataset, shape)
+    return UserData(source, records, np.asarray(groups, dtype=np.int64), dataset, shape,
+                    instructions)  # fmt: skip
 
 
 def _causal_shape(rows: list[Row]) -> str:

@@ -158,7 +158,6 @@ def file_federation(
 
 
 def _examples(data: UserData) -> ClientData:
-    if data.dataset is not None:
-        return data.dataset
-    return instruction_data(((f"{data.source}:{i + 1}", row) for i, row in enumerate(data.records)),
-                            data.source)  # fmt: skip
+    examples = data.dataset if data.dataset is not None else data.instructions
+    assert examples is not None, data.shape
+    return examples
