@@ -7,6 +7,7 @@ gRPC and the dashboard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,9 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
 )
+# gRPC binds with SO_REUSEPORT by default: a second server on a taken port would bind too and
+# split the clients with the first. Off, it fails its start instead.
+SERVER_OPTIONS = (*GRPC_OPTIONS, ("grpc.so_reuseport", 0))
 
 
 @dataclass
@@ -149,9 +153,10 @@ async def _start_holding(
     runs = RunManager(settings, store=store, seams=seams, device=device)
     try:
         return await _serve_runs(settings, store, runs, credentials, run_id)
-    except BaseException:
+    except BaseException:  # a failed or cancelled start: nothing is left running or open
         await runs.stop()
         await runs.close()
+        store.close()
         raise
 
 
@@ -163,20 +168,26 @@ async def _serve_runs(
     run_id: str | None,
 ) -> FederationServer:
     await runs.prepare(run_id)
-    telemetry = TelemetryLog(settings.database_path)
-    # First of the listeners: a taken dashboard port fails the start before anything serves.
-    dashboard = await serve_dashboard(settings, runs) if settings.dashboard_listen else None
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    federation_pb2_grpc.add_FederationServiceServicer_to_server(
-        FederationServicer(runs, TokenAuthenticator(store), telemetry), server
-    )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = add_port(server, settings.listen, credentials)
-    await runs.start()  # a resumed round is rebuilt before any client can reach it
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    async with contextlib.AsyncExitStack() as opened:  # closed again if the start fails
+        telemetry = TelemetryLog(settings.database_path)
+        opened.callback(telemetry.close)
+        # First of the listeners: a taken dashboard port fails the start before anything serves.
+        dashboard = await serve_dashboard(settings, runs) if settings.dashboard_listen else None
+        if dashboard is not None:
+            opened.push_async_callback(dashboard.stop)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        federation_pb2_grpc.add_FederationServiceServicer_to_server(
+            FederationServicer(runs, TokenAuthenticator(store), telemetry), server
+        )
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = add_port(server, settings.listen, credentials)
+        await runs.start()  # a resumed round is rebuilt before any client can reach it
+        opened.push_async_callback(server.stop, 0)
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        opened.pop_all()
     logger.info("serving %s on port %s, %s (device %s, state %s%s)", SERVICE_NAME, port,
                 security_of(settings), runs.device, settings.state_dir,
                 ", standing: taking submitted runs" if settings.standing else "")  # fmt: skip

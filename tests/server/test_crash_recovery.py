@@ -18,6 +18,7 @@ from fedrot.codec import ADAPTER_WEIGHTS_FILE
 from fedrot_proto.v1 import federation_pb2 as pb
 from fedrot_server.errors import SettingsError, StoreError
 from fedrot_server.runs.ledger import RoundLedger
+from fedrot_server.runs.run_manager import RunManager
 from fedrot_server.service import start_server
 from fedrot_server.settings import ServerSettings
 from fedrot_server.storage.state import RunPhase
@@ -192,6 +193,118 @@ def test_a_killed_server_resumes_its_round(tmp_path: Path, processes: list) -> N
     saved = settings.state_dir / "runs" / first.run_id / "rounds" / "1" / "adapter"
     assert (saved / ADAPTER_WEIGHTS_FILE).read_bytes() == resumed
     assert_same(adapter_of(resumed), adapter_of(uncrashed_result(tmp_path, sent)))
+
+
+class HeldRefeed:
+    """Holds the restarted server's re-feed of the open round until the test lets it go (or
+    cancels it); ``entered`` is set once the re-feed began, ``managers`` are the started
+    servers' run managers (what the dashboard's stop button calls)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = asyncio.Event()
+        self.released = asyncio.Event()
+        self.managers: list[RunManager] = []
+        refeed, start = RoundLedger.refeed, RunManager.start
+        held = self
+
+        async def held_refeed(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            held.entered.set()
+            await held.released.wait()
+            return await refeed(self, *args, **kwargs)
+
+        async def remembered_start(self) -> None:  # noqa: ANN001
+            held.managers.append(self)
+            await start(self)
+
+        monkeypatch.setattr(RoundLedger, "refeed", held_refeed)
+        monkeypatch.setattr(RunManager, "start", remembered_start)
+
+
+def test_a_server_shut_down_during_the_refeed_resumes_the_round_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown (the start cancelled) while the restarted server re-feeds the open round
+    leaves the run resumable with nothing lost: the next start re-feeds alice's and bob's
+    uploads, carol's finishes the round, and the result equals that of a server that never
+    stopped."""
+    settings = settings_for(tmp_path)
+
+    async def first_life() -> tuple[dict[tuple[int, str], bytes], frozenset]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            return await before_the_crash(server.address)
+
+    sent, trained = asyncio.run(first_life())
+    held = HeldRefeed(monkeypatch)
+
+    async def cut_short() -> None:
+        starting = asyncio.create_task(
+            start_server(settings, initializer=initializer_of(synthetic_adapter())))
+        await asyncio.wait_for(held.entered.wait(), timeout=30)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    asyncio.run(cut_short())
+    held.released.set()  # the third life re-feeds at once (the state folder is free again)
+
+    async def third_life() -> tuple[str, bytes]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            run_id = server.spec.run_id
+            return run_id, await after_the_restart(server.address, run_id, sent, trained)
+
+    run_id, resumed = asyncio.run(third_life())
+    reader = open_reader(settings.database_path)
+    try:
+        assert [u.client for u in reader.uploads(run_id, 1)] == ["alice", "bob", "carol"]
+        assert reader.run(run_id).phase is RunPhase.FINISHED
+    finally:
+        reader.close()
+    assert_same(adapter_of(resumed), adapter_of(uncrashed_result(tmp_path, sent)))
+
+
+def test_an_operator_stop_during_the_refeed_ends_the_run_with_its_uploads_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard serves while the restarted server re-feeds; the operator's stop then
+    cancels the re-feed: the start completes, the run is *stopped* (round 1 dropped,
+    unaggregated), clients hear DONE with round 0's adapter, and the recorded uploads stay."""
+    settings = settings_for(tmp_path)
+
+    async def first_life() -> tuple[str, bytes]:
+        async with running_server(settings, synthetic_adapter()) as server:
+            await before_the_crash(server.address)
+            return server.spec.run_id, server.engine.reference
+
+    run_id, _ = asyncio.run(first_life())
+    held = HeldRefeed(monkeypatch)
+
+    async def second_life() -> tuple[RunPhase, RunPhase, str, int]:
+        starting = asyncio.create_task(
+            start_server(settings, initializer=initializer_of(synthetic_adapter())))
+        await asyncio.wait_for(held.entered.wait(), timeout=30)
+        stopped_in = await held.managers[0].stop_run(run_id)
+        server = await asyncio.wait_for(starting, timeout=30)
+        try:
+            alice = WireClient(server.address, token_of("alice"), run_id=run_id)
+            told = await alice.get_task(max_wait_s=0.0)
+            final = len(await alice.download(1))
+            await alice.close()
+            return stopped_in, server.engine.phase, told.WhichOneof("task"), final
+        finally:
+            await server.stop(grace_s=0.5)
+
+    stopped_in, phase, told, final_size = asyncio.run(second_life())
+    assert stopped_in is RunPhase.WAITING  # for its resumed round to take uploads again
+    assert phase is RunPhase.STOPPED
+    assert told == "done" and final_size > 0
+    reader = open_reader(settings.database_path)
+    try:
+        assert reader.run(run_id).phase is RunPhase.STOPPED
+        closed = [(r.round_index, r.closed_at is not None) for r in reader.rounds(run_id)]
+        assert closed == [(0, True), (1, False)]  # round 1 dropped, never aggregated
+        assert [u.client for u in reader.uploads(run_id, 1)] == ["alice", "bob"]
+    finally:
+        reader.close()
 
 
 def test_an_upload_that_cannot_be_recorded_is_not_acknowledged_nor_counted(
