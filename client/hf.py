@@ -110,15 +110,22 @@ class FedRotCallback(TrainerCallback):
 
 
 def samples_trained(trainer: Trainer) -> int:
-    """Examples the trainer went through: steps x effective batch size, at most the dataset
-    times the epochs begun (the last batch of an epoch may be short)."""
+    """Examples the trainer went through (the round's aggregation weight): whole epochs count
+    their examples (an epoch's last batch may be short, or dropped with
+    ``dataloader_drop_last``), the steps into the epoch under way count full batches."""
     args, state = trainer.args, trainer.state
     per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    count = state.global_step * per_step
     dataset = trainer.train_dataset
-    if dataset is not None and hasattr(dataset, "__len__") and state.epoch:
-        count = min(count, len(dataset) * math.ceil(state.epoch))
-    return max(count, 1)
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return max(state.global_step * per_step, 1)  # an iterable dataset: batches are full
+    batch = args.train_batch_size * args.world_size
+    if args.dataloader_drop_last:
+        batches, epoch_examples = len(dataset) // batch, len(dataset) // batch * batch
+    else:
+        batches, epoch_examples = math.ceil(len(dataset) / batch), len(dataset)
+    steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    epochs, steps_into_epoch = divmod(state.global_step, steps_per_epoch)
+    return max(epochs * epoch_examples + min(steps_into_epoch * per_step, epoch_examples), 1)
 
 
 def run_task(task: Task, trainer: Trainer) -> Submission | None:

@@ -141,3 +141,43 @@ def test_an_epoch_ends_with_a_short_accumulated_step(tiny_model, sentiment) -> N
     result = train_locally(model, tokenizer, sentiment, frozenset("AB"), config,
                            on_step=lambda done, total, loss: steps.append((done, total)))
     assert result.num_samples == 24 and result.steps == 2 and steps == [(1, 2), (2, 2)]
+
+
+class CountingModel(torch.nn.Module):
+    """One weight; records how many examples each forward pass trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.seen.append(len(x))
+        return {"loss": ((self.weight - x) ** 2).mean()}
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch", "accumulation", "steps", "drop_last"),
+    [(30, 4, 1, 10, False),  # an epoch of 8 steps ends with a batch of 2, then 2 full steps
+     (30, 4, 1, 10, True),  # the short batch dropped: epochs of 28
+     (10, 2, 2, 4, False),  # epochs of 3 steps, the last of one batch
+     (8, 4, 1, 4, False)],  # whole epochs
+)  # fmt: skip
+def test_samples_trained_counts_the_examples_the_trainer_went_through(
+    tmp_path, rows: int, batch: int, accumulation: int, steps: int, drop_last: bool
+) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = CountingModel()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, use_cpu=True,
+                             per_device_train_batch_size=batch, report_to="none",
+                             gradient_accumulation_steps=accumulation, save_strategy="no",
+                             dataloader_drop_last=drop_last, remove_unused_columns=False,
+                             logging_strategy="no", disable_tqdm=True)  # fmt: skip
+    data = [{"x": float(i)} for i in range(rows)]
+    collate = lambda rows: {"x": torch.tensor([r["x"] for r in rows])}  # noqa: E731
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    trainer.train()
+    assert trainer.state.global_step == steps
+    assert hf.samples_trained(trainer) == sum(model.seen)
