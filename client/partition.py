@@ -52,7 +52,8 @@ def dirichlet_partition(
             return shards
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) split of {len(label_array)} examples gave all "
-        f"{num_clients} clients at least {min_size} examples in {MAX_ATTEMPTS} draws"
+        f"{num_clients} clients at least {min_size} examples in {MAX_ATTEMPTS} draws (a larger "
+        "alpha or fewer clients spreads each class further)"
     )
 
 

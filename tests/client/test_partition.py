@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedrot_client.partition import (
@@ -29,12 +29,24 @@ def class_labels(n: int = 3000, classes: int = 10, seed: int = 0) -> np.ndarray:
 )
 def test_every_index_is_used_exactly_once(n, classes, clients, alpha, seed) -> None:
     labels = class_labels(n, classes, seed)
-    shards = dirichlet_partition(labels, clients, alpha, seed, min_size=1)
+    try:
+        shards = dirichlet_partition(labels, clients, alpha, seed, min_size=1)
+    except ValueError as refused:  # extreme skew on few examples: see the test below
+        assert "draws" in str(refused)
+        assume(False)  # not counted; hypothesis fails the test should most examples be refused
     assert len(shards) == clients
     merged = np.concatenate(shards)
     assert np.array_equal(np.sort(merged), np.arange(n))
     assert all(np.all(np.diff(s) > 0) for s in shards)
     assert all(s.dtype == np.int64 and len(s) >= 1 for s in shards)
+
+
+def test_a_split_no_draw_can_give_every_client_data_is_refused_by_name() -> None:
+    """One class of 20 examples, Dirichlet(0.0625) over 5 clients: nearly all the mass falls on
+    one client, so no draw in MAX_ATTEMPTS gives every client an example (hypothesis found it)."""
+    with pytest.raises(ValueError, match=r"no Dirichlet\(alpha=0\.0625\) split of 20 examples "
+                                         r"gave all 5 clients at least 1 examples in 1000 draws"):
+        dirichlet_partition(np.zeros(20, dtype=np.int64), 5, 0.0625, seed=0)
 
 
 def test_deterministic_per_seed_and_seed_matters() -> None:
