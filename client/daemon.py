@@ -34,7 +34,7 @@ from fedrot_client.data import TextDataset
 from fedrot_client.enrolment import PastRuns
 from fedrot_client.errors import DataMismatchError, Stopped
 from fedrot_client.federation import Federation
-from fedrot_client.instructions import InstructionData, use_chat_template
+from fedrot_client.instructions import InstructionData, read_chat_template, use_chat_template
 from fedrot_client.run_data import load_run_data
 from fedrot_client.run_info import RoundRecord
 from fedrot_client.following import follow_runs
@@ -152,7 +152,7 @@ class ClientDaemon:
         progress = settings.show_progress()
         if isinstance(data, InstructionData):
             if data.is_chat:
-                template = settings.chat_template.read_text() if settings.chat_template else None
+                template = read_chat_template(settings.chat_template)
                 use_chat_template(fed.tokenizer, template, data.source)
             return InstructionTrainer(fed.tokenizer, data, progress=progress)
         return LocalLoopTrainer(fed.tokenizer, data, self._stop,

@@ -179,6 +179,17 @@ def _messages(where: str, value: object) -> list[dict[str, str]]:
     return messages
 
 
+def read_chat_template(path: Path | None) -> str | None:
+    """The Jinja text of a ``--chat-template FILE`` (None without one); a one-line
+    :class:`DataError` when the file cannot be read."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"--chat-template {path}: cannot read ({exc.strerror or exc})") from None
+
+
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None,
                       source: str) -> None:  # fmt: skip
     """Set ``template`` on ``tokenizer`` when given; :class:`DataError` when chat data meets a

@@ -15,6 +15,7 @@ import torch
 from fedrot.cli.files import InputError
 from fedrot_client.data import FieldNames
 from fedrot_client.errors import DataError, ModelError
+from fedrot_client.instructions import read_chat_template
 from fedrot_client.lora import LoraSpec
 from fedrot_client.models import ModelSpec, TaskKind
 from fedrot_client.simulation.config import SimulationConfig
@@ -51,7 +52,7 @@ def config_from_args(args: argparse.Namespace, num_labels: int | None = None) ->
         optimizer=args.optimizer, max_length=args.max_length,
         eval_batch_size=args.eval_batch_size, eval_every=args.eval_every,
         max_new_tokens=args.max_new_tokens, extractor=args.extractor,
-        chat_template=_chat_template(args.chat_template), seed=args.seed,
+        chat_template=read_chat_template(args.chat_template), seed=args.seed,
         backend=args.backend, client_basis=args.client_basis,
         client_init=args.client_init,
         stale_fraction=args.stale_fraction,
@@ -60,16 +61,6 @@ def config_from_args(args: argparse.Namespace, num_labels: int | None = None) ->
                "eval_size": None if args.eval_data is not None else args.eval_size,
                **_data_description(args)},
     )  # fmt: skip
-
-
-def _chat_template(path: Path | None) -> str | None:
-    """``--chat-template FILE``'s text (a ValueError in one line when it cannot be read)."""
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"--chat-template {path}: cannot read ({exc.strerror or exc})") from None
 
 
 def run_command(args: argparse.Namespace) -> int:
